@@ -1,0 +1,142 @@
+"""Card rendering: a rule's card template + a decision -> a CDS Hooks 2.0 card body (without uuid).
+
+Templates are Jinja2 in a sandbox with StrictUndefined, so a typo in a rule file fails when the rule's
+embedded tests run at load time, not in front of a clinician. The service adds the card ``uuid``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from decimal import Decimal
+from functools import cache
+from typing import TYPE_CHECKING, Any
+
+from jinja2 import StrictUndefined, Template
+from jinja2.sandbox import SandboxedEnvironment
+
+from rules.facts import Fact, format_decimal
+from rules.fhirtime import isoformat
+
+if TYPE_CHECKING:
+    from rules.engine import Decision, Selection
+    from rules.model import Rule
+
+_ENV = SandboxedEnvironment(
+    undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False, trim_blocks=True, lstrip_blocks=True
+)
+SUMMARY_LIMIT = 140
+
+
+@cache
+def _template(text: str) -> Template:
+    return _ENV.from_string(text)
+
+
+def render_text(text: str, context: Mapping[str, Any]) -> str:
+    """Render one template string."""
+    return _template(text).render(context).strip()
+
+
+class FactView:
+    """What a template sees of one fact."""
+
+    def __init__(self, fact: Fact) -> None:
+        self.value = format_decimal(fact.value) if fact.value is not None else "?"
+        self.reported = f"{fact.comparator or ''}{fact.reported_value}" if fact.reported_value is not None else "?"
+        self.reported_unit = fact.reported_unit or ""
+        self.unit = fact.unit or ""
+        self.time = isoformat(fact.start) or "unknown time"
+        self.date = self.time[:16].replace("T", " ") if fact.start else "unknown time"
+        self.ref = fact.reference
+        self.display = fact.display or fact.concept
+        self.concept = fact.concept
+        self.notes = list(fact.notes)
+
+
+class InputView:
+    """What a template sees of one input: ``present``, ``count``, the latest fact's fields, ``items``."""
+
+    def __init__(self, selection: Selection) -> None:
+        self.items = [FactView(f) for f in selection.facts]
+        self.present = bool(self.items)
+        self.count = len(self.items)
+        self.window_start = isoformat(selection.window_start) or "the start of the record"
+        self.window_end = isoformat(selection.window_end)
+        self._latest = self.items[-1] if self.items else None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or self._latest is None:
+            raise AttributeError(name)
+        return getattr(self._latest, name)
+
+
+def template_context(rule: Rule, decision: Decision, chosen: Mapping[str, Selection]) -> dict[str, Any]:
+    """The names a card template may use."""
+    params = {
+        name: {
+            "value": format_decimal(p.value, 4) if p.value is not None else None,
+            "unit": p.unit,
+            "hours": format_decimal(Decimal(str(p.hours))) if p.hours is not None else None,
+            "count": p.count,
+        }
+        for name, p in rule.parameters.items()
+    }
+    return {
+        "patient_id": decision.patient,
+        "as_of": decision.as_of,
+        "severity": decision.severity,
+        "rule": {"id": rule.id, "version": rule.version, "title": rule.title},
+        "params": params,
+        **{name: InputView(selection) for name, selection in chosen.items()},
+    }
+
+
+def _render_value(value: Any, context: Mapping[str, Any]) -> Any:
+    if isinstance(value, str):
+        return render_text(value, context) if ("{{" in value or "{%" in value) else value
+    if isinstance(value, list):
+        return [_render_value(v, context) for v in value]
+    if isinstance(value, dict):
+        return {k: _render_value(v, context) for k, v in value.items()}
+    return value
+
+
+def render_card(rule: Rule, decision: Decision, chosen: Mapping[str, Selection]) -> dict[str, Any]:
+    """The card for a firing decision, as a CDS Hooks card dict without ``uuid``. Empty members are omitted."""
+    spec = rule.card
+    context = template_context(rule, decision, chosen)
+    summary = render_text(spec.summary, context)
+    if len(summary) >= SUMMARY_LIMIT:
+        raise ValueError(f"rule {rule.id}: card summary is {len(summary)} characters (limit {SUMMARY_LIMIT - 1})")
+    source: dict[str, Any] = {"label": spec.source.label, "url": spec.source.url}
+    if spec.source.topic:
+        source["topic"] = spec.source.topic.model_dump()
+    card: dict[str, Any] = {
+        "summary": summary,
+        "detail": render_text(spec.detail, context),
+        "indicator": decision.severity,
+        "source": source,
+    }
+    if spec.suggestions:
+        card["suggestions"] = [
+            {
+                "id": s.id,
+                "label": render_text(s.label, context),
+                **({"isRecommended": True} if s.is_recommended else {}),
+                "actions": [
+                    {
+                        "type": a.type,
+                        "description": render_text(a.description, context),
+                        **({"resource": _render_value(a.resource, context)} if a.resource else {}),
+                    }
+                    for a in s.actions
+                ],
+            }
+            for s in spec.suggestions
+        ]
+        card["selectionBehavior"] = spec.selection_behavior
+    if spec.override_reasons:
+        card["overrideReasons"] = [c.model_dump() for c in spec.override_reasons]
+    if spec.links:
+        card["links"] = [{"label": link.label, "url": link.url, "type": link.type} for link in spec.links]
+    return card

@@ -1,0 +1,437 @@
+"""The rule engine: ``evaluate(rules, facts, as_of)`` -> decisions.
+
+Pure and deterministic: it reads only the facts and the instant it is given (never the wall clock),
+so the stream, a replay and a CDS Hooks call reach the same decision from the same facts. Logic is
+three-valued (Kleene): an unknown unit or an undecidable comparator makes a predicate *unknown*, and a
+rule whose condition is unknown is *indeterminate*, never silently "normal".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from rules.cards import render_card
+from rules.facts import Fact, format_decimal
+from rules.fhirtime import isoformat
+from rules.model import Compare, Condition, InputSpec, Parameter, Rule
+from rules.units import unit_key
+
+Outcome = Literal["fires", "not-fires", "indeterminate"]
+_POINT_KINDS = frozenset({"lab", "finding"})
+_EPOCH = datetime.min.replace(tzinfo=UTC)
+
+
+class Tri(Enum):
+    """Three-valued truth."""
+
+    TRUE = "true"
+    FALSE = "false"
+    UNKNOWN = "unknown"
+
+    @staticmethod
+    def of(flag: bool) -> Tri:
+        """TRUE or FALSE from a bool."""
+        return Tri.TRUE if flag else Tri.FALSE
+
+    def negate(self) -> Tri:
+        """Kleene NOT."""
+        return {Tri.TRUE: Tri.FALSE, Tri.FALSE: Tri.TRUE}.get(self, Tri.UNKNOWN)
+
+
+class Evidence(BaseModel):
+    """One fact a decision rests on, as shown on cards and in the review page."""
+
+    input: str
+    reference: str
+    resource_type: str
+    resource_id: str
+    version: str | None
+    concept: str
+    display: str | None
+    value: str | None
+    unit: str | None
+    reported: str | None
+    time: str | None
+    notes: list[str] = []
+
+    @staticmethod
+    def of(input_name: str, fact: Fact) -> Evidence:
+        """Evidence entry for a fact read through an input."""
+        reported = None
+        if fact.reported_value is not None:
+            reported = f"{fact.comparator or ''}{fact.reported_value} {fact.reported_unit or ''}".strip()
+        notes = [*fact.notes, *([fact.problem] if fact.problem else [])]
+        return Evidence(
+            input=input_name,
+            reference=fact.reference,
+            resource_type=fact.resource_type,
+            resource_id=fact.resource_id,
+            version=fact.version,
+            concept=fact.concept,
+            display=fact.display,
+            value=format_decimal(fact.value) if fact.value is not None else None,
+            unit=fact.unit,
+            reported=reported,
+            time=isoformat(fact.start),
+            notes=notes,
+        )
+
+
+class Decision(BaseModel):
+    """The result of one rule for one patient as of one instant."""
+
+    rule_id: str
+    rule_version: str
+    rule_status: str
+    patient: str
+    as_of: str
+    outcome: Outcome
+    severity: str | None = None
+    resolves: bool = False
+    evidence: list[Evidence] = []
+    explanation: str
+    card: dict[str, Any] | None = None
+
+    @property
+    def fires(self) -> bool:
+        """True when the rule fired."""
+        return self.outcome == "fires"
+
+
+@dataclass
+class Selection:
+    """The facts an input picked, plus the ones that may belong but could not be decided."""
+
+    name: str
+    spec: InputSpec
+    facts: list[Fact]
+    uncertain: list[Fact] = field(default_factory=list)
+    window_start: datetime | None = None
+    window_end: datetime | None = None
+    same_time_count: int = 1
+
+    @property
+    def latest(self) -> Fact | None:
+        """The chosen fact of a ``latest`` input (or the newest of the others)."""
+        return self.facts[-1] if self.facts else None
+
+    def describe_window(self) -> str:
+        """``between <start> and <end>`` text for explanations."""
+        if self.window_start is None:
+            return f"up to {isoformat(self.window_end)}"
+        return f"between {isoformat(self.window_start)} and {isoformat(self.window_end)}"
+
+
+@dataclass
+class Result:
+    """A predicate's truth, why, and the facts it looked at."""
+
+    value: Tri
+    why: str
+    evidence: list[tuple[str, Fact]] = field(default_factory=list)
+
+
+# --- comparisons --------------------------------------------------------------------------------------
+
+
+def _values(fact: Fact, param: Parameter) -> tuple[Decimal, Decimal]:
+    """(fact value, threshold) in one unit: the lab's own unit when the rule gives an equivalent for it."""
+    key = unit_key(fact.reported_unit)
+    for equivalent in param.equivalents:
+        if key is not None and unit_key(equivalent.unit) == key and fact.reported_value is not None:
+            return Decimal(fact.reported_value), equivalent.value
+    assert fact.value is not None and param.value is not None
+    return fact.value, param.value
+
+
+def compare_below(fact: Fact, param: Parameter) -> Tri:
+    """Is the true value below the threshold? Honours comparators (``<0.5`` is below 0.7)."""
+    if not fact.determinate or fact.value is None:
+        return Tri.UNKNOWN
+    value, threshold = _values(fact, param)
+    match fact.comparator:
+        case None:
+            return Tri.of(value < threshold)
+        case "<":
+            return Tri.TRUE if value <= threshold else Tri.UNKNOWN
+        case "<=":
+            return Tri.TRUE if value < threshold else Tri.UNKNOWN
+        case _:  # > or >=: the true value is at least `value`
+            return Tri.FALSE if value >= threshold else Tri.UNKNOWN
+
+
+def compare_above(fact: Fact, param: Parameter) -> Tri:
+    """Is the true value above the threshold? Honours comparators."""
+    if not fact.determinate or fact.value is None:
+        return Tri.UNKNOWN
+    value, threshold = _values(fact, param)
+    match fact.comparator:
+        case None:
+            return Tri.of(value > threshold)
+        case ">":
+            return Tri.TRUE if value >= threshold else Tri.UNKNOWN
+        case ">=":
+            return Tri.TRUE if value > threshold else Tri.UNKNOWN
+        case _:  # < or <=: the true value is at most `value`
+            return Tri.FALSE if value <= threshold else Tri.UNKNOWN
+
+
+def _threshold_text(param: Parameter) -> str:
+    text = f"{format_decimal(param.value, 4)} {param.unit}"
+    if param.equivalents:
+        text += " (" + ", ".join(f"{format_decimal(e.value, 4)} {e.unit}" for e in param.equivalents) + ")"
+    return text
+
+
+# --- selection ----------------------------------------------------------------------------------------
+
+
+def _in_window(fact: Fact, start: datetime | None, end: datetime) -> bool:
+    if fact.kind in _POINT_KINDS:
+        return fact.start is not None and (start is None or fact.start >= start) and fact.start <= end
+    began = fact.start is None or fact.start <= end
+    still = fact.end is None or start is None or fact.end >= start
+    return began and still
+
+
+def _sort_key(fact: Fact) -> tuple[datetime, int, Decimal]:
+    """Chronological; among results at the same instant the most abnormal-low value sorts last, so
+    ``latest`` takes it (a haemolysed duplicate cannot mask a low potassium)."""
+    value = fact.value if fact.value is not None else Decimal("Infinity")
+    return (fact.start or _EPOCH, int(fact.determinate), -value)
+
+
+def select(rule: Rule, name: str, facts: Sequence[Fact], as_of: datetime, chosen: dict[str, Selection]) -> Selection:
+    """Pick the facts of one input as of ``as_of``."""
+    spec = rule.inputs[name]
+    anchor_time = as_of
+    if spec.anchor and chosen[spec.anchor].latest is not None:
+        anchor_time = chosen[spec.anchor].latest.start or as_of  # type: ignore[union-attr]
+    if spec.lookback:
+        window_start: datetime | None = anchor_time - rule.parameters[spec.lookback].duration
+    else:  # no lookback: `active` means active now; `latest` / `all` look at the whole record
+        window_start = as_of if spec.select == "active" else None
+    candidates = sorted(
+        (
+            f
+            for f in facts
+            if f.concept in spec.concepts and f.counts and not f.retracted and _in_window(f, window_start, as_of)
+        ),
+        key=_sort_key,
+    )
+    selection = Selection(name, spec, candidates, window_start=window_start, window_end=as_of)
+    if spec.select == "latest" and candidates:
+        newest = candidates[-1]
+        selection.same_time_count = sum(1 for f in candidates if f.start == newest.start)
+        selection.facts = [newest]
+    if spec.where_below:
+        param = rule.parameters[spec.where_below]
+        verdicts = [(f, compare_below(f, param)) for f in selection.facts]
+        selection.facts = [f for f, v in verdicts if v is Tri.TRUE]
+        selection.uncertain = [f for f, v in verdicts if v is Tri.UNKNOWN]
+    return selection
+
+
+# --- predicates ---------------------------------------------------------------------------------------
+
+
+def _label(selection: Selection) -> str:
+    return selection.name.replace("_", " ")
+
+
+def _compare(rule: Rule, chosen: dict[str, Selection], compare: Compare, op: str) -> Result:
+    selection = chosen[compare.input]
+    param = rule.parameters[compare.threshold]
+    fact = selection.latest
+    threshold = _threshold_text(param)
+    if fact is None:
+        return Result(Tri.FALSE, f"no {_label(selection)} result {selection.describe_window()}")
+    evidence = [(selection.name, fact)]
+    if not fact.determinate:
+        return Result(Tri.UNKNOWN, f"{fact.describe()} cannot be compared with {threshold}: {fact.problem}", evidence)
+    below = compare_below(fact, param)
+    truth = {"below": below, "at_least": below.negate(), "above": compare_above(fact, param)}[op]
+    words = {"below": "below", "at_least": "at or above", "above": "above"}[op]
+    if truth is Tri.TRUE:
+        why = f"{fact.describe()} is {words} {threshold}"
+    elif truth is Tri.FALSE:
+        why = f"{fact.describe()} is not {words} {threshold}"
+    else:
+        why = f"{fact.describe()} may or may not be {words} {threshold} (reported with a comparator)"
+    if selection.same_time_count > 1:
+        why += f" ({selection.same_time_count} results at that time; the lowest is used)"
+    return Result(truth, why, evidence)
+
+
+def _presence(chosen: dict[str, Selection], name: str, want_present: bool) -> Result:
+    selection = chosen[name]
+    label = _label(selection)
+    evidence = [(name, f) for f in selection.facts]
+    if selection.facts:
+        shown = "; ".join(f.describe() for f in selection.facts[-3:])
+        truth = Tri.of(want_present)
+        return Result(truth, f"{label}: {shown}", evidence)
+    if selection.uncertain:
+        return Result(
+            Tri.UNKNOWN,
+            f"{label}: only results that cannot be judged {selection.describe_window()}",
+            [(name, f) for f in selection.uncertain],
+        )
+    return Result(Tri.of(not want_present), f"no {label} {selection.describe_window()}")
+
+
+def _spaced_count(facts: Iterable[Fact], gap_seconds: float) -> int:
+    count, last = 0, None
+    for fact in facts:
+        if fact.start is None:
+            continue
+        if last is None or (fact.start - last).total_seconds() >= gap_seconds:
+            count, last = count + 1, fact.start
+    return count
+
+
+def _spaced(rule: Rule, chosen: dict[str, Selection], condition: Condition) -> Result:
+    spaced = condition.spaced
+    assert spaced is not None
+    selection = chosen[spaced.input]
+    needed = rule.parameters[spaced.count].count or 0
+    gap = rule.parameters[spaced.min_gap].duration
+    gap_hours = format_decimal(Decimal(str(gap.total_seconds() / 3600)))
+    certain = _spaced_count(selection.facts, gap.total_seconds())
+    evidence = [(selection.name, f) for f in selection.facts]
+    label = _label(selection)
+    if certain >= needed:
+        return Result(
+            Tri.TRUE, f"{certain} {label} at least {gap_hours} h apart {selection.describe_window()}", evidence
+        )
+    combined = sorted([*selection.facts, *selection.uncertain], key=_sort_key)
+    if _spaced_count(combined, gap.total_seconds()) >= needed:
+        return Result(
+            Tri.UNKNOWN,
+            f"{label}: some results cannot be judged; {needed} at least {gap_hours} h apart cannot be ruled out",
+            [(selection.name, f) for f in combined],
+        )
+    return Result(
+        Tri.FALSE,
+        f"only {len(selection.facts)} {label} {selection.describe_window()}, "
+        f"{certain} of them at least {gap_hours} h apart ({needed} needed)",
+        evidence,
+    )
+
+
+def _combine(results: list[Result], mode: Literal["all", "any"]) -> Result:
+    values = [r.value for r in results]
+    if mode == "all":
+        truth = Tri.FALSE if Tri.FALSE in values else Tri.UNKNOWN if Tri.UNKNOWN in values else Tri.TRUE
+    else:
+        truth = Tri.TRUE if Tri.TRUE in values else Tri.UNKNOWN if Tri.UNKNOWN in values else Tri.FALSE
+    # Explain with the members that decided the outcome.
+    deciding = [r for r in results if r.value is truth] or results
+    evidence = [e for r in results for e in r.evidence]
+    joiner = "; and " if mode == "all" else "; or "
+    return Result(truth, joiner.join(r.why for r in deciding), evidence)
+
+
+def check(rule: Rule, chosen: dict[str, Selection], condition: Condition) -> Result:
+    """Evaluate a condition over the selected inputs."""
+    if condition.all is not None:
+        return _combine([check(rule, chosen, c) for c in condition.all], "all")
+    if condition.any is not None:
+        return _combine([check(rule, chosen, c) for c in condition.any], "any")
+    if condition.not_ is not None:
+        inner = check(rule, chosen, condition.not_)
+        return Result(inner.value.negate(), f"not ({inner.why})", inner.evidence)
+    if condition.present is not None:
+        return _presence(chosen, condition.present, want_present=True)
+    if condition.absent is not None:
+        return _presence(chosen, condition.absent, want_present=False)
+    if condition.spaced is not None:
+        return _spaced(rule, chosen, condition)
+    for op in ("below", "at_least", "above"):
+        compare = getattr(condition, op)
+        if compare is not None:
+            return _compare(rule, chosen, compare, op)
+    raise AssertionError("unreachable: Condition validates that one member is set")
+
+
+# --- decisions ----------------------------------------------------------------------------------------
+
+
+def _severity(rule: Rule, chosen: dict[str, Selection]) -> tuple[str, str | None]:
+    for tier in rule.severity:
+        if tier.when is None:
+            return tier.level, None
+        result = check(rule, chosen, tier.when)
+        if result.value is Tri.TRUE:
+            return tier.level, None
+        if result.value is Tri.UNKNOWN:
+            return tier.level, f"{tier.level} because it cannot be ruled out: {result.why}"
+    raise AssertionError("unreachable: the last tier has no condition")
+
+
+def _evidence(pairs: Iterable[tuple[str, Fact]]) -> list[Evidence]:
+    seen: set[tuple[str, str]] = set()
+    out: list[Evidence] = []
+    for name, fact in pairs:
+        if (name, fact.key) not in seen:
+            seen.add((name, fact.key))
+            out.append(Evidence.of(name, fact))
+    return out
+
+
+def evaluate_rule(rule: Rule, facts: Sequence[Fact], as_of: datetime, patient: str) -> Decision:
+    """Evaluate one rule for one patient's facts as of ``as_of``."""
+    visible = [f for f in facts if f.patient == patient]
+    chosen: dict[str, Selection] = {}
+    for name in rule.inputs:
+        chosen[name] = select(rule, name, visible, as_of, chosen)
+    result = check(rule, chosen, rule.when)
+    outcome: Outcome = {Tri.TRUE: "fires", Tri.FALSE: "not-fires", Tri.UNKNOWN: "indeterminate"}[result.value]
+    decision = Decision(
+        rule_id=rule.id,
+        rule_version=rule.version,
+        rule_status=rule.status,
+        patient=patient,
+        as_of=isoformat(as_of) or "",
+        outcome=outcome,
+        evidence=_evidence(result.evidence),
+        explanation=(
+            "Fires: " if outcome == "fires" else "Does not fire: " if outcome == "not-fires" else "Indeterminate: "
+        )
+        + result.why,
+    )
+    if outcome == "fires":
+        decision.severity, note = _severity(rule, chosen)
+        if note:
+            decision.explanation += f". Severity {note}"
+        decision.card = render_card(rule, decision, chosen)
+    else:
+        resolved = check(rule, chosen, rule.resolve_when)
+        decision.resolves = resolved.value is Tri.TRUE
+        if outcome == "not-fires":
+            decision.explanation += (
+                ". Resolve condition met: " if decision.resolves else ". Resolve condition not met: "
+            ) + resolved.why
+    return decision
+
+
+def evaluate(
+    rules: Iterable[Rule], facts: Sequence[Fact], as_of: datetime, patient: str | None = None
+) -> list[Decision]:
+    """Evaluate every rule for every patient in ``facts`` (or only ``patient``) as of ``as_of``.
+
+    ``as_of`` must be timezone-aware; facts after it are invisible, so a replay at event time gives the
+    decisions the live stream gave.
+    """
+    if as_of.tzinfo is None:
+        raise ValueError("as_of must be timezone-aware")
+    patients = [patient] if patient is not None else sorted({f.patient for f in facts})
+    rule_list = list(rules)
+    return [evaluate_rule(rule, facts, as_of, p) for p in patients for rule in rule_list]

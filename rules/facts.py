@@ -1,0 +1,84 @@
+"""The fact: one clinically meaningful statement drawn from one FHIR resource.
+
+Facts are what the engine reads and what the stream keeps in a patient's timeline. A resource yields
+zero or more facts (a combination diuretic yields one per class; an ECG panel a QTc and a rhythm finding).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from rules.fhirtime import isoformat
+
+FactKind = Literal["lab", "finding", "medication", "condition"]
+
+#: Schema version of a serialised fact; bump when a stored fact would no longer read back.
+FACT_SCHEMA_VERSION = 1
+
+
+class Fact(BaseModel):
+    """A normalised, unit-converted statement about one patient, traceable to its source resource."""
+
+    model_config = ConfigDict(frozen=True)
+
+    patient: str
+    concept: str  # potassium | magnesium | qtc | arrhythmia | loop-diuretic | thiazide-diuretic | ...
+    kind: FactKind
+    resource_type: str
+    resource_id: str
+    version: str | None = None
+    status: str | None = None  # the resource's own status, as sent
+    counts: bool = True  # False: cancelled / entered-in-error / not active / no value: never evidence
+    retracted: bool = False  # entered-in-error or cancelled: retracts what it supported
+    start: datetime | None = None  # effective time (observations) or start of the active period
+    end: datetime | None = None  # end of the active period (None: open / same as start)
+    value: Decimal | None = None  # in the canonical unit
+    unit: str | None = None  # canonical unit
+    comparator: str | None = None  # <, <=, >, >= as reported
+    reported_value: str | None = None
+    reported_unit: str | None = None
+    display: str | None = None  # what the source called it (code display / drug name)
+    problem: str | None = None  # why the fact is indeterminate (unknown unit, unparseable value)
+    notes: tuple[str, ...] = ()  # "unit inferred from LOINC property", "matched by free text", ...
+    schema_version: int = FACT_SCHEMA_VERSION
+
+    @property
+    def key(self) -> str:
+        """Identity inside a patient timeline: one fact per (resource, concept)."""
+        return f"{self.resource_type}/{self.resource_id}#{self.concept}"
+
+    @property
+    def reference(self) -> str:
+        """Versioned FHIR reference to the source resource."""
+        base = f"{self.resource_type}/{self.resource_id}"
+        return f"{base}/_history/{self.version}" if self.version else base
+
+    @property
+    def determinate(self) -> bool:
+        """True when the value (if any) is known in the canonical unit."""
+        return self.problem is None
+
+    def describe(self) -> str:
+        """Short human text: ``magnesium 1.5 mg/dL (0.62 mmol/L) at 2024-05-01T08:00:00Z``."""
+        parts = [self.display or self.concept]
+        if self.reported_value is not None:
+            shown = f"{self.comparator or ''}{self.reported_value} {self.reported_unit or '(no unit)'}".strip()
+            if self.value is not None and self.unit and (self.reported_unit or "") != self.unit:
+                shown += f" (= {format_decimal(self.value)} {self.unit})"
+            parts.append(shown)
+        if self.start:
+            parts.append(f"at {isoformat(self.start)}")
+        return " ".join(parts)
+
+
+def format_decimal(value: Decimal | None, places: int = 2) -> str:
+    """Display rounding only: at most ``places`` decimals, trailing zeros removed (3.7000007 -> 3.7)."""
+    if value is None:
+        return "?"
+    quantized = value.quantize(Decimal(1).scaleb(-places)) if value.as_tuple().exponent < -places else value
+    text = format(quantized.normalize(), "f")
+    return text

@@ -1,0 +1,49 @@
+"""FHIR date/dateTime/instant handling: everything becomes an aware UTC datetime."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, date, datetime, timedelta
+
+_PARTIAL = re.compile(r"^(\d{4})(?:-(\d{2}))?(?:-(\d{2}))?$")
+
+
+def to_utc(value: datetime | date | str | None) -> datetime | None:
+    """Convert a FHIR date, dateTime or instant to an aware UTC datetime.
+
+    Partial dates (``2013``, ``2013-04``, ``2013-04-02``) map to the start of the period; a naive
+    datetime is taken as UTC (FHIR requires an offset whenever a time is given).
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return parse_time(value)
+    if isinstance(value, datetime):
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return datetime(value.year, value.month, value.day, tzinfo=UTC)
+
+
+def parse_time(text: str) -> datetime:
+    """Parse an ISO-8601 / FHIR time string; raise ValueError with the offending text."""
+    text = text.strip()
+    match = _PARTIAL.match(text)
+    if match:
+        year, month, day = match.groups()
+        return datetime(int(year), int(month or 1), int(day or 1), tzinfo=UTC)
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise ValueError(f"not a FHIR dateTime: {text!r}") from exc
+    return to_utc(parsed)  # type: ignore[return-value]
+
+
+def isoformat(value: datetime | None) -> str | None:
+    """Render a UTC datetime as FHIR instant text (``2024-05-01T08:00:00Z``)."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def hours(n: float) -> timedelta:
+    """A timedelta of ``n`` hours."""
+    return timedelta(hours=n)

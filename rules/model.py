@@ -1,0 +1,337 @@
+"""The rule file format: pydantic models for the YAML rule files in ``rules/catalog/``.
+
+``ehr-alerts rules schema`` writes the JSON Schema generated from :class:`Rule` so editors can validate
+rule files as they are typed. Cross-references (inputs, parameters, units) are checked here too, so a
+rule that loads is a rule the engine can run.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from rules.units import analyte_units, unit_key
+
+SEMVER = r"^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?$"
+SLUG = r"^[a-z][a-z0-9-]{1,63}$"
+QUANTITATIVE = ("potassium", "magnesium", "qtc")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Citation(_Strict):
+    """A source the rule rests on."""
+
+    text: str = Field(min_length=5)
+    url: str = Field(pattern=r"^https?://")
+
+
+class Equivalent(_Strict):
+    """The same threshold as labs write it in another unit (compared in that unit, no conversion)."""
+
+    value: Decimal
+    unit: str
+
+
+class Parameter(_Strict):
+    """A tunable number: a threshold with a unit, or a time window in hours."""
+
+    value: Decimal | None = None
+    unit: str | None = None
+    equivalents: list[Equivalent] = Field(default_factory=list)
+    hours: float | None = Field(default=None, gt=0)
+    count: int | None = Field(default=None, ge=1)
+    description: str | None = None
+    source: str = Field(min_length=3, description="Where the number comes from (citation or rationale).")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Parameter:
+        kinds = [self.value is not None, self.hours is not None, self.count is not None]
+        if sum(kinds) != 1:
+            raise ValueError("a parameter is exactly one of: a threshold (value + unit), hours, or count")
+        if self.value is not None and not self.unit:
+            raise ValueError("a threshold needs a unit")
+        return self
+
+    @property
+    def duration(self) -> timedelta:
+        """The window length (for an ``hours`` parameter)."""
+        if self.hours is None:
+            raise ValueError("not a duration parameter")
+        return timedelta(hours=self.hours)
+
+
+ConceptName = str
+
+
+class InputSpec(_Strict):
+    """Which facts a rule reads and how it picks among them."""
+
+    concept: ConceptName | list[ConceptName]
+    select: Literal["latest", "all", "active"] = Field(
+        description="latest: the most recent result in the window; all: every result in the window; "
+        "active: medications / conditions active at some point in the window"
+    )
+    lookback: str | None = Field(
+        default=None,
+        description="hours parameter: window = [anchor - lookback, as_of]; without it `active` means active at "
+        "as_of and `latest` / `all` read the whole record",
+    )
+    anchor: str | None = Field(default=None, description="an earlier input whose time the window counts back from")
+    where_below: str | None = Field(
+        default=None, description="threshold parameter: keep only results below it (select: all)"
+    )
+
+    @property
+    def concepts(self) -> tuple[str, ...]:
+        """The concepts as a tuple."""
+        return (self.concept,) if isinstance(self.concept, str) else tuple(self.concept)
+
+
+class Compare(_Strict):
+    """Compare an input's (latest) value with a threshold parameter."""
+
+    input: str
+    threshold: str
+
+
+class Spaced(_Strict):
+    """At least ``count`` results of an input, each at least ``min_gap`` after the previous one."""
+
+    input: str
+    count: str = Field(description="count parameter")
+    min_gap: str = Field(description="hours parameter")
+
+
+class Condition(_Strict):
+    """One predicate or combinator; exactly one member is set. Evaluated in three-valued logic."""
+
+    all: list[Condition] | None = None
+    any: list[Condition] | None = None
+    not_: Condition | None = Field(default=None, alias="not")
+    present: str | None = None
+    absent: str | None = None
+    below: Compare | None = None
+    at_least: Compare | None = None
+    above: Compare | None = None
+    spaced: Spaced | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Condition:
+        set_members = [name for name in type(self).model_fields if getattr(self, name) is not None]
+        if len(set_members) != 1:
+            raise ValueError(
+                f"a condition has exactly one of all/any/not/present/absent/below/at_least/above/"
+                f"spaced; got {set_members or 'none'}"
+            )
+        return self
+
+    def walk(self) -> list[Condition]:
+        """This condition and every nested one."""
+        found = [self]
+        for child in [*(self.all or []), *(self.any or []), *([self.not_] if self.not_ else [])]:
+            found.extend(child.walk())
+        return found
+
+
+class SeverityTier(_Strict):
+    """A card indicator and when it applies; tiers are tried in order, a tier without ``when`` always applies."""
+
+    level: Literal["info", "warning", "critical"]
+    when: Condition | None = None
+
+
+class CodingSpec(_Strict):
+    """A FHIR Coding as written in a rule file."""
+
+    system: str
+    code: str
+    display: str
+
+
+class SourceSpec(_Strict):
+    """The card's source: who says so, and where to read more."""
+
+    label: str
+    url: str = Field(pattern=r"^https?://")
+    topic: CodingSpec | None = None
+
+
+class ActionSpec(_Strict):
+    """A suggestion action; ``resource`` is a FHIR R4 resource template (strings may use Jinja2)."""
+
+    type: Literal["create", "update", "delete"]
+    description: str
+    resource: dict[str, Any] | None = None
+
+
+class SuggestionSpec(_Strict):
+    """A suggestion: a label and the actions that carry it out."""
+
+    id: str = Field(pattern=SLUG, description="stable id, used to derive the suggestion uuid")
+    label: str
+    is_recommended: bool = False
+    actions: list[ActionSpec] = Field(min_length=1)
+
+
+class LinkSpec(_Strict):
+    """A link shown on the card."""
+
+    label: str
+    url: str = Field(pattern=r"^https?://")
+    type: Literal["absolute", "smart"] = "absolute"
+
+
+class CardSpec(_Strict):
+    """The card template (Jinja2 in summary, detail, labels and resource strings)."""
+
+    summary: str = Field(min_length=5)
+    detail: str = Field(min_length=5)
+    source: SourceSpec
+    suggestions: list[SuggestionSpec] = Field(default_factory=list)
+    selection_behavior: Literal["at-most-one", "any"] | None = None
+    links: list[LinkSpec] = Field(default_factory=list)
+    override_reasons: list[CodingSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _selection(self) -> CardSpec:
+        if self.suggestions and self.selection_behavior is None:
+            raise ValueError("selection_behavior is required when there are suggestions (CDS Hooks 2.0)")
+        return self
+
+
+class Expectation(_Strict):
+    """What an embedded test expects."""
+
+    outcome: Literal["fires", "not-fires", "indeterminate"]
+    severity: Literal["info", "warning", "critical"] | None = None
+    resolves: bool | None = None
+    summary_contains: list[str] = Field(default_factory=list)
+    detail_contains: list[str] = Field(default_factory=list)
+
+
+class RuleTest(_Strict):
+    """An embedded test case with a pinned "now" and its facts (shorthand or FHIR resources)."""
+
+    name: str
+    now: datetime
+    patient: str = "test-patient"
+    facts: list[dict[str, Any]] = Field(default_factory=list)
+    expect: Expectation
+
+    @field_validator("now")
+    @classmethod
+    def _aware(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError("now must carry a time zone (e.g. 2024-05-01T12:00:00Z)")
+        return value
+
+
+class Rule(_Strict):
+    """A declarative clinical rule."""
+
+    id: str = Field(pattern=SLUG)
+    version: str = Field(pattern=SEMVER)
+    status: Literal["draft", "shadow", "active", "retired"]
+    title: str = Field(min_length=5)
+    description: str = Field(min_length=10)
+    citations: list[Citation] = Field(min_length=1)
+    parameters: dict[str, Parameter]
+    inputs: dict[str, InputSpec] = Field(min_length=1)
+    when: Condition
+    severity: list[SeverityTier] = Field(min_length=1)
+    resolve_when: Condition
+    card: CardSpec
+    tests: list[RuleTest] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _references(self) -> Rule:
+        _check_inputs(self)
+        conditions = [*self.when.walk(), *self.resolve_when.walk()]
+        for tier in self.severity:
+            if tier.when:
+                conditions.extend(tier.when.walk())
+        for condition in conditions:
+            _check_condition(self, condition)
+        if self.severity[-1].when is not None:
+            raise ValueError("severity: the last tier must have no `when` (the default)")
+        return self
+
+
+def _param(rule: Rule, name: str, kind: Literal["threshold", "hours", "count"], where: str) -> Parameter:
+    param = rule.parameters.get(name)
+    if param is None:
+        raise ValueError(f"{where}: unknown parameter {name!r} (declared: {sorted(rule.parameters)})")
+    actual = "threshold" if param.value is not None else "hours" if param.hours is not None else "count"
+    if actual != kind:
+        raise ValueError(f"{where}: parameter {name!r} is a {actual}, a {kind} is needed")
+    return param
+
+
+def _check_threshold_unit(rule: Rule, spec: InputSpec, param_name: str, where: str) -> None:
+    param = _param(rule, param_name, "threshold", where)
+    for concept in spec.concepts:
+        if concept not in QUANTITATIVE:
+            raise ValueError(f"{where}: concept {concept!r} has no value to compare")
+        table = analyte_units(concept)
+        for unit in [param.unit, *(e.unit for e in param.equivalents)]:
+            if table.factor(unit) is None:
+                raise ValueError(
+                    f"{where}: unit {unit!r} of parameter {param_name!r} is not a {concept} unit "
+                    f"({sorted(table.factors)})"
+                )
+        if unit_key(param.unit) != unit_key(table.canonical):
+            raise ValueError(f"{where}: parameter {param_name!r} must be in the canonical unit {table.canonical}")
+
+
+def _check_inputs(rule: Rule) -> None:
+    seen: list[str] = []
+    for name, spec in rule.inputs.items():
+        where = f"inputs.{name}"
+        if spec.lookback:
+            _param(rule, spec.lookback, "hours", f"{where}.lookback")
+        if spec.anchor and spec.anchor not in seen:
+            raise ValueError(f"{where}.anchor: {spec.anchor!r} must be an input declared before {name!r}")
+        if spec.where_below:
+            if spec.select != "all":
+                raise ValueError(f"{where}.where_below only applies to select: all")
+            _check_threshold_unit(rule, spec, spec.where_below, f"{where}.where_below")
+        seen.append(name)
+
+
+def _check_condition(rule: Rule, condition: Condition) -> None:
+    def need_input(name: str, where: str) -> InputSpec:
+        if name not in rule.inputs:
+            raise ValueError(f"{where}: unknown input {name!r} (declared: {sorted(rule.inputs)})")
+        return rule.inputs[name]
+
+    for name in (condition.present, condition.absent):
+        if name:
+            need_input(name, "condition present/absent")
+    for op in ("below", "at_least", "above"):
+        compare: Compare | None = getattr(condition, op)
+        if compare:
+            spec = need_input(compare.input, op)
+            if spec.select != "latest":
+                raise ValueError(f"{op}: input {compare.input!r} must use select: latest")
+            _check_threshold_unit(rule, spec, compare.threshold, op)
+    if condition.spaced:
+        need_input(condition.spaced.input, "spaced")
+        _param(rule, condition.spaced.count, "count", "spaced.count")
+        _param(rule, condition.spaced.min_gap, "hours", "spaced.min_gap")
+
+
+Condition.model_rebuild()
+
+
+def rule_json_schema() -> dict[str, Any]:
+    """JSON Schema for rule files, generated from :class:`Rule`."""
+    schema = Rule.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://github.com/ehr-alerts/ehr-alerts/rules/rule.schema.json"
+    return schema

@@ -1,0 +1,527 @@
+"""FHIR R4 resources -> facts. The one place that reads FHIR for the rules.
+
+Each resource is validated with the ``fhir.resources`` R4B models (the closest to R4 4.0.1) plus the
+required-binding code checks those models leave out (status, comparator, intent). A resource that fails
+validation gives field-level issues and no facts; it never raises.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any, Literal
+
+from fhir.resources.R4B import get_fhir_model_class
+from pydantic import ValidationError
+
+from rules.codes import Coding, arrhythmia_coding, excluded_lab_reason, lab_code
+from rules.facts import Fact
+from rules.fhirtime import to_utc
+from rules.medications import class_display, classify
+from rules.units import analyte_units, resolve_unit
+
+SUPPORTED_TYPES = ("Observation", "MedicationStatement", "MedicationRequest", "Condition")
+
+# Required bindings of FHIR R4 that the fhir.resources models do not enforce.
+_REQUIRED_CODES: dict[tuple[str, str], frozenset[str]] = {
+    ("Observation", "status"): frozenset(
+        ["registered", "preliminary", "final", "amended", "corrected", "cancelled", "entered-in-error", "unknown"]
+    ),
+    ("MedicationStatement", "status"): frozenset(
+        ["active", "completed", "entered-in-error", "intended", "stopped", "on-hold", "unknown", "not-taken"]
+    ),
+    ("MedicationRequest", "status"): frozenset(
+        ["active", "on-hold", "cancelled", "completed", "entered-in-error", "stopped", "draft", "unknown"]
+    ),
+    ("MedicationRequest", "intent"): frozenset(
+        ["proposal", "plan", "order", "original-order", "reflex-order", "filler-order", "instance-order", "option"]
+    ),
+}
+_COMPARATORS = frozenset({"<", "<=", ">", ">="})
+_RESULT_OK = frozenset({"final", "amended", "corrected"})
+_RESULT_RETRACTED = frozenset({"cancelled", "entered-in-error"})
+_REQUEST_INTENTS_THAT_TREAT = frozenset({"order", "original-order", "reflex-order", "filler-order", "instance-order"})
+_CONDITION_ACTIVE = frozenset({"active", "recurrence", "relapse"})
+_CONDITION_UNCONFIRMED = frozenset({"refuted", "entered-in-error", "differential"})
+_VALUE_STRING = re.compile(r"^\s*(<=|>=|<|>)?\s*([-+]?\d+(?:\.\d+)?)\s*(\S.*)?$")
+_PATIENT_REF = re.compile(r"(?:^|/)Patient/([A-Za-z0-9\-.]{1,64})(?:/_history/.*)?$")
+
+Severity = Literal["error", "warning", "information"]
+
+
+@dataclass(frozen=True)
+class Issue:
+    """A problem found in one resource: FHIRPath-like location plus a plain message."""
+
+    severity: Severity
+    path: str
+    message: str
+
+
+@dataclass
+class NormalizeResult:
+    """What one resource turned into."""
+
+    resource_type: str
+    resource_id: str | None
+    outcome: Literal["accepted", "ignored", "rejected"]
+    facts: list[Fact] = field(default_factory=list)
+    issues: list[Issue] = field(default_factory=list)
+    reason: str | None = None  # why ignored / rejected, one line
+    patient: str | None = None
+
+
+@dataclass(frozen=True)
+class NormalizeOptions:
+    """Deployment choices for normalisation."""
+
+    include_preliminary: bool = False  # count preliminary lab results as results
+    default_patient: str | None = None  # patient for resources without subject (CDS Hooks context)
+
+
+def normalize_resource(
+    data: Any,
+    options: NormalizeOptions | None = None,
+    *,
+    resolve: Mapping[str, Mapping[str, Any]] | None = None,
+) -> NormalizeResult:
+    """Validate one FHIR resource (JSON dict) and turn it into facts.
+
+    ``resolve`` maps references (``Medication/x``, ``urn:uuid:...``) to resources of the same bundle, so
+    ``medicationReference`` can be followed; contained resources (``#id``) are always followed.
+    """
+    options = options or NormalizeOptions()
+    if not isinstance(data, Mapping):
+        return _rejected("?", None, "", f"expected a JSON object, got {type(data).__name__}")
+    rtype = data.get("resourceType")
+    rid = data.get("id") if isinstance(data.get("id"), str) else None
+    if not isinstance(rtype, str) or not rtype:
+        return _rejected("?", rid, "resourceType", "missing resourceType")
+    if rtype not in SUPPORTED_TYPES:
+        return NormalizeResult(rtype, rid, "ignored", reason=f"{rtype} is not a type the rules read")
+    model, problems = parse(rtype, data)
+    if model is None or problems:
+        return NormalizeResult(rtype, rid, "rejected", issues=problems, reason=problems[0].message)
+    patient = _patient_id(model, options)
+    if patient is None:
+        return _rejected(rtype, rid, f"{rtype}.subject", "no Patient reference in subject")
+    if not rid:
+        return _rejected(rtype, rid, f"{rtype}.id", "resource has no id (needed to track versions)")
+    extractor = _EXTRACTORS[rtype]
+    result = NormalizeResult(rtype, rid, "accepted", patient=patient)
+    extractor(model, patient, options, resolve or {}, result)
+    if not result.facts and result.outcome == "accepted":
+        result.outcome = "ignored"
+        result.reason = result.reason or "no potassium, magnesium, QTc, arrhythmia or K/Mg-relevant drug content"
+    return result
+
+
+def parse(rtype: str, data: Mapping[str, Any]) -> tuple[Any, list[Issue]]:
+    """Validate a resource against the R4B model and the required code bindings.
+
+    Returns ``(model, [])`` when valid, else ``(model or None, issues)``.
+    """
+    issues: list[Issue] = []
+    model = None
+    try:
+        model = get_fhir_model_class(rtype).model_validate(data)
+    except ValidationError as exc:
+        for error in exc.errors():
+            path = ".".join([rtype, *(str(p) for p in error["loc"])])
+            message = error["msg"].removeprefix("Value error, ")
+            issues.append(Issue("error", path, f"{message} (at {path})"))
+    except (TypeError, ValueError, KeyError) as exc:  # fhir.resources raises these on odd shapes
+        issues.append(Issue("error", rtype, f"invalid {rtype}: {exc}"))
+    for (btype, name), allowed in _REQUIRED_CODES.items():
+        value = data.get(name)
+        if btype == rtype and value is not None and value not in allowed:
+            issues.append(
+                Issue(
+                    "error",
+                    f"{rtype}.{name}",
+                    f"{rtype}.{name} {value!r} is not one of the FHIR R4 codes ({', '.join(sorted(allowed))})",
+                )
+            )
+    if rtype == "Observation":
+        issues.extend(_check_comparators(data))
+    if model is None and not issues:
+        issues.append(Issue("error", rtype, f"invalid {rtype}"))
+    return model, issues
+
+
+def _check_comparators(data: Mapping[str, Any]) -> list[Issue]:
+    found: list[Issue] = []
+    quantities = [("Observation.valueQuantity", data.get("valueQuantity"))]
+    for i, component in enumerate(data.get("component") or []):
+        if isinstance(component, Mapping):
+            quantities.append((f"Observation.component[{i}].valueQuantity", component.get("valueQuantity")))
+    for path, quantity in quantities:
+        if isinstance(quantity, Mapping) and quantity.get("comparator") not in (None, *_COMPARATORS):
+            found.append(
+                Issue(
+                    "error",
+                    f"{path}.comparator",
+                    f"{path}.comparator {quantity['comparator']!r} is not one of <, <=, >, >=",
+                )
+            )
+    return found
+
+
+def _rejected(rtype: str, rid: str | None, path: str, message: str) -> NormalizeResult:
+    return NormalizeResult(rtype, rid, "rejected", issues=[Issue("error", path or rtype, message)], reason=message)
+
+
+def _patient_id(model: Any, options: NormalizeOptions) -> str | None:
+    subject = getattr(model, "subject", None)
+    reference = getattr(subject, "reference", None) if subject is not None else None
+    if reference:
+        if reference.startswith("urn:uuid:"):
+            return reference.removeprefix("urn:uuid:")
+        match = _PATIENT_REF.search(reference)
+        if match:
+            return match.group(1)
+    return options.default_patient
+
+
+def _codings(concept: Any) -> list[Coding]:
+    if concept is None:
+        return []
+    return [Coding(c.system, c.code, c.display) for c in (concept.coding or [])]
+
+
+def _texts(concept: Any) -> list[str]:
+    if concept is None:
+        return []
+    texts = [concept.text] if concept.text else []
+    texts.extend(c.display for c in (concept.coding or []) if c.display)
+    return texts
+
+
+def _version(model: Any) -> str | None:
+    meta = getattr(model, "meta", None)
+    return getattr(meta, "versionId", None) if meta is not None else None
+
+
+def _base_fact(model: Any, patient: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "patient": patient,
+        "resource_type": model.get_resource_type(),
+        "resource_id": model.id,
+        "version": _version(model),
+        "status": getattr(model, "status", None),
+        **fields,
+    }
+
+
+# --- Observation -------------------------------------------------------------------------------------
+
+
+def _observation(model: Any, patient: str, options: NormalizeOptions, _: Mapping, result: NormalizeResult) -> None:
+    status = model.status
+    counts = status in _RESULT_OK or (options.include_preliminary and status == "preliminary")
+    retracted = status in _RESULT_RETRACTED
+    when = to_utc(
+        model.effectiveDateTime
+        or getattr(model.effectivePeriod, "start", None)
+        or model.effectiveInstant
+        or model.issued
+    )
+    codings = _codings(model.code)
+    base = _base_fact(model, patient, counts=counts, retracted=retracted, start=when, end=when)
+    notes: list[str] = []
+    if not counts and not retracted:
+        notes.append(f"status {status} is not a reportable result")
+    if when is None:
+        notes.append("no effective time")
+        base["counts"] = False
+
+    lab = lab_code(codings)
+    if lab is not None and lab.concept in ("potassium", "magnesium", "qtc"):
+        result.facts.append(_quantity_fact(base, lab.concept, lab.property, lab.display, model, notes))
+    elif lab is None:
+        excluded = excluded_lab_reason(codings)
+        if excluded:
+            result.reason = excluded
+    for i, component in enumerate(model.component or []):
+        component_lab = lab_code(_codings(component.code))
+        if component_lab is not None and component_lab.concept == "qtc" and not _has_concept(result, "qtc"):
+            fact = _quantity_fact(
+                base, "qtc", component_lab.property, component_lab.display, component, [*notes, f"from component[{i}]"]
+            )
+            result.facts.append(fact)
+    finding = arrhythmia_coding(codings) or arrhythmia_coding(_codings(model.valueCodeableConcept))
+    if finding is None:
+        for component in model.component or []:
+            finding = arrhythmia_coding(_codings(component.valueCodeableConcept))
+            if finding:
+                break
+    if finding is not None:
+        result.facts.append(
+            Fact(
+                **base,
+                concept="arrhythmia",
+                kind="finding",
+                display=finding.display or finding.code,
+                notes=tuple(notes),
+            )
+        )
+
+
+def _has_concept(result: NormalizeResult, concept: str) -> bool:
+    return any(f.concept == concept for f in result.facts)
+
+
+def _quantity_fact(
+    base: dict[str, Any], concept: str, loinc_property: str, display: str, holder: Any, notes: list[str]
+) -> Fact:
+    """Fact for a quantitative result held by an Observation or one of its components."""
+    fields: dict[str, Any] = {**base, "concept": concept, "kind": "lab", "display": display}
+    notes = list(notes)
+    quantity = holder.valueQuantity
+    if quantity is not None and quantity.value is not None:
+        value, comparator = Decimal(quantity.value), quantity.comparator
+        system, code, unit = quantity.system, quantity.code, quantity.unit
+    elif getattr(holder, "valueString", None):
+        parsed = _VALUE_STRING.match(holder.valueString)
+        if parsed is None:
+            return Fact(
+                **fields,
+                reported_value=holder.valueString,
+                notes=tuple(notes),
+                problem=f"unparseable value {holder.valueString!r}",
+            )
+        comparator, number, unit = parsed.groups()
+        value, system, code = Decimal(number), None, None
+    else:
+        absent = getattr(holder, "dataAbsentReason", None)
+        reason = (absent.text or next((c.code for c in absent.coding or []), None)) if absent else None
+        notes.append(f"no value (dataAbsentReason: {reason})" if reason else "no value")
+        return Fact(**{**fields, "counts": False}, notes=tuple(notes))
+    reported_unit = unit or code
+    if not value.is_finite():
+        return Fact(
+            **fields,
+            reported_value=str(value),
+            reported_unit=reported_unit,
+            notes=tuple(notes),
+            problem=f"value {value} is not a finite number",
+        )
+    resolution = resolve_unit(concept, system=system, code=code, unit=unit, loinc_property=loinc_property)
+    if resolution.factor is None:
+        return Fact(
+            **fields,
+            reported_value=str(value),
+            reported_unit=reported_unit,
+            comparator=comparator,
+            notes=tuple(notes),
+            problem=resolution.problem,
+        )
+    if resolution.inferred:
+        notes.append(f"unit inferred ({resolution.unit}) from the LOINC code's property")
+        reported_unit = resolution.unit
+    try:
+        canonical = value * resolution.factor
+    except InvalidOperation:
+        return Fact(
+            **fields,
+            reported_value=str(value),
+            reported_unit=reported_unit,
+            notes=tuple(notes),
+            problem=f"value {value} cannot be converted",
+        )
+    return Fact(
+        **fields,
+        value=canonical,
+        unit=analyte_units(concept).canonical,
+        comparator=comparator,
+        reported_value=str(value),
+        reported_unit=reported_unit,
+        notes=tuple(notes),
+    )
+
+
+# --- Medications -------------------------------------------------------------------------------------
+
+
+def _medication_content(
+    model: Any, resolve: Mapping[str, Mapping[str, Any]], result: NormalizeResult
+) -> tuple[list[Coding], list[str]]:
+    """Codings and texts describing the drug, following medicationReference when needed."""
+    if model.medicationCodeableConcept is not None:
+        return _codings(model.medicationCodeableConcept), _texts(model.medicationCodeableConcept)
+    reference = model.medicationReference
+    target = reference.reference if reference is not None else None
+    texts = [reference.display] if reference is not None and reference.display else []
+    medication: Any = None
+    if target and target.startswith("#"):
+        medication = next((c for c in model.contained or [] if getattr(c, "id", None) == target[1:]), None)
+    elif target and target in resolve:
+        medication = get_fhir_model_class("Medication").model_validate(resolve[target])
+    if medication is None:
+        result.issues.append(
+            Issue(
+                "warning",
+                f"{model.get_resource_type()}.medicationReference",
+                f"medication reference {target!r} could not be resolved; using its display",
+            )
+        )
+        return [], texts
+    codings, texts = _codings(medication.code), [*texts, *_texts(medication.code)]
+    for ingredient in medication.ingredient or []:
+        item = getattr(ingredient, "itemCodeableConcept", None)
+        codings.extend(_codings(item))
+        texts.extend(_texts(item))
+    return codings, texts
+
+
+def _medication_period(model: Any) -> tuple[datetime | None, datetime | None]:
+    if model.get_resource_type() == "MedicationStatement":
+        period = model.effectivePeriod
+        if period is not None:
+            return to_utc(period.start), to_utc(period.end)
+        return to_utc(model.effectiveDateTime), None
+    validity = getattr(model.dispenseRequest, "validityPeriod", None) if model.dispenseRequest else None
+    start = to_utc(getattr(validity, "start", None)) or to_utc(model.authoredOn)
+    return start, to_utc(getattr(validity, "end", None))
+
+
+def _medication(model: Any, patient: str, _: NormalizeOptions, resolve: Mapping, result: NormalizeResult) -> None:
+    codings, texts = _medication_content(model, resolve, result)
+    matches = classify(codings, texts)
+    start, end = _medication_period(model)
+    notes: list[str] = []
+    counts = model.status == "active"
+    if model.get_resource_type() == "MedicationRequest":
+        if model.intent not in _REQUEST_INTENTS_THAT_TREAT:
+            counts = False
+            notes.append(f"intent {model.intent} is not an order")
+        if model.doNotPerform:
+            counts = False
+            notes.append("doNotPerform")
+    if start is None:
+        notes.append("no effective time: active from an unknown start")
+    ingredient_names = sorted({m.ingredient for m in matches})
+    if len(ingredient_names) > 1:
+        notes.append("combination product: " + " + ".join(ingredient_names))
+    seen: set[str] = set()
+    for match in matches:
+        for class_id in match.classes:
+            if class_id in seen:
+                continue
+            seen.add(class_id)
+            class_notes = [*notes, "matched by free text (lower confidence)"] if match.via == "text" else notes
+            display = texts[0] if texts else (codings[0].display if codings else match.ingredient)
+            result.facts.append(
+                Fact(
+                    **_base_fact(model, patient),
+                    concept=class_id,
+                    kind="medication",
+                    counts=counts,
+                    retracted=model.status == "entered-in-error",
+                    start=start,
+                    end=end,
+                    display=f"{display} ({class_display(class_id).lower()})",
+                    notes=tuple(class_notes),
+                )
+            )
+
+
+# --- Condition ---------------------------------------------------------------------------------------
+
+
+def _first_code(concept: Any) -> str | None:
+    if concept is None:
+        return None
+    return next((c.code for c in concept.coding or [] if c.code), None)
+
+
+def _condition(model: Any, patient: str, _: NormalizeOptions, __: Mapping, result: NormalizeResult) -> None:
+    finding = arrhythmia_coding(_codings(model.code))
+    if finding is None:
+        return
+    clinical = _first_code(model.clinicalStatus)
+    verification = _first_code(model.verificationStatus)
+    notes: list[str] = []
+    counts = True
+    if clinical is None:
+        notes.append("no clinicalStatus: taken as active")
+    elif clinical not in _CONDITION_ACTIVE:
+        counts = False
+        notes.append(f"clinicalStatus {clinical}")
+    if verification in _CONDITION_UNCONFIRMED:
+        counts = False
+        notes.append(f"verificationStatus {verification}")
+    start = to_utc(model.onsetDateTime or getattr(model.onsetPeriod, "start", None) or model.recordedDate)
+    end = to_utc(model.abatementDateTime or getattr(model.abatementPeriod, "end", None))
+    if start is None:
+        notes.append("no onset or recorded date")
+    result.facts.append(
+        Fact(
+            **_base_fact(model, patient, status=clinical),
+            concept="arrhythmia",
+            kind="condition",
+            counts=counts,
+            retracted=verification == "entered-in-error",
+            start=start,
+            end=end,
+            display=finding.display or (model.code.text if model.code else None) or finding.code,
+            notes=tuple(notes),
+        )
+    )
+
+
+_EXTRACTORS = {
+    "Observation": _observation,
+    "MedicationStatement": _medication,
+    "MedicationRequest": _medication,
+    "Condition": _condition,
+}
+
+
+# --- Bundles and collections -------------------------------------------------------------------------
+
+
+def iter_resources(data: Any) -> Iterator[tuple[str | None, Any]]:
+    """Yield ``(fullUrl, resource)`` for every resource, recursing into nested Bundles and
+    batch/transaction responses; Bundles themselves are not yielded."""
+    if not isinstance(data, Mapping):
+        yield None, data
+        return
+    if data.get("resourceType") != "Bundle":
+        yield None, data
+        return
+    for entry in data.get("entry") or []:
+        if not isinstance(entry, Mapping):
+            continue
+        for key in ("resource", "response"):
+            inner = entry.get(key)
+            if isinstance(inner, Mapping) and key == "response":
+                inner = inner.get("outcome")
+            if isinstance(inner, Mapping) and inner.get("resourceType") == "Bundle":
+                yield from iter_resources(inner)
+            elif isinstance(inner, Mapping) and key == "resource":
+                yield entry.get("fullUrl"), inner
+
+
+def reference_index(resources: Iterable[tuple[str | None, Any]]) -> dict[str, Mapping[str, Any]]:
+    """Map ``fullUrl`` and ``Type/id`` of each resource to the resource, for medicationReference."""
+    index: dict[str, Mapping[str, Any]] = {}
+    for full_url, resource in resources:
+        if not isinstance(resource, Mapping):
+            continue
+        if full_url:
+            index[full_url] = resource
+        if resource.get("resourceType") and resource.get("id"):
+            index[f"{resource['resourceType']}/{resource['id']}"] = resource
+    return index
+
+
+def normalize_resources(data: Any, options: NormalizeOptions | None = None) -> list[NormalizeResult]:
+    """Normalise a resource, a Bundle (nested or not) or a list of either."""
+    items = data if isinstance(data, list) else [data]
+    pairs = [pair for item in items for pair in iter_resources(item)]
+    index = reference_index(pairs)
+    return [normalize_resource(resource, options, resolve=index) for _, resource in pairs]

@@ -1,0 +1,111 @@
+"""Shorthand facts for embedded rule tests, expanded into real FHIR R4 resources.
+
+Expanding into FHIR (rather than building facts directly) means every embedded test also exercises the
+normaliser: units, comparators, statuses and medication classification take the production path.
+
+Shorthand keys: ``lab`` (potassium | magnesium | qtc) with ``value``, ``unit``, ``comparator``, ``at``,
+``status``, ``loinc``; ``med`` (an RxNorm code) with ``status``, ``start``, ``end``, ``type``
+(statement | request); ``condition`` (a SNOMED code) with ``start``, ``clinical_status``; ``ecg`` (a SNOMED
+rhythm code) with ``at``; or ``resource`` holding any FHIR resource as is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rules.datafiles import load_valueset
+
+UCUM = "http://unitsofmeasure.org"
+_DEFAULT_LOINC = {"potassium": "2823-3", "magnesium": "2601-3", "qtc": "8636-3"}
+
+
+def _loinc_display(code: str) -> str:
+    for concept in load_valueset("labs")["concepts"].values():
+        for item in concept["codes"]:
+            if item["code"] == code:
+                return item["display"]
+    return code
+
+
+def expand(item: dict[str, Any], patient: str, index: int) -> dict[str, Any]:
+    """One shorthand item -> one FHIR resource (dict)."""
+    if "resource" in item:
+        return item["resource"]
+    rid = str(item.get("id", f"t{index}"))
+    subject = {"reference": f"Patient/{patient}"}
+    meta = {"versionId": str(item["version"])} if "version" in item else None
+    resource: dict[str, Any]
+    if "lab" in item:
+        loinc = item.get("loinc", _DEFAULT_LOINC[item["lab"]])
+        resource = {
+            "resourceType": "Observation",
+            "id": rid,
+            "status": item.get("status", "final"),
+            "code": {"coding": [{"system": "http://loinc.org", "code": loinc, "display": _loinc_display(loinc)}]},
+            "subject": subject,
+            "effectiveDateTime": item["at"],
+        }
+        if "value" in item:
+            value = item["value"]
+            quantity: dict[str, Any] = {"value": value if isinstance(value, int | float) else float(value)}
+            if item.get("unit") is not None:
+                quantity |= {"unit": item["unit"]}
+                if item.get("ucum", True):
+                    quantity |= {"system": UCUM, "code": item["unit"]}
+            if item.get("comparator"):
+                quantity["comparator"] = item["comparator"]
+            resource["valueQuantity"] = quantity
+    elif "med" in item:
+        kind = item.get("type", "statement")
+        concept = {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": str(item["med"])}]}
+        if kind == "statement":
+            period = {k: item[k] for k in ("start", "end") if k in item}
+            resource = {
+                "resourceType": "MedicationStatement",
+                "id": rid,
+                "status": item.get("status", "active"),
+                "medicationCodeableConcept": concept,
+                "subject": subject,
+                **({"effectivePeriod": period} if period else {}),
+            }
+        else:
+            resource = {
+                "resourceType": "MedicationRequest",
+                "id": rid,
+                "status": item.get("status", "active"),
+                "intent": item.get("intent", "order"),
+                "medicationCodeableConcept": concept,
+                "subject": subject,
+                **({"authoredOn": item["start"]} if "start" in item else {}),
+            }
+    elif "condition" in item:
+        resource = {
+            "resourceType": "Condition",
+            "id": rid,
+            "clinicalStatus": {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                        "code": item.get("clinical_status", "active"),
+                    }
+                ]
+            },
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": str(item["condition"])}]},
+            "subject": subject,
+            **({"onsetDateTime": item["start"]} if "start" in item else {}),
+        }
+    elif "ecg" in item:
+        resource = {
+            "resourceType": "Observation",
+            "id": rid,
+            "status": item.get("status", "final"),
+            "code": {"coding": [{"system": "http://loinc.org", "code": "8601-7", "display": "EKG impression"}]},
+            "subject": subject,
+            "effectiveDateTime": item["at"],
+            "valueCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": str(item["ecg"])}]},
+        }
+    else:
+        raise ValueError(f"fact #{index}: expected one of lab, med, condition, ecg, resource; got {sorted(item)}")
+    if meta:
+        resource["meta"] = meta
+    return resource

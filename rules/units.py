@@ -1,0 +1,89 @@
+"""Per-analyte unit normalisation (table in valuesets/units.yaml).
+
+Never guesses: a unit that is missing or not in the analyte's table gives no conversion, and the caller
+marks the fact indeterminate, unless the LOINC property fixes the unit (then the fact says so).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from functools import cache
+
+from rules.datafiles import load_valueset
+
+UCUM_SYSTEM = "http://unitsofmeasure.org"
+
+
+def unit_key(unit: str | None) -> str | None:
+    """Case- and space-insensitive spelling of a unit, used as a lookup key (``mEq/L`` -> ``meq/l``)."""
+    if unit is None:
+        return None
+    key = "".join(unit.split()).lower()
+    return key or None
+
+
+@dataclass(frozen=True)
+class AnalyteUnits:
+    """The units one analyte may arrive in and how each converts to the canonical unit."""
+
+    analyte: str
+    canonical: str
+    factors: dict[str, Decimal]
+    inferred_by_property: dict[str, str]
+
+    def factor(self, unit: str | None) -> Decimal | None:
+        """Factor to canonical for a unit spelling, or None when unknown."""
+        key = unit_key(unit)
+        return None if key is None else self.factors.get(key)
+
+
+@cache
+def analyte_units(analyte: str) -> AnalyteUnits:
+    """The unit table for ``analyte`` (potassium, magnesium, qtc)."""
+    entry = load_valueset("units")["analytes"][analyte]
+    factors = {unit_key(unit): Decimal(str(f)) for unit, f in entry["units"].items()}
+    return AnalyteUnits(
+        analyte=analyte,
+        canonical=entry["canonical"],
+        factors={k: v for k, v in factors.items() if k},
+        inferred_by_property=dict(entry.get("inferred_by_property") or {}),
+    )
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """How a reported quantity's unit was understood."""
+
+    unit: str | None  # the spelling that matched the table (None if nothing matched)
+    factor: Decimal | None
+    inferred: bool = False
+    problem: str | None = None
+
+
+def resolve_unit(
+    analyte: str,
+    *,
+    system: str | None,
+    code: str | None,
+    unit: str | None,
+    loinc_property: str | None,
+) -> Resolution:
+    """Resolve the unit of a reported quantity: UCUM code first, then `unit` text, then LOINC property."""
+    table = analyte_units(analyte)
+    candidates: list[str] = []
+    if code and (system in (None, UCUM_SYSTEM)):
+        candidates.append(code)
+    if unit:
+        candidates.append(unit)
+    for candidate in candidates:
+        factor = table.factor(candidate)
+        if factor is not None:
+            return Resolution(unit=candidate, factor=factor)
+    if candidates:
+        shown = " / ".join(dict.fromkeys(candidates))
+        return Resolution(unit=None, factor=None, problem=f"unknown unit {shown!r} for {analyte}")
+    inferred = table.inferred_by_property.get(loinc_property or "")
+    if inferred:
+        return Resolution(unit=inferred, factor=table.factor(inferred), inferred=True)
+    return Resolution(unit=None, factor=None, problem=f"missing unit for {analyte}")
