@@ -218,11 +218,12 @@ def select(rule: Rule, name: str, facts: Sequence[Fact], as_of: datetime, chosen
         window_start: datetime | None = anchor_time - rule.parameters[spec.lookback].duration
     else:  # no lookback: `active` means active now; `latest` / `all` look at the whole record
         window_start = as_of if spec.select == "active" else None
+    concepts = spec.concepts
     candidates = sorted(
         (
             f
             for f in facts
-            if f.concept in spec.concepts and f.counts and not f.retracted and _in_window(f, window_start, as_of)
+            if f.concept in concepts and f.counts and not f.retracted and _in_window(f, window_start, as_of)
         ),
         key=_sort_key,
     )

@@ -6,7 +6,8 @@ zero or more facts (a combination diuretic yields one per class; an ECG panel a 
 
 from __future__ import annotations
 
-from datetime import datetime
+from collections.abc import Iterable
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Literal
 
@@ -18,6 +19,7 @@ FactKind = Literal["lab", "finding", "medication", "condition"]
 
 #: Schema version of a serialised fact; bump when a stored fact would no longer read back.
 FACT_SCHEMA_VERSION = 1
+_EPOCH = datetime.min.replace(tzinfo=UTC)
 
 
 class Fact(BaseModel):
@@ -31,6 +33,7 @@ class Fact(BaseModel):
     resource_type: str
     resource_id: str
     version: str | None = None
+    updated: datetime | None = None  # meta.lastUpdated
     status: str | None = None  # the resource's own status, as sent
     counts: bool = True  # False: cancelled / entered-in-error / not active / no value: never evidence
     retracted: bool = False  # entered-in-error or cancelled: retracts what it supported
@@ -82,3 +85,31 @@ def format_decimal(value: Decimal | None, places: int = 2) -> str:
     quantized = value.quantize(Decimal(1).scaleb(-places)) if value.as_tuple().exponent < -places else value
     text = format(quantized.normalize(), "f")
     return text
+
+
+def version_rank(fact: Fact) -> tuple[int, int, datetime, int]:
+    """Order of versions of one resource: numeric versionId, then lastUpdated; a retraction
+    (entered-in-error) outranks an unversioned peer. Higher wins."""
+    numeric = fact.version.isdigit() if fact.version else False
+    return (
+        int(numeric),
+        int(fact.version) if numeric and fact.version else 0,
+        fact.updated or _EPOCH,
+        int(fact.retracted),
+    )
+
+
+def latest_versions(facts: Iterable[Fact]) -> list[Fact]:
+    """Keep, per source resource, only the facts of its newest version (a new version replaces every
+    fact the old one produced; equal rank: the later one in ``facts`` wins)."""
+    best: dict[str, tuple[tuple[int, int, datetime, int], list[Fact]]] = {}
+    for fact in facts:
+        resource = f"{fact.resource_type}/{fact.resource_id}"
+        rank = version_rank(fact)
+        current = best.get(resource)
+        if current is None or rank > current[0]:
+            best[resource] = (rank, [fact])
+        elif rank == current[0]:
+            kept = [f for f in current[1] if f.concept != fact.concept]
+            best[resource] = (rank, [*kept, fact])
+    return [fact for _, group in best.values() for fact in group]

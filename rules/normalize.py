@@ -211,6 +211,7 @@ def _base_fact(model: Any, patient: str, **fields: Any) -> dict[str, Any]:
         "resource_type": model.get_resource_type(),
         "resource_id": model.id,
         "version": _version(model),
+        "updated": to_utc(getattr(getattr(model, "meta", None), "lastUpdated", None)),
         "status": getattr(model, "status", None),
         **fields,
     }

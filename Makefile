@@ -1,0 +1,36 @@
+# Quick start: `make demo` runs the main job, `make test` runs the tests. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench schema lock clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/ehr-alerts rules check
+	$(BIN)/ehr-alerts replay examples/stream
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/ehr-alerts rules check
+	$(BIN)/pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_engine.py
+
+schema: $(STAMP)
+	$(BIN)/ehr-alerts rules schema > rules/rule.schema.json
+
+# Re-pin constraints.txt to what is installed in .venv (run after changing dependencies, then test).
+lock:
+	$(BIN)/pip freeze --exclude-editable | grep -v '^-e ' > constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,1 @@
+"""ehr-alerts HTTP edge and command line."""

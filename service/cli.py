@@ -1,0 +1,212 @@
+"""The ``ehr-alerts`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rules.catalog import RuleLoadError, load_catalog
+from rules.engine import Decision, evaluate
+from rules.facts import Fact, latest_versions
+from rules.fhirtime import isoformat, parse_time
+from rules.model import rule_json_schema
+from rules.normalize import NormalizeOptions, normalize_resources
+from workers.sources import read_all
+
+app = typer.Typer(help="ehr-alerts: Mg/K clinical alerting for FHIR R4 data.", no_args_is_help=True)
+rules_app = typer.Typer(help="Rule catalog commands.", no_args_is_help=True)
+app.add_typer(rules_app, name="rules")
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def _catalog_or_exit(directory: Path | None) -> Any:
+    try:
+        return load_catalog(directory)
+    except RuleLoadError as exc:
+        err.print("[bold red]Rule catalog refused[/]")
+        for problem in exc.problems:
+            err.print(f"  - {problem}")
+        raise typer.Exit(2) from exc
+
+
+@rules_app.command("check")
+def rules_check(
+    directory: Annotated[Path | None, typer.Option("--dir", help="Rule folder (default: packaged catalog)")] = None,
+) -> None:
+    """Validate every rule file and run its embedded tests."""
+    catalog = _catalog_or_exit(directory)
+    table = Table("rule", "version", "status", "embedded tests")
+    for rule in catalog.rules:
+        reports = [r for r in catalog.test_reports if r.rule_id == rule.id]
+        table.add_row(rule.id, rule.version, rule.status, f"{sum(r.passed for r in reports)}/{len(reports)} passed")
+    console.print(table)
+    console.print(f"{len(catalog.rules)} rules OK")
+
+
+@rules_app.command("schema")
+def rules_schema() -> None:
+    """Print the JSON Schema of the rule file format (generated from the pydantic model)."""
+    sys.stdout.write(json.dumps(rule_json_schema(), indent=2, sort_keys=True) + "\n")
+
+
+def _load_facts(paths: list[Path], options: NormalizeOptions) -> tuple[list[Fact], Counter[str], list[str]]:
+    facts: list[Fact] = []
+    counts: Counter[str] = Counter()
+    rejections: list[str] = []
+    for item in read_all(paths):
+        if item.error is not None:
+            counts["rejected"] += 1
+            rejections.append(f"{item.origin}: {item.error}")
+            continue
+        for result in normalize_resources(item.data, options):
+            counts[result.outcome] += 1
+            facts.extend(result.facts)
+            if result.outcome == "rejected":
+                rejections.append(f"{item.origin}: {result.resource_type}/{result.resource_id}: {result.reason}")
+    return latest_versions(facts), counts, rejections
+
+
+def _patient_as_of(facts: list[Fact], patient: str) -> datetime | None:
+    times = [t for f in facts if f.patient == patient for t in (f.start,) if t is not None]
+    return max(times) if times else None
+
+
+def _decisions(facts: list[Fact], rules: list[Any], as_of: datetime | None) -> list[Decision]:
+    decisions: list[Decision] = []
+    for patient in sorted({f.patient for f in facts}):
+        when = as_of or _patient_as_of(facts, patient)
+        if when is not None:
+            decisions.extend(evaluate(rules, facts, when, patient))
+    return decisions
+
+
+@app.command("evaluate")
+def evaluate_command(
+    paths: Annotated[list[Path], typer.Argument(help="Bundles, resources, ndjson files or folders", exists=True)],
+    as_of: Annotated[
+        str | None, typer.Option("--as-of", help="Evaluate as of this instant (default: each patient's latest data)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print firing decisions with their cards as JSON")] = False,
+    show_all: Annotated[bool, typer.Option("--all", help="Also list rules that did not fire")] = False,
+    include_preliminary: Annotated[bool, typer.Option(help="Count preliminary lab results")] = False,
+    rules_dir: Annotated[Path | None, typer.Option("--rules", help="Rule folder (default: packaged)")] = None,
+) -> None:
+    """Evaluate the rules over FHIR files and print the alerts they raise."""
+    catalog = _catalog_or_exit(rules_dir)
+    try:
+        instant = parse_time(as_of) if as_of else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--as-of") from exc
+    facts, counts, rejections = _load_facts(paths, NormalizeOptions(include_preliminary=include_preliminary))
+    decisions = _decisions(facts, catalog.evaluated(), instant)
+    shown = [d for d in decisions if show_all or d.outcome != "not-fires"]
+    if as_json:
+        payload = [d.model_dump(mode="json", exclude_none=True) for d in shown]
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        return
+    _print_table(shown)
+    patients = len({f.patient for f in facts})
+    fired = Counter(d.rule_id for d in decisions if d.fires)
+    console.print(
+        f"resources: {counts['accepted']} used, {counts['ignored']} not relevant, {counts['rejected']} rejected; "
+        f"{len(facts)} facts for {patients} patients; "
+        f"alerts: {sum(fired.values())}"
+        + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(fired.items())) + ")" if fired else "")
+        + f"; indeterminate: {sum(d.outcome == 'indeterminate' for d in decisions)}"
+    )
+    for line in rejections[:20]:
+        err.print(f"[yellow]rejected[/] {line}")
+    if len(rejections) > 20:
+        err.print(f"[yellow]... and {len(rejections) - 20} more rejected[/]")
+
+
+def _print_table(decisions: list[Decision]) -> None:
+    if not decisions:
+        console.print("No alerts.")
+        return
+    table = Table("patient", "rule", "outcome", "severity", "as of", "card / explanation", show_lines=True)
+    for d in decisions:
+        text = d.card["summary"] if d.card else d.explanation
+        table.add_row(d.patient, d.rule_id, d.outcome, d.severity or "", isoformat(parse_time(d.as_of)) or "", text)
+    console.print(table)
+
+
+@app.command("replay")
+def replay_command(
+    paths: Annotated[list[Path], typer.Argument(help="Bundles, resources, ndjson files or folders", exists=True)],
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for real workers to drain the queue")] = 600,
+) -> None:
+    """Push FHIR files through the real pipeline (ingestion -> Celery -> timeline -> alerts) and summarise.
+
+    Without REDIS_URL this runs embedded: in-process Redis (fakeredis) and eager Celery, same code paths.
+    """
+    from service.replay import replay
+
+    replay(paths, console, timeout=timeout)
+
+
+@app.command("serve")
+def serve_command(
+    host: Annotated[str, typer.Option(help="Bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port")] = 8000,
+    workers: Annotated[int, typer.Option(help="Uvicorn worker processes")] = 1,
+) -> None:
+    """Run the HTTP API (ingestion, alerts, health)."""
+    import uvicorn
+
+    uvicorn.run("service.app:app", host=host, port=port, workers=workers, log_level="info")
+
+
+@app.command("worker")
+def worker_command(
+    concurrency: Annotated[int, typer.Option("-c", "--concurrency", help="Worker processes")] = 2,
+    loglevel: Annotated[str, typer.Option(help="Log level")] = "info",
+) -> None:
+    """Run Celery workers on REDIS_URL (same as `celery -A workers.celery_app worker`)."""
+    from workers.celery_app import app as celery_app
+    from workers.settings import get_settings
+
+    if get_settings().redis_url is None:
+        err.print("REDIS_URL is not set: workers need a real Redis broker (the embedded mode runs tasks inline).")
+        raise typer.Exit(2)
+    celery_app.worker_main(["worker", f"--concurrency={concurrency}", f"--loglevel={loglevel}", "-Q", "ehr-alerts"])
+
+
+@app.command("dead-letters")
+def dead_letters_command(
+    redrive: Annotated[bool, typer.Option(help="Re-queue every dead-lettered batch and clear the list")] = False,
+) -> None:
+    """List events that failed after their retries (and optionally re-drive them)."""
+    from workers.keys import dead_letters as dead_letter_key
+    from workers.pipeline import get_store
+    from workers.tasks import process_events
+
+    store = get_store()
+    records = store.dead_letters()
+    table = Table("failed at", "task", "events", "reason")
+    for record in records:
+        table.add_row(record["failed_at"], record.get("task_id") or "", str(len(record["events"])), record["reason"])
+    console.print(table if records else "No dead letters.")
+    if redrive and records:
+        for record in records:
+            process_events.delay(record["events"])
+        store.client.ltrim(dead_letter_key(), len(records), -1)
+        console.print(f"re-queued {len(records)} batches")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

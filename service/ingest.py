@@ -1,0 +1,192 @@
+"""FHIR event ingestion: validate and normalise at the edge, answer per entry, enqueue in batches.
+
+Used by the HTTP endpoints and by ``ehr-alerts replay`` (same code path).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from rules.normalize import NormalizeOptions, NormalizeResult, normalize_resource, reference_index
+from workers.events import Event, dump_batch, events_from
+from workers.settings import get_settings
+from workers.tasks import process_events
+
+
+@dataclass
+class EntryOutcome:
+    """What happened to one entry of a request."""
+
+    location: str  # FHIRPath-like: "Bundle.entry[3].resource" or "line 12"
+    outcome: str  # accepted | ignored | rejected | duplicate-in-request
+    resource: str | None = None
+    issues: list[tuple[str, str, str]] = field(default_factory=list)  # (severity, expression, message)
+
+
+@dataclass
+class Ingested:
+    """The answer to one ingestion request."""
+
+    entries: list[EntryOutcome] = field(default_factory=list)
+    notes: list[tuple[str, str, str]] = field(default_factory=list)  # request-level (severity, expr, msg)
+    events: int = 0
+
+    def counts(self) -> Counter[str]:
+        """Entries per outcome."""
+        return Counter(e.outcome for e in self.entries)
+
+
+class Enqueuer:
+    """Collects events and sends them to Celery in batches (one task per ``batch_size`` events)."""
+
+    def __init__(self, batch_size: int | None = None) -> None:
+        self.batch_size = batch_size or get_settings().batch_size
+        self.pending: list[Event] = []
+        self.sent = 0
+        self.patients: set[str] = set()
+
+    def add(self, event: Event) -> None:
+        """Queue one event, flushing a full batch."""
+        self.pending.append(event)
+        self.patients.add(event.patient)
+        if len(self.pending) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send what is pending as one task."""
+        if self.pending:
+            process_events.delay(dump_batch(self.pending))
+            self.sent += len(self.pending)
+            self.pending = []
+
+
+def options() -> NormalizeOptions:
+    """Normalisation options from the settings."""
+    return NormalizeOptions(include_preliminary=get_settings().include_preliminary)
+
+
+def ingest_one(
+    data: Any,
+    location: str,
+    enqueuer: Enqueuer,
+    answer: Ingested,
+    *,
+    resolve: Mapping[str, Mapping[str, Any]] | None = None,
+    received: datetime | None = None,
+) -> NormalizeResult:
+    """Validate + normalise one resource, record its outcome, queue its event."""
+    result = normalize_resource(data, options(), resolve=resolve)
+    entry = EntryOutcome(location, result.outcome, f"{result.resource_type}/{result.resource_id}")
+    for issue in result.issues:
+        entry.issues.append((issue.severity, f"{location}.{issue.path}", issue.message))
+    for fact in result.facts:
+        if fact.problem:
+            entry.issues.append(
+                ("warning", location, f"{fact.concept}: {fact.problem} (decision will be indeterminate)")
+            )
+    if result.outcome == "ignored" and result.reason:
+        entry.issues.append(("information", location, result.reason))
+    answer.entries.append(entry)
+    event = events_from(result, received or datetime.now(UTC))
+    if event is not None:
+        enqueuer.add(event)
+        answer.events += 1
+    return result
+
+
+def ingest_bundle_entries(bundle: Mapping[str, Any], enqueuer: Enqueuer, answer: Ingested) -> None:
+    """Every entry of a transaction / batch / collection / history Bundle (nested Bundles walked)."""
+    entries = bundle.get("entry")
+    if entries is not None and not isinstance(entries, list):
+        answer.notes.append(("error", "Bundle.entry", "Bundle.entry must be an array"))
+        return
+    pairs: list[tuple[str, str | None, Any]] = []
+    _walk(bundle, "Bundle", pairs)
+    index = reference_index((full_url, resource) for _, full_url, resource in pairs)
+    received = datetime.now(UTC)
+    for location, _, resource in pairs:
+        if isinstance(resource, Mapping) and resource.get("resourceType") in (
+            "Parameters",
+            "SubscriptionStatus",
+            "OperationOutcome",
+            "Patient",
+        ):
+            answer.entries.append(EntryOutcome(location, "ignored", str(resource.get("resourceType"))))
+            continue
+        ingest_one(resource, location, enqueuer, answer, resolve=index, received=received)
+
+
+def _walk(bundle: Mapping[str, Any], prefix: str, out: list[tuple[str, str | None, Any]]) -> None:
+    for i, entry in enumerate(bundle.get("entry") or []):
+        location = f"{prefix}.entry[{i}]"
+        if not isinstance(entry, Mapping):
+            out.append((location, None, entry))
+            continue
+        resource = entry.get("resource")
+        if resource is None:
+            request = entry.get("request") if isinstance(entry.get("request"), Mapping) else {}
+            if request.get("method") == "DELETE":
+                continue  # a delete without a body: nothing to evaluate (entered-in-error is the FHIR way)
+            out.append((location, None, {"resourceType": None}))
+            continue
+        if isinstance(resource, Mapping) and resource.get("resourceType") == "Bundle":
+            _walk(resource, f"{location}.resource", out)
+        else:
+            out.append((f"{location}.resource", entry.get("fullUrl"), resource))
+
+
+def ingest_items(items: Iterable[tuple[str, Any]], enqueuer: Enqueuer, answer: Ingested) -> None:
+    """Resources or Bundles one after another (ndjson lines, files): each validated on its own."""
+    for location, data in items:
+        if isinstance(data, Mapping) and data.get("resourceType") == "Bundle":
+            sub = Ingested()
+            ingest_bundle_entries(data, enqueuer, sub)
+            for entry in sub.entries:
+                entry.location = f"{location}: {entry.location}"
+            answer.entries.extend(sub.entries)
+            answer.notes.extend(sub.notes)
+            answer.events += sub.events
+        else:
+            ingest_one(data, location, enqueuer, answer)
+
+
+def operation_outcome(answer: Ingested) -> dict[str, Any]:
+    """FHIR OperationOutcome listing every entry's outcome and issues."""
+    issues: list[dict[str, Any]] = []
+    for severity, expression, message in answer.notes:
+        issues.append(_issue(severity, expression, message))
+    for entry in answer.entries:
+        if entry.outcome == "accepted":
+            issues.append(_issue("information", entry.location, f"{entry.resource}: accepted"))
+        elif entry.outcome == "rejected" and not entry.issues:
+            issues.append(_issue("error", entry.location, f"{entry.resource}: rejected"))
+        for severity, expression, message in entry.issues:
+            prefix = f"{entry.resource}: " if entry.resource and not entry.resource.startswith("?") else ""
+            issues.append(_issue(severity, expression, prefix + message))
+    counts = answer.counts()
+    summary = (
+        f"{counts['accepted']} accepted, {counts['ignored']} ignored (not used by the rules), "
+        f"{counts['rejected']} rejected; {answer.events} events queued"
+    )
+    issues.insert(0, _issue("information", "", summary))
+    return {"resourceType": "OperationOutcome", "issue": issues}
+
+
+def _issue(severity: str, expression: str, message: str) -> dict[str, Any]:
+    code = {"error": "invalid", "warning": "value", "information": "informational"}.get(severity, "processing")
+    issue: dict[str, Any] = {"severity": severity, "code": code, "diagnostics": message}
+    if expression:
+        issue["expression"] = [expression]
+    return issue
+
+
+def error_outcome(message: str, expression: str | None = None, code: str = "invalid") -> dict[str, Any]:
+    """OperationOutcome for a request-level error."""
+    issue: dict[str, Any] = {"severity": "error", "code": code, "diagnostics": message}
+    if expression:
+        issue["expression"] = [expression]
+    return {"resourceType": "OperationOutcome", "issue": [issue]}

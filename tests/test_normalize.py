@@ -1,0 +1,529 @@
+"""FHIR -> facts: validation, units, comparators, statuses, versions and bundle walking."""
+
+from __future__ import annotations
+
+import copy
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from conftest import (
+    AF_SNOMED,
+    ICD10CM,
+    K_BLOOD,
+    MG_MASS,
+    MIMIC_ICD10,
+    SNOMED,
+    bundle,
+    coding,
+    concept,
+    condition,
+    ecg,
+    ecg_panel,
+    magnesium,
+    normalize,
+    only_fact,
+    potassium,
+    qtc,
+    quantity,
+    subject,
+)
+
+from rules.facts import latest_versions
+from rules.normalize import NormalizeOptions, normalize_resource, normalize_resources
+
+# --- validation: invalid input gives field-level issues, never an exception ----------------------------
+
+
+def _rejected(data: Any) -> Any:
+    result = normalize_resource(data)
+    assert result.outcome == "rejected", result
+    assert result.facts == []
+    assert result.issues, "a rejection must say why"
+    assert all(issue.severity == "error" for issue in result.issues)
+    assert result.reason
+    return result
+
+
+def _paths(result: Any) -> list[str]:
+    return [issue.path for issue in result.issues]
+
+
+def test_bad_status_code_is_rejected_naming_the_field():
+    result = _rejected(potassium(3.2, status="bogus"))
+    assert any("Observation.status" in p for p in _paths(result))
+    assert "bogus" in result.reason
+
+
+def test_bad_comparator_is_rejected_naming_the_field():
+    result = _rejected(potassium(3.2, comparator="~"))
+    assert any("valueQuantity.comparator" in p for p in _paths(result))
+
+
+def test_bad_comparator_in_a_component_is_rejected():
+    panel = ecg_panel(520)
+    panel["component"][1]["valueQuantity"]["comparator"] = "approx"
+    result = _rejected(panel)
+    assert any("component[1].valueQuantity.comparator" in p for p in _paths(result))
+
+
+@pytest.mark.parametrize("value", ["3.x", "", "three", True])
+def test_malformed_decimal_is_rejected(value: Any):
+    result = _rejected(potassium(value))
+    assert any("valueQuantity.value" in p for p in _paths(result))
+
+
+def test_unknown_field_is_rejected():
+    result = _rejected(potassium(3.2, colour="red"))
+    assert any(p.endswith("colour") for p in _paths(result))
+
+
+def test_spec_placeholder_key_is_rejected():
+    result = _rejected(potassium(3.2, **{"...": "<snipped for brevity>"}))
+    assert any("..." in p for p in _paths(result))
+
+
+def test_template_token_in_a_date_is_rejected():
+    result = _rejected(potassium(3.2, at="{{context.encounterDate}}"))
+    assert any("effectiveDateTime" in p for p in _paths(result))
+
+
+def test_missing_subject_is_rejected():
+    resource = potassium(3.2)
+    del resource["subject"]
+    result = _rejected(resource)
+    assert _paths(result) == ["Observation.subject"]
+
+
+def test_subject_that_is_not_a_patient_is_rejected():
+    result = _rejected(potassium(3.2, subject={"reference": "Group/103"}))
+    assert _paths(result) == ["Observation.subject"]
+
+
+def test_default_patient_fills_a_missing_subject():
+    resource = potassium(3.2)
+    del resource["subject"]
+    result = normalize_resource(resource, NormalizeOptions(default_patient="ctx-patient"))
+    assert result.outcome == "accepted"
+    assert result.facts[0].patient == "ctx-patient"
+
+
+def test_missing_resource_type_is_rejected():
+    resource = potassium(3.2)
+    del resource["resourceType"]
+    result = _rejected(resource)
+    assert "resourceType" in result.issues[0].path
+
+
+def test_missing_id_is_rejected():
+    resource = potassium(3.2)
+    del resource["id"]
+    result = _rejected(resource)
+    assert _paths(result) == ["Observation.id"]
+
+
+def test_missing_required_code_is_rejected():
+    resource = potassium(3.2)
+    del resource["code"]
+    result = _rejected(resource)
+    assert "Observation.code" in _paths(result)
+
+
+@pytest.mark.parametrize("data", [None, 42, "Observation", [potassium(3.2)], 3.5])
+def test_non_object_input_is_rejected(data: Any):
+    result = _rejected(data)
+    assert "JSON object" in result.reason
+
+
+def test_bad_medication_request_intent_is_rejected():
+    resource = {
+        "resourceType": "MedicationRequest",
+        "id": "mr-bad",
+        "status": "active",
+        "intent": "wish",
+        "medicationCodeableConcept": concept(coding("http://www.nlm.nih.gov/research/umls/rxnorm", "4603")),
+        "subject": subject(),
+    }
+    result = _rejected(resource)
+    assert "MedicationRequest.intent" in _paths(result)
+
+
+def test_dstu2_medication_order_is_ignored_not_rejected():
+    order = {
+        "resourceType": "MedicationOrder",
+        "id": "medrx002",
+        "dateWritten": "2017-04-25",
+        "status": "active",
+        "patient": {"reference": "Patient/example"},
+        "medicationCodeableConcept": concept(coding("http://www.nlm.nih.gov/research/umls/rxnorm", "4603")),
+    }
+    result = normalize_resource(order)
+    assert result.outcome == "ignored"
+    assert result.facts == []
+    assert "MedicationOrder is not a type the rules read" in result.reason
+
+
+def test_dstu2_wrapped_response_resource_entry_is_unwrapped():
+    """README item 15/19: a prefetch value may be a pre-R4 ``{response, resource}`` wrapper; the
+    resource inside is what must be judged (here: a DSTU2 MedicationOrder, ignored), not the wrapper."""
+    wrapper = {
+        "response": {"status": "200 OK"},
+        "resource": {
+            "resourceType": "MedicationOrder",
+            "id": "medrx002",
+            "dateWritten": "2017-04-25",
+            "status": "active",
+            "patient": {"reference": "Patient/example"},
+        },
+    }
+    results = normalize_resources(wrapper)
+    assert [(r.resource_type, r.outcome) for r in results] == [("MedicationOrder", "ignored")]
+
+
+def test_validation_does_not_mutate_the_input():
+    resource = potassium(3.2, comparator="~")
+    before = copy.deepcopy(resource)
+    normalize_resource(resource)
+    assert resource == before
+
+
+# --- units -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("unit", "ucum", "expected"),
+    [
+        ("mmol/L", True, "3.2"),
+        ("mmol/l", False, "3.2"),
+        ("meq/l", False, "3.2"),
+        ("mEq/L", True, "3.2"),
+        ("mmol/L", False, "3.2"),
+    ],
+)
+def test_potassium_units(unit: str, ucum: bool, expected: str):
+    fact = only_fact(potassium(3.2, unit, ucum=ucum))
+    assert fact.concept == "potassium"
+    assert fact.determinate
+    assert fact.value == Decimal(expected)
+    assert fact.unit == "mmol/L"
+
+
+@pytest.mark.parametrize(
+    ("value", "unit", "ucum", "mmol"),
+    [
+        (0.6, "mmol/L", True, Decimal("0.6")),
+        (0.6, "mmol/l", False, Decimal("0.6")),
+        (1.2, "mEq/L", True, Decimal("0.6")),  # divalent: 2 mEq = 1 mmol
+        (1.2, "meq/l", False, Decimal("0.6")),
+        (2.431, "mg/dL", True, Decimal("1.000")),  # 24.305 g/mol
+        (2.431, "mg/dl", False, Decimal("1.000")),
+    ],
+)
+def test_magnesium_units(value: float, unit: str, ucum: bool, mmol: Decimal):
+    fact = only_fact(magnesium(value, unit, ucum=ucum))
+    assert fact.unit == "mmol/L"
+    assert fact.value is not None
+    assert abs(fact.value - mmol) < Decimal("0.001"), fact.value
+    assert fact.reported_unit == unit
+
+
+@pytest.mark.parametrize(("value", "unit", "ms"), [(0.52, "s", Decimal("520")), (520, "ms", Decimal("520"))])
+def test_qtc_units(value: float, unit: str, ms: Decimal):
+    fact = only_fact(qtc(value, unit))
+    assert fact.value == ms
+    assert fact.unit == "ms"
+
+
+def test_missing_unit_is_inferred_from_the_loinc_property_with_a_note():
+    k = only_fact(potassium(3.1, None))
+    assert k.value == Decimal("3.1")
+    assert k.reported_unit == "mmol/L"
+    assert any("unit inferred" in n for n in k.notes)
+    mg = only_fact(magnesium(1.2, None, loinc=MG_MASS))
+    assert mg.reported_unit == "mg/dL"
+    assert mg.value is not None and abs(mg.value - Decimal("0.4936")) < Decimal("0.001")
+    assert any("unit inferred" in n for n in mg.notes)
+
+
+def test_missing_unit_is_indeterminate_when_the_loinc_code_does_not_fix_it():
+    fact = only_fact(qtc(480, None))
+    assert not fact.determinate
+    assert fact.value is None
+    assert "missing unit" in (fact.problem or "")
+
+
+@pytest.mark.parametrize("unit", ["mg", "umol/L", "%", "mmol/x"])
+def test_unknown_unit_is_indeterminate(unit: str):
+    fact = only_fact(potassium(3.0, unit))
+    assert not fact.determinate
+    assert fact.value is None
+    assert unit in (fact.problem or "")
+
+
+def test_non_ucum_system_falls_back_to_the_unit_text():
+    """Observation-f203 style: SNOMED code in valueQuantity.system; the `unit` text decides."""
+    vq = quantity(3.3, "mmol/L", system=SNOMED, code="258813002", ucum=False)
+    fact = only_fact(potassium(None, valuequantity=vq))
+    assert fact.value == Decimal("3.3")
+    vq = quantity(122, "umol/L", system=SNOMED, code="258814008", ucum=False)
+    fact = only_fact(potassium(None, valuequantity=vq))
+    assert not fact.determinate
+    assert "umol/L" in (fact.problem or "")
+    assert "258814008" not in (fact.problem or "")
+
+
+def test_ucum_code_wins_over_unit_text():
+    vq = quantity(1.2, "Milliequivalents per liter", code="meq/L")
+    fact = only_fact(magnesium(None, valuequantity=vq))
+    assert fact.value == Decimal("0.6")
+
+
+def test_long_float_value_is_kept_exactly():
+    fact = only_fact(potassium(3.700000781824548, loinc=K_BLOOD))
+    assert str(fact.value).startswith("3.7000007818")
+    assert fact.value > Decimal("3.7")
+
+
+@pytest.mark.parametrize("value", [1.00, 1e-22, 1000000000000000000, 1e245, -1e245])
+def test_extreme_decimals_do_not_crash(value: float):
+    result = normalize_resource(potassium(value))
+    assert result.outcome == "accepted"
+    assert result.facts[0].value == Decimal(str(value))
+
+
+def test_potassium_with_two_codings_is_read():
+    fact = only_fact(potassium(3.2, extra_codings=[coding(SNOMED, "59573005", "Potassium measurement")]))
+    assert fact.concept == "potassium"
+
+
+def test_excluded_lab_code_says_why_it_is_ignored():
+    result = normalize_resource(magnesium(0.5, loinc="73573-8"))  # ionized Mg
+    assert result.outcome == "ignored"
+    assert "ionized" in (result.reason or "")
+
+
+def test_unrelated_observation_is_ignored():
+    result = normalize_resource(potassium(6.3, loinc="15074-8"))  # glucose
+    assert result.outcome == "ignored"
+    assert result.facts == []
+
+
+# --- comparators and value strings -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("comparator", ["<", "<=", ">", ">="])
+def test_comparator_is_kept_on_the_fact(comparator: str):
+    fact = only_fact(magnesium(0.5, comparator=comparator))
+    assert fact.comparator == comparator
+    assert fact.value == Decimal("0.5")
+
+
+def test_value_string_with_comparator_is_parsed():
+    resource = magnesium(None, valueString="<0.5 mmol/L")
+    fact = only_fact(resource)
+    assert fact.comparator == "<"
+    assert fact.value == Decimal("0.5")
+
+
+def test_unparseable_value_string_is_indeterminate():
+    fact = only_fact(potassium(None, valueString="haemolysed"))
+    assert not fact.determinate
+    assert "haemolysed" in (fact.problem or "")
+
+
+def test_result_without_value_does_not_count():
+    resource = potassium(None, dataAbsentReason=concept(text="specimen lost"))
+    fact = only_fact(resource)
+    assert fact.counts is False
+    assert any("specimen lost" in n for n in fact.notes)
+
+
+# --- status ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", ["final", "amended", "corrected"])
+def test_reportable_statuses_count(status: str):
+    fact = only_fact(potassium(3.2, status=status))
+    assert fact.counts and not fact.retracted
+
+
+@pytest.mark.parametrize("status", ["entered-in-error", "cancelled"])
+def test_retracted_statuses_never_count(status: str):
+    fact = only_fact(potassium(3.2, status=status))
+    assert fact.counts is False
+    assert fact.retracted is True
+
+
+@pytest.mark.parametrize("status", ["registered", "preliminary", "unknown"])
+def test_non_final_statuses_do_not_count_by_default(status: str):
+    fact = only_fact(potassium(3.2, status=status))
+    assert fact.counts is False
+    assert fact.retracted is False
+
+
+def test_preliminary_counts_when_the_deployment_says_so():
+    options = NormalizeOptions(include_preliminary=True)
+    assert only_fact(potassium(3.2, status="preliminary"), options=options).counts is True
+    assert only_fact(potassium(3.2, status="registered"), options=options).counts is False
+
+
+def test_result_without_time_does_not_count():
+    resource = potassium(3.2)
+    del resource["effectiveDateTime"]
+    fact = only_fact(resource)
+    assert fact.counts is False
+    assert "no effective time" in fact.notes
+
+
+def test_time_is_normalised_to_utc():
+    fact = only_fact(potassium(3.2, at="2024-05-01T10:00:00+02:00"))
+    assert fact.start is not None
+    assert fact.start.isoformat() == "2024-05-01T08:00:00+00:00"
+
+
+# --- versions ----------------------------------------------------------------------------------------
+
+
+def test_newer_entered_in_error_version_replaces_the_final_one():
+    v1 = normalize(potassium(3.1, id="k1", version="1")).facts
+    v2 = normalize(potassium(3.1, id="k1", version="2", status="entered-in-error")).facts
+    kept = latest_versions([*v1, *v2])
+    assert len(kept) == 1
+    assert kept[0].version == "2"
+    assert kept[0].retracted
+
+
+def test_order_of_arrival_does_not_matter_for_numeric_versions():
+    v1 = normalize(potassium(3.1, id="k1", version="1")).facts
+    v2 = normalize(potassium(3.6, id="k1", version="2", status="corrected")).facts
+    assert latest_versions([*v2, *v1]) == latest_versions([*v1, *v2]) == v2
+
+
+def test_version_10_is_newer_than_version_9():
+    v9 = normalize(potassium(3.1, id="k1", version="9")).facts
+    v10 = normalize(potassium(3.6, id="k1", version="10")).facts
+    assert latest_versions([*v10, *v9])[0].version == "10"
+
+
+def test_unversioned_retraction_outranks_unversioned_peer():
+    final = normalize(potassium(3.1, id="k1")).facts
+    retraction = normalize(potassium(3.1, id="k1", status="entered-in-error")).facts
+    assert latest_versions([*retraction, *final])[0].retracted
+
+
+def test_last_updated_orders_versions_without_version_id():
+    old = normalize(potassium(3.1, id="k1", meta={"lastUpdated": "2024-05-01T08:00:00Z"})).facts
+    new = normalize(potassium(3.7, id="k1", meta={"lastUpdated": "2024-05-01T09:00:00Z"})).facts
+    assert latest_versions([*new, *old])[0].value == Decimal("3.7")
+
+
+def test_latest_versions_keeps_other_resources():
+    a = normalize(potassium(3.1, id="a")).facts
+    b = normalize(potassium(3.2, id="b")).facts
+    assert len(latest_versions([*a, *b])) == 2
+
+
+# --- ECG, QTc components and arrhythmia --------------------------------------------------------------
+
+
+def test_ecg_panel_component_yields_qtc_with_a_note():
+    fact = only_fact(ecg_panel(0.52, "s"), "qtc")
+    assert fact.value == Decimal("520")
+    assert any("component[1]" in n for n in fact.notes)
+
+
+def test_ecg_rhythm_value_yields_an_arrhythmia_finding():
+    fact = only_fact(ecg(AF_SNOMED))
+    assert fact.concept == "arrhythmia"
+    assert fact.kind == "finding"
+
+
+@pytest.mark.parametrize(
+    ("code", "system"),
+    [(AF_SNOMED, SNOMED), ("I48.91", ICD10CM), ("I4891", MIMIC_ICD10), ("42731", "http://hl7.org/fhir/sid/icd-9-cm")],
+)
+def test_arrhythmia_condition_codes(code: str, system: str):
+    fact = only_fact(condition(code, system))
+    assert fact.concept == "arrhythmia"
+    assert fact.kind == "condition"
+    assert fact.counts
+
+
+def test_non_arrhythmia_condition_is_ignored():
+    assert normalize_resource(condition("38341003")).outcome == "ignored"  # hypertension
+    assert normalize_resource(condition("I10", ICD10CM)).outcome == "ignored"
+
+
+def test_icd10_code_under_a_snomed_system_is_not_matched():
+    assert normalize_resource(condition("I4891", SNOMED)).outcome == "ignored"
+
+
+def test_mimic_condition_without_status_or_dates_counts_with_notes():
+    fact = only_fact(condition("I4891", MIMIC_ICD10, clinical=None, onset=None))
+    assert fact.counts
+    assert fact.start is None
+    assert any("no clinicalStatus" in n for n in fact.notes)
+
+
+@pytest.mark.parametrize("clinical", ["resolved", "inactive", "remission"])
+def test_inactive_condition_does_not_count(clinical: str):
+    assert only_fact(condition(clinical=clinical)).counts is False
+
+
+@pytest.mark.parametrize("verification", ["refuted", "entered-in-error", "differential"])
+def test_unconfirmed_condition_does_not_count(verification: str):
+    resource = condition(
+        verificationStatus=concept(coding("http://terminology.hl7.org/CodeSystem/condition-ver-status", verification))
+    )
+    assert only_fact(resource).counts is False
+
+
+# --- bundles -----------------------------------------------------------------------------------------
+
+
+def test_nested_bundles_are_walked():
+    inner1 = bundle(potassium(3.2, id="a"))
+    inner2 = bundle(magnesium(0.6, id="b"), condition(id="c"))
+    outer = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"resource": inner1}, {"resource": inner2}],
+    }
+    results = normalize_resources(outer)
+    assert sorted(r.resource_id for r in results) == ["a", "b", "c"]
+    assert all(r.outcome == "accepted" for r in results)
+
+
+def test_batch_response_searchsets_are_walked():
+    searchset = {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": potassium(3.2, id="k")}]}
+    response = {
+        "resourceType": "Bundle",
+        "type": "batch-response",
+        "entry": [{"resource": searchset, "response": {"status": "200 OK"}}],
+    }
+    assert [r.resource_id for r in normalize_resources(response)] == ["k"]
+
+
+def test_operation_outcome_entry_is_ignored():
+    searchset = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "entry": [
+            {"resource": potassium(3.2, id="k"), "search": {"mode": "match"}},
+            {
+                "resource": {
+                    "resourceType": "OperationOutcome",
+                    "id": "warning",
+                    "issue": [{"severity": "warning", "code": "incomplete"}],
+                },
+                "search": {"mode": "outcome"},
+            },
+        ],
+    }
+    outcomes = {r.resource_type: r.outcome for r in normalize_resources(searchset)}
+    assert outcomes == {"Observation": "accepted", "OperationOutcome": "ignored"}
+
+
+def test_a_bad_entry_does_not_stop_the_others():
+    results = normalize_resources([potassium(3.2, status="bogus"), magnesium(0.6), "junk"])
+    assert [r.outcome for r in results] == ["rejected", "accepted", "rejected"]

@@ -1,0 +1,36 @@
+"""Redis key layout. A patient's keys share one hash tag ``{p:<id>}`` so a Lua script may touch them all
+atomically, also on Redis Cluster."""
+
+from __future__ import annotations
+
+from workers.settings import get_settings
+
+
+def _prefix() -> str:
+    return get_settings().key_prefix
+
+
+def patient_keys(patient: str) -> dict[str, str]:
+    """Keys of one patient: facts, meta (version, clock), alerts, open (rule -> alert), applied versions."""
+    tag = f"{_prefix()}:{{p:{patient}}}"
+    return {name: f"{tag}:{name}" for name in ("facts", "meta", "alerts", "open", "applied")}
+
+
+def alert_index() -> str:
+    """Sorted set of ``patient|alert id`` by last update (epoch seconds), for hospital-wide lists."""
+    return f"{_prefix()}:alerts:index"
+
+
+def dead_letters() -> str:
+    """List of events that failed after their retries."""
+    return f"{_prefix()}:deadletters"
+
+
+def counters() -> str:
+    """Hash of pipeline counters (events stored / duplicate / stale, alerts opened / resolved ...)."""
+    return f"{_prefix()}:counters"
+
+
+def patients() -> str:
+    """Set of patient ids seen (for alerts-per-1,000-patients figures)."""
+    return f"{_prefix()}:patients"
