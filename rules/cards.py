@@ -37,12 +37,20 @@ def render_text(text: str, context: Mapping[str, Any]) -> str:
     return _template(text).render(context).strip()
 
 
+def _shown(reported: str) -> str:
+    """Display rounding only (4 decimals: 3.4999 stays 3.4999, 3.4832272433592126 shows as 3.4832)."""
+    try:
+        return format_decimal(Decimal(reported), 4)
+    except ArithmeticError:
+        return reported
+
+
 class FactView:
     """What a template sees of one fact."""
 
     def __init__(self, fact: Fact) -> None:
         self.value = format_decimal(fact.value) if fact.value is not None else "?"
-        self.reported = f"{fact.comparator or ''}{fact.reported_value}" if fact.reported_value is not None else "?"
+        self.reported = f"{fact.comparator or ''}{_shown(fact.reported_value)}" if fact.reported_value else "?"
         self.reported_unit = fact.reported_unit or ""
         self.unit = fact.unit or ""
         self.time = isoformat(fact.start) or "unknown time"
@@ -106,8 +114,8 @@ def render_card(rule: Rule, decision: Decision, chosen: Mapping[str, Selection])
     spec = rule.card
     context = template_context(rule, decision, chosen)
     summary = render_text(spec.summary, context)
-    if len(summary) >= SUMMARY_LIMIT:
-        raise ValueError(f"rule {rule.id}: card summary is {len(summary)} characters (limit {SUMMARY_LIMIT - 1})")
+    if len(summary) >= SUMMARY_LIMIT:  # odd data (a very long value) must not abort the evaluation
+        summary = summary[: SUMMARY_LIMIT - 2].rstrip() + "…"
     source: dict[str, Any] = {"label": spec.source.label, "url": spec.source.url}
     if spec.source.topic:
         source["topic"] = spec.source.topic.model_dump()

@@ -252,12 +252,14 @@ class Rule(_Strict):
     @model_validator(mode="after")
     def _references(self) -> Rule:
         _check_inputs(self)
-        conditions = [*self.when.walk(), *self.resolve_when.walk()]
-        for tier in self.severity:
-            if tier.when:
-                conditions.extend(tier.when.walk())
-        for condition in conditions:
-            _check_condition(self, condition)
+        roots = [("when", self.when), ("resolve_when", self.resolve_when)]
+        roots += [(f"severity[{i}].when", t.when) for i, t in enumerate(self.severity) if t.when]
+        for where, root in roots:
+            for condition in root.walk():
+                try:
+                    _check_condition(self, condition)
+                except ValueError as exc:
+                    raise ValueError(f"{where}: {exc}") from exc
         if self.severity[-1].when is not None:
             raise ValueError("severity: the last tier must have no `when` (the default)")
         return self

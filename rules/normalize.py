@@ -137,7 +137,7 @@ def parse(rtype: str, data: Mapping[str, Any]) -> tuple[Any, list[Issue]]:
         issues.append(Issue("error", rtype, f"invalid {rtype}: {exc}"))
     for (btype, name), allowed in _REQUIRED_CODES.items():
         value = data.get(name)
-        if btype == rtype and value is not None and value not in allowed:
+        if btype == rtype and value is not None and (not isinstance(value, str) or value not in allowed):
             issues.append(
                 Issue(
                     "error",
@@ -490,6 +490,9 @@ def iter_resources(data: Any) -> Iterator[tuple[str | None, Any]]:
     batch/transaction responses; Bundles themselves are not yielded."""
     if not isinstance(data, Mapping):
         yield None, data
+        return
+    if "resourceType" not in data and isinstance(data.get("resource"), Mapping):
+        yield from iter_resources(data["resource"])  # pre-R4 {response, resource} wrapper (CDS Hooks examples)
         return
     if data.get("resourceType") != "Bundle":
         yield None, data

@@ -82,7 +82,7 @@ def ingest_one(
     result = normalize_resource(data, options(), resolve=resolve)
     entry = EntryOutcome(location, result.outcome, f"{result.resource_type}/{result.resource_id}")
     for issue in result.issues:
-        entry.issues.append((issue.severity, f"{location}.{issue.path}", issue.message))
+        entry.issues.append((issue.severity, _expression(location, result.resource_type, issue.path), issue.message))
     for fact in result.facts:
         if fact.problem:
             entry.issues.append(
@@ -96,6 +96,15 @@ def ingest_one(
         enqueuer.add(event)
         answer.events += 1
     return result
+
+
+def _expression(location: str, resource_type: str, path: str) -> str:
+    """FHIRPath of an issue: ``Bundle.entry[1].resource.status`` rather than ``...resource.Observation.status``."""
+    if location == resource_type:
+        return path
+    if path.startswith(f"{resource_type}."):
+        path = path[len(resource_type) + 1 :]
+    return f"{location}.{path}" if path and path != resource_type else location
 
 
 def ingest_bundle_entries(bundle: Mapping[str, Any], enqueuer: Enqueuer, answer: Ingested) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import (
+from fhir_builders import (
     RXNORM,
     SNOMED,
     bundle,

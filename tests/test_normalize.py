@@ -7,7 +7,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from conftest import (
+from fhir_builders import (
     AF_SNOMED,
     ICD10CM,
     K_BLOOD,
@@ -178,6 +178,43 @@ def test_dstu2_wrapped_response_resource_entry_is_unwrapped():
     }
     results = normalize_resources(wrapper)
     assert [(r.resource_type, r.outcome) for r in results] == [("MedicationOrder", "ignored")]
+
+
+@pytest.mark.parametrize("status", [["final"], {"code": "final"}])
+def test_status_of_the_wrong_json_type_is_rejected_not_raised(status: Any):
+    """A JSON array/object where a code is expected must give an issue, not a TypeError
+    (rules/normalize.py parse(): ``value not in allowed`` hashes the value)."""
+    result = _rejected(potassium(3.2, status=status))
+    assert any("Observation.status" in p for p in _paths(result))
+
+
+def test_request_intent_of_the_wrong_json_type_is_rejected_not_raised():
+    resource = {
+        "resourceType": "MedicationRequest",
+        "id": "mr-bad",
+        "status": "active",
+        "intent": ["order"],
+        "medicationCodeableConcept": concept(coding("http://www.nlm.nih.gov/research/umls/rxnorm", "4603")),
+        "subject": subject(),
+    }
+    result = _rejected(resource)
+    assert any("MedicationRequest.intent" in p for p in _paths(result))
+
+
+def test_absolute_patient_reference_is_read():
+    fact = only_fact(potassium(3.2, subject={"reference": "http://ehr.example/fhir/Patient/p9"}))
+    assert fact.patient == "p9"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"resourceType": "Bundle", "type": "collection", "entry": "x"},
+        {"resourceType": "Bundle", "type": "collection", "entry": [None, 1, {"resource": None}, {"resource": "x"}]},
+    ],
+)
+def test_malformed_bundle_entries_do_not_raise(data: Any):
+    assert all(r.outcome != "accepted" for r in normalize_resources(data))
 
 
 def test_validation_does_not_mutate_the_input():

@@ -9,7 +9,9 @@ Settings, and why:
 - ``broker_transport_options.visibility_timeout``: seconds before Redis hands an unacknowledged task to
   another worker (EHR_ALERTS_VISIBILITY_TIMEOUT, default 60 s; tasks take milliseconds, so a short
   timeout redelivers quickly after a crash; an early redelivery is harmless because processing is
-  idempotent).
+  idempotent). kombu only sweeps for expired unacknowledged tasks every ``unacked_restore_interval``
+  x ``unacked_restore_throttle`` seconds (10 x 10 = 100 s by default), so the sweep period is tied to the
+  visibility timeout (at most 10 s, every sweep scans): otherwise a crash is recovered after ~100 s.
 - no result backend (``task_ignore_result``): results are the alert store, nothing polls task state.
 - retries with exponential backoff for transient Redis errors (see ``workers.tasks``).
 - embedded mode (no REDIS_URL): ``task_always_eager`` runs tasks in-process on fakeredis, same code.
@@ -28,7 +30,11 @@ app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=4,
-    broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+    broker_transport_options={
+        "visibility_timeout": settings.visibility_timeout,
+        "unacked_restore_interval": max(1, min(10, int(settings.visibility_timeout))),
+        "unacked_restore_throttle": 1,
+    },
     broker_connection_retry_on_startup=True,
     task_ignore_result=True,
     result_backend=None,
