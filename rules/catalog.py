@@ -133,7 +133,7 @@ def run_embedded_test(rule: Rule, index: int) -> TestReport:
         if text not in card.get("detail", ""):
             failures.append(f"detail lacks {text!r}")
     if card.get("summary", "").endswith("…"):
-        failures.append("card summary renders to 140 characters or more (it would be cut)")
+        failures.append("card summary renders over the limit of 139 characters (it would be cut)")
     failures.extend(_check_card(decision))
     return TestReport(rule.id, case.name, not failures, "; ".join(failures))
 
