@@ -68,6 +68,38 @@ class Settings(BaseSettings):
     retention_medication_hours: float = Field(default=24 * 30, gt=0, description="kept this long after a med ends")
     retention_condition_hours: float = Field(default=24 * 365, gt=0, description="kept this long after abatement")
 
+    # --- pharmacist review worklist, page, analytics (service/review, workers/review_queries.py) ---
+    review_page_size: int = Field(default=50, ge=1, le=500, description="worklist rows per page when not asked")
+    review_scan_budget: int = Field(
+        default=5000,
+        ge=100,
+        le=1_000_000,
+        description="most index entries one worklist request walks for text/patient filters before it "
+        "returns a (possibly short) page with a cursor to continue",
+    )
+    review_index_overlap_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="the worklist index re-reads alerts changed this many seconds before its watermark "
+        "(covers clock skew between writers)",
+    )
+    review_snooze_max_hours: float = Field(
+        default=168.0, gt=0, le=24 * 90, description="longest snooze a pharmacist may set"
+    )
+    review_ignored_after_hours: float = Field(
+        default=24.0,
+        gt=0,
+        description="an alert nobody acted on counts as 'ignored' in the analytics once closed or open this long",
+    )
+    review_trend_days: float = Field(
+        default=7.0, gt=0, le=90, description="days of K and Mg results shown in the alert detail trend"
+    )
+    review_cookie_secure: bool | None = Field(
+        default=None,
+        description="Secure flag of the page's session cookie; unset: set when the request arrived over HTTPS",
+    )
+
     @classmethod
     def settings_customise_sources(
         cls,
