@@ -20,6 +20,7 @@ from service.ingest import (
     ingest_one,
     operation_outcome,
 )
+from service.review import install as install_review
 from service.subscriptions import parse_status, record_event_numbers
 from workers.pipeline import get_catalog, get_store
 from workers.settings import get_settings
@@ -227,6 +228,9 @@ def get_alert(patient_id: str, alert_id: str) -> dict[str, Any]:
     if alert is None:
         raise HTTPException(404, "no such alert")
     return alert
+
+
+install_review(app)  # pharmacist review: /api/review (JSON), /review (page)
 
 
 @app.get("/healthz", tags=["operations"])

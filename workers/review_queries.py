@@ -95,35 +95,32 @@ def severity_rank(severity: str | None) -> int:
     return SEVERITIES.index(severity) if severity in SEVERITIES else len(SEVERITIES)
 
 
-def snoozed_until(alert: dict[str, Any]) -> str | None:
-    """When a snoozed alert's snooze ends (the alert's field, else the last snooze in its history)."""
-    if alert.get("status") != "snoozed":
-        return None
-    for name in ("snoozed_until", "until"):
-        if alert.get(name):
-            return str(alert[name])
-    for entry in reversed(alert.get("history") or []):
-        if entry.get("action") == "snooze" and entry.get("until"):
-            return str(entry["until"])
-    return None
+def effective_status(alert: dict[str, Any], now: datetime) -> str:
+    """The alert's status as the worklist shows it: a snooze whose time has passed is ``active`` again
+    (the transition script treats it the same way; new evidence also ends a snooze)."""
+    status = str(alert.get("status") or "active")
+    if status == "snoozed" and epoch(alert.get("snoozed_until")) <= now.timestamp():
+        return "active"
+    return status
 
 
-def summarize(patient: str, alert: dict[str, Any]) -> dict[str, Any]:
+def summarize(patient: str, alert: dict[str, Any], now: datetime | None = None) -> dict[str, Any]:
     """The worklist summary of an alert (what the index stores and the list returns)."""
     card = alert.get("card") or {}
     history = alert.get("history") or []
+    status = effective_status(alert, now or utcnow())
     return {
         "id": alert["id"],
         "patient": alert.get("patient") or patient,
         "rule_id": alert["rule_id"],
         "rule_version": alert.get("rule_version"),
         "severity": alert.get("severity"),
-        "status": alert.get("status", "active"),
+        "status": status,
         "summary": card.get("summary", ""),
         "opened_at": alert.get("opened_at"),
         "updated_at": alert.get("updated_at"),
         "closed_at": alert.get("closed_at"),
-        "snoozed_until": snoozed_until(alert),
+        "snoozed_until": alert.get("snoozed_until") if status == "snoozed" else None,
         "revision": int(alert.get("revision") or 0),
         "last_action": history[-1].get("action") if history else None,
     }
@@ -350,7 +347,8 @@ class ReviewIndex:
             if after is not None:
                 if (descending and after[0] < final) or (not descending and after[0] > final):
                     continue  # the whole segment lies before the cursor
-                start = after[0] if (descending and after[0] < first) or (not descending and after[0] > first) else first
+                inside = after[0] < first if descending else after[0] > first
+                start = after[0] if inside else first
             offset = 0
             while True:
                 if descending:
@@ -410,9 +408,9 @@ def lab_trend(facts: Iterable[Fact], end: datetime, days: float) -> dict[str, li
     start = end - timedelta(days=days)
     trend: dict[str, list[dict[str, Any]]] = {c: [] for c in TREND_CONCEPTS}
     for fact in facts:
-        if fact.concept in trend and fact.kind == "lab" and fact.counts and fact.value is not None and fact.start:
-            if start <= fact.start <= end:
-                trend[fact.concept].append(_lab_point(fact))
+        usable = fact.concept in trend and fact.kind == "lab" and fact.counts and fact.value is not None
+        if usable and fact.start and start <= fact.start <= end:
+            trend[fact.concept].append(_lab_point(fact))
     for points in trend.values():
         points.sort(key=lambda p: (p["time"], p["reference"]))
     return trend

@@ -7,27 +7,20 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from rules.fhirtime import parse_time
+from workers import review_queries as rq
 from workers.pipeline import get_catalog, get_store
-from workers.review_queries import (
-    CursorError,
-    Query,
-    ReviewIndex,
-    epoch,
-    lab_trend,
-    latest_labs,
-    utcnow,
-)
+from workers.review_queries import CursorError, Query, ReviewIndex, epoch, lab_trend, latest_labs, summarize
 from workers.settings import get_settings
 from workers.store import TransitionError
 
 _IF_MATCH = re.compile(r'^\s*(?:W/)?"?(\d{1,12})"?\s*$')
 ACTIONS_BY_STATUS = {
-    # what the page offers for each status; the store has the last word (illegal -> 409)
+    # what the page offers for each status (mirrors workers/lua/transition_alert.lua, which has the last word)
     "active": ("acknowledge", "override", "snooze", "resolve"),
-    "acknowledged": ("override", "snooze", "resolve"),
-    "snoozed": ("reopen", "acknowledge", "override", "resolve"),
-    "overridden": ("reopen", "resolve"),
-    "accepted": ("reopen", "resolve"),
+    "acknowledged": ("override", "snooze", "resolve", "reopen"),
+    "snoozed": ("override", "snooze", "resolve", "reopen"),
+    "overridden": ("resolve", "reopen"),
+    "accepted": ("resolve", "reopen"),
     "resolved": ("reopen",),
     "retracted": (),
 }
@@ -49,28 +42,14 @@ def get_index() -> ReviewIndex:
     )
 
 
-def refresh(index: ReviewIndex, now: datetime | None = None) -> None:
-    """Bring the index up to date and bring back snoozed alerts whose time has come."""
+def refresh(index: ReviewIndex) -> None:
+    """Bring the index up to date; a snooze whose time has passed shows as active again (lazily, on read:
+    the alert keeps ``snoozed_until`` in the past, which the transition script also reads as active)."""
     index.sync()
-    now = now or utcnow()
-    for alert_id in index.due_snoozes(now):
+    for alert_id in index.due_snoozes(rq.utcnow()):
         alert = index.store.find_alert(alert_id)
-        if alert is None:
-            continue
-        if alert.get("status") == "snoozed":
-            try:
-                alert = index.store.transition(
-                    alert_id,
-                    "reopen",
-                    "system",
-                    now,
-                    comment="snooze ended",
-                    idempotency_key=f"snooze-end:{alert_id}:{alert.get('revision')}",
-                    source="snooze",
-                )
-            except TransitionError:
-                alert = index.store.find_alert(alert_id) or alert
-        index.index_alert(alert["patient"], alert)
+        if alert is not None:
+            index.index_alert(alert["patient"], alert)
 
 
 def list_alerts(query: Query, cursor: str | None) -> dict[str, Any]:
@@ -102,8 +81,6 @@ def alert_detail(alert_id: str) -> dict[str, Any]:
 
 def detail_of(index: ReviewIndex, alert: dict[str, Any]) -> dict[str, Any]:
     """Detail fields of an alert read from the store."""
-    from workers.review_queries import summarize
-
     patient = alert["patient"]
     facts = index.store.timeline(patient)
     settings = get_settings()
@@ -138,7 +115,7 @@ def _trend_end(alert: dict[str, Any], latest: dict[str, Any]) -> datetime:
     """The trend window ends at the patient's latest data (the alert's clock or a later K/Mg), not after now."""
     candidates = [epoch(alert.get("as_of")), epoch(alert.get("updated_at"))]
     candidates += [epoch(p["time"]) for p in latest.values() if p and p.get("time")]
-    now = utcnow()
+    now = rq.utcnow()
     best = max(candidates)
     return now if best <= 0 else min(now, datetime.fromtimestamp(best, now.tzinfo))
 
@@ -178,8 +155,8 @@ def act(
             "revision",
             code="required",
         )
-    now = utcnow()
-    _check_fields(alert, action, reason, comment, until, now)
+    now = rq.utcnow()
+    coding = _check_fields(alert, action, reason, comment, until, now)
     try:
         after = store.transition(
             alert_id,
@@ -187,14 +164,14 @@ def act(
             actor,
             now,
             expected_revision=revision,
-            reason=reason,
+            reason=coding,
             comment=comment or None,
             until=until,
             idempotency_key=idempotency_key,
             source="review",
         )
     except TransitionError as exc:
-        status = {"not-found": 404, "illegal": 409, "conflict": 409}.get(exc.code, 409)
+        status = {"not-found": 404, "illegal": 409, "conflict": 409, "invalid": 400}.get(exc.code, 409)
         code = {"not-found": "not-found", "conflict": "conflict"}.get(exc.code, "business-rule")
         raise ReviewError(status, exc.message, "action" if exc.code == "illegal" else "revision", code) from exc
     index.index_alert(after["patient"], after)
@@ -203,16 +180,19 @@ def act(
 
 def _check_fields(
     alert: dict[str, Any], action: str, reason: str | None, comment: str | None, until: datetime | None, now: datetime
-) -> None:
+) -> dict[str, Any] | None:
+    """Check the action's fields; returns the override reason as the rule's Coding."""
+    coding = None
     if action == "override":
         rule = get_catalog().get(alert["rule_id"])
-        allowed = [c.code for c in rule.card.override_reasons] if rule else []
+        allowed = {c.code: c.model_dump() for c in rule.card.override_reasons} if rule else {}
         if not reason:
             raise ReviewError(400, f"override needs a reason, one of: {', '.join(allowed)}", "reason", "required")
         if reason not in allowed:
-            raise ReviewError(
-                400, f"reason {reason!r} is not an override reason of {alert['rule_id']}: {', '.join(allowed)}", "reason"
-            )
+            known = ", ".join(allowed)
+            message = f"reason {reason!r} is not an override reason of {alert['rule_id']}: {known}"
+            raise ReviewError(400, message, "reason")
+        coding = allowed[reason]
     elif reason:
         raise ReviewError(400, f"a reason is only taken with override, not {action}", "reason")
     if action == "snooze":
@@ -225,6 +205,7 @@ def _check_fields(
             raise ReviewError(400, f"a snooze may last at most {limit:g} hours", "until")
     elif until is not None:
         raise ReviewError(400, f"'until' is only taken with snooze, not {action}", "until")
+    return coding
 
 
 def parse_opened(value: str | None, name: str) -> datetime | None:

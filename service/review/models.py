@@ -201,5 +201,5 @@ class Problem(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    resourceType: Literal["OperationOutcome"] = "OperationOutcome"  # noqa: N815 - FHIR field name
+    resourceType: Literal["OperationOutcome"] = "OperationOutcome"
     issue: list[dict[str, Any]]
