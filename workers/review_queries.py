@@ -32,6 +32,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -42,6 +43,7 @@ from workers import keys
 from workers.settings import get_settings
 from workers.store import Store
 
+_LUA_DIR = Path(__file__).with_name("lua")
 STATUSES = ("active", "acknowledged", "snoozed", "overridden", "accepted", "resolved", "retracted")
 OPEN_STATUSES = ("active", "acknowledged")
 BUCKETS = (*STATUSES, "open", "all")
@@ -124,10 +126,6 @@ def summarize(patient: str, alert: dict[str, Any], now: datetime | None = None) 
         "revision": int(alert.get("revision") or 0),
         "last_action": history[-1].get("action") if history else None,
     }
-
-
-def _buckets(status: str) -> list[str]:
-    return [status, "all", *(["open"] if status in OPEN_STATUSES else [])]
 
 
 def sort_score(summary: dict[str, Any], order: str) -> float:
@@ -222,67 +220,80 @@ class ReviewIndex:
         self.client: redis.Redis = store.client
         self.overlap = overlap_seconds
         self.scan_budget = scan_budget
+        self._index = self.client.register_script((_LUA_DIR / "review_index.lua").read_text(encoding="utf-8"))
 
     # --- maintenance -------------------------------------------------------------------------------------
 
     def sync(self) -> int:
-        """Re-index alerts changed since the watermark (minus the overlap); returns how many were read."""
+        """Re-index alerts changed since the watermark (minus the overlap); returns how many were re-read.
+
+        An alert is re-read only when its ``alert_index`` score is newer than the one its summary was built
+        from (``seen``), so the overlap costs one MGET, not a re-read of every recent alert."""
         watermark = float(self.client.get(synced_key()) or 0.0)
         start = max(watermark - self.overlap, 0.0) if watermark else "-inf"
         members = self.client.zrangebyscore(keys.alert_index(), start, "+inf", withscores=True)
         if not members:
             return 0
-        highest = max(score for _, score in members)
+        reread = 0
         for chunk in _chunks(members, 500):
-            refs = [member.split("|", 1) for member, _ in chunk]
+            refs = [(*member.split("|", 1), score) for member, score in chunk]
+            stored = self.summaries(alert_id for _, alert_id, _ in refs)
+            todo = [
+                ref for ref, old in zip(refs, stored, strict=True) if old is None or float(old.get("seen", -1)) < ref[2]
+            ]
+            if not todo:
+                continue
             pipe = self.client.pipeline(transaction=False)
-            for patient, alert_id in refs:
+            for patient, alert_id, _ in todo:
                 pipe.hget(keys.patient_keys(patient)["alerts"], alert_id)
-            for (patient, _), raw in zip(refs, pipe.execute(), strict=True):
-                if raw:
-                    self.index_alert(patient, json.loads(raw))
+            rows = zip(todo, pipe.execute(), strict=True)
+            alerts = [(patient, json.loads(raw), score) for (patient, _, score), raw in rows if raw]
+            self.index_alerts(alerts)
+            reread += len(alerts)
+        highest = max(score for _, score in members)
         if highest > watermark:
             self.client.set(synced_key(), repr(highest))
-        return len(members)
+        return reread
 
     def rebuild(self) -> int:
-        """Forget the watermark and re-index every alert."""
+        """Forget the watermark and what each summary was built from, and re-index every alert."""
         self.client.delete(synced_key())
+        cursor = 0
+        while True:
+            cursor, found = self.client.scan(cursor, match=summary_key("*"), count=1000)
+            for key in found:
+                raw = self.client.get(key)
+                if raw:
+                    summary = json.loads(raw)
+                    summary["seen"] = -1
+                    self.client.set(key, json.dumps(summary, separators=(",", ":")))
+            if cursor == 0:
+                break
         return self.sync()
 
-    def index_alert(self, patient: str, alert: dict[str, Any]) -> bool:
-        """Put one alert's current state in the index (skipped if the index holds a newer revision)."""
-        new = summarize(patient, alert)
-        key = summary_key(new["id"])
-        while True:
-            with self.client.pipeline() as pipe:
-                try:
-                    pipe.watch(key)
-                    raw = pipe.get(key)
-                    old = json.loads(raw) if raw else None
-                    if old and old["revision"] > new["revision"]:
-                        pipe.unwatch()
-                        return False
-                    pipe.multi()
-                    if old:
-                        for bucket in _buckets(old["status"]):
-                            for order in ("sev", "time"):
-                                pipe.zrem(order_key(bucket, order), new["id"])
-                                pipe.zrem(order_key(bucket, order, old["rule_id"]), new["id"])
-                    for bucket in _buckets(new["status"]):
-                        for order in ("sev", "time"):
-                            score = sort_score(new, order)
-                            pipe.zadd(order_key(bucket, order), {new["id"]: score})
-                            pipe.zadd(order_key(bucket, order, new["rule_id"]), {new["id"]: score})
-                    if new["snoozed_until"]:
-                        pipe.zadd(snoozed_key(), {new["id"]: epoch(new["snoozed_until"])})
-                    else:
-                        pipe.zrem(snoozed_key(), new["id"])
-                    pipe.set(key, json.dumps(new, separators=(",", ":")))
-                    pipe.execute()
-                    return True
-                except redis.WatchError:
-                    continue
+    def index_alert(self, patient: str, alert: dict[str, Any]) -> None:
+        """Put one alert's current state in the index (ignored if the index holds a newer revision)."""
+        self.index_alerts([(patient, alert, 0.0)])
+
+    def index_alerts(self, alerts: list[tuple[str, dict[str, Any], float]]) -> None:
+        """Index (patient, alert, alert_index score it was read at) triples in one pipelined round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        zprefix = f"{_prefix()}:z:"
+        for patient, alert, seen in alerts:
+            new = {**summarize(patient, alert), "seen": repr(seen)}  # text: Lua's cjson would round the number
+            snooze = repr(epoch(new["snoozed_until"])) if new["snoozed_until"] else ""
+            self._index(
+                keys=[summary_key(new["id"]), snoozed_key()],
+                args=[
+                    json.dumps(new, separators=(",", ":")),
+                    zprefix,
+                    repr(sort_score(new, "sev")),
+                    repr(sort_score(new, "time")),
+                    snooze,
+                ],
+                client=pipe,
+            )
+        pipe.execute()
 
     def due_snoozes(self, now: datetime) -> list[str]:
         """Ids of snoozed alerts whose snooze has ended by ``now``."""

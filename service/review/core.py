@@ -93,7 +93,7 @@ def detail_of(index: ReviewIndex, alert: dict[str, Any]) -> dict[str, Any]:
         "latest": latest,
         "rule_title": rule.title if rule else None,
         "card": alert.get("card"),
-        "evidence": alert.get("evidence") or [],
+        "evidence": [_lists(e, "notes") for e in alert.get("evidence") or []],
         "explanation": alert.get("explanation"),
         "citations": [c.model_dump() for c in rule.citations] if rule else [],
         "override_reasons": [c.model_dump() for c in rule.card.override_reasons] if rule else [],
@@ -105,6 +105,11 @@ def detail_of(index: ReviewIndex, alert: dict[str, Any]) -> dict[str, Any]:
         "history": alert.get("history") or [],
         "as_of": alert.get("as_of"),
     }
+
+
+def _lists(item: dict[str, Any], *names: str) -> dict[str, Any]:
+    """Lua's cjson writes an empty array as ``{}``: read those fields back as lists."""
+    return {**item, **{n: [] for n in names if item.get(n) == {}}}
 
 
 def _z(value: datetime) -> str:
