@@ -7,7 +7,7 @@ import io
 import json
 import re
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query
@@ -148,8 +148,11 @@ def analytics(
 ) -> dict[str, Any]:
     """Per rule and version: alerts fired, per 1,000 patients seen, accepted / overridden / ignored rates,
     override reasons, median time to first action. Admins only."""
-    start = core.parse_opened(opened_from, "opened_from")
-    end = core.parse_opened(opened_to, "opened_to")
+    return compute_analytics(core.parse_opened(opened_from, "opened_from"), core.parse_opened(opened_to, "opened_to"))
+
+
+def compute_analytics(start: datetime | None, end: datetime | None) -> dict[str, Any]:
+    """The analytics body for alerts opened in [start, end) (either open-ended)."""
     index = core.get_index()
     now = rq.utcnow()
     settings = get_settings()

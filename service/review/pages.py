@@ -20,7 +20,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from service.review import core
-from service.review.auth import CSRF_COOKIE, SESSION_COOKIE, Principal, pharmacist, reader
+from service.review.auth import CSRF_COOKIE, SESSION_COOKIE, Principal, admin, pharmacist, reader
 from service.review.trend import sparkline
 from workers import review_queries as rq
 from workers.pipeline import get_catalog
@@ -68,6 +68,16 @@ async def page_pharmacist(request: Request) -> Principal:
         if exc.status_code == 401:
             raise LoginRequired from exc
         raise PageForbidden("only pharmacists may act on alerts") from exc
+
+
+async def page_admin(request: Request) -> Principal:
+    """``admin`` for the analytics page."""
+    try:
+        return await admin(request)
+    except HTTPException as exc:
+        if exc.status_code == 401:
+            raise LoginRequired from exc
+        raise PageForbidden("rule analytics are for administrators") from exc
 
 
 def _secure(request: Request) -> bool:
@@ -177,6 +187,7 @@ def render(
     context = {
         "principal": principal,
         "can_act": "pharmacist" in principal.roles,
+        "is_admin": "admin" in principal.roles,
         "filters": filters,
         "base_query": urlencode(base),
         "page": page,
@@ -245,6 +256,22 @@ def _when(text: str | None) -> str:
         return "—"
     moment = datetime.fromtimestamp(rq.epoch(text), UTC)
     return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+@router.get("/analytics", response_class=HTMLResponse)
+def analytics_page(request: Request, principal: Annotated[Principal, Depends(page_admin)]) -> Response:
+    """Per-rule analytics and the audit export form (admins)."""
+    from service.review.api import compute_analytics
+
+    context = {"principal": principal, "data": compute_analytics(None, None), "when": _when, "duration": _duration}
+    return templates.TemplateResponse(request, "analytics.html", context)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours} h {rest // 60} min" if hours else f"{rest // 60} min"
 
 
 # --- transitions ------------------------------------------------------------------------------------------
