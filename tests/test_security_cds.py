@@ -233,6 +233,24 @@ def test_missing_required_claim_refused(client, issuer, claim):
     refused(client.post(SERVICE, headers=headers), "claims", before)
 
 
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"exp": "9999999999"},
+        {"iat": str(int(time.time()))},
+        {"jti": 42},
+        {"jti": ""},
+        {"jti": "x" * 600},
+        {"exp": True},
+    ],
+)
+def test_wrongly_typed_claims_refused(client, issuer, claims):
+    before = failure_counts()
+    response = client.post(SERVICE, headers=issuer.headers(SERVICE, **claims))
+    assert response.status_code == 401
+    assert sum(failure_counts().values()) == sum(before.values()) + 1
+
+
 def test_overlong_lifetime_refused(client, issuer):
     before = failure_counts()
     now = int(time.time())

@@ -4,6 +4,9 @@ CORS allow-list (§17 item 50); startup warnings."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,3 +160,23 @@ def test_any_origin_in_dev_profile(monkeypatch):
             "/cds-services", headers={"Origin": "https://sandbox.cds-hooks.org", "Access-Control-Request-Method": "GET"}
         )
         assert response.headers["access-control-allow-origin"] == "*"
+
+
+def _import_app(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("EHR_ALERTS_") and k != "REDIS_URL"}
+    return subprocess.run(
+        [sys.executable, "-c", "import service.app"], env={**clean, **env}, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_app_says_loudly_at_start_that_auth_is_off():
+    result = _import_app({"EHR_ALERTS_CDS_AUTH_ENABLED": "false"})
+    assert result.returncode == 0, result.stderr
+    assert "SECURITY: CDS HOOKS AUTHENTICATION IS OFF" in result.stderr
+
+
+def test_app_refuses_to_start_with_a_missing_jwks_file(tmp_path):
+    env = {"EHR_ALERTS_CDS_ISSUERS": json.dumps({"https://ehr.test": str(tmp_path / "missing.json")})}
+    result = _import_app(env)
+    assert result.returncode != 0
+    assert "EHR_ALERTS_CDS_ISSUERS" in result.stderr and "cannot read file" in result.stderr

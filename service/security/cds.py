@@ -125,6 +125,8 @@ def _checked_client(claims: dict[str, Any], issuer: str, settings: Settings) -> 
     jti, exp, iat = claims["jti"], claims["exp"], claims["iat"]
     if not isinstance(jti, str) or not jti or len(jti) > MAX_JTI_CHARS:
         raise AuthFailure("claims")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (exp, iat)):
+        raise AuthFailure("claims")  # PyJWT accepts numeric strings; we want NumericDate numbers
     if exp - iat > settings.cds_max_token_lifetime_seconds:
         raise AuthFailure("lifetime")
     try:

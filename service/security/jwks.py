@@ -104,6 +104,7 @@ class KeySet:
         self._keys: dict[str, Key] | None = None
         self._loaded_at = 0.0  # monotonic time of the last successful read
         self._tried_at: float | None = None  # monotonic time of the last read attempt
+        self._kid_refresh_at: float | None = None  # ... of the last one caused by an unknown kid
         self._file_stamp: tuple[int, int] | None = None
         self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
 
@@ -111,11 +112,12 @@ class KeySet:
         """The key with this kid, re-reading the source once (rate-limited) when it is unknown."""
         remote = is_url(self.source)
         if self._needs_reload():
-            await self._reload(rate_limited=remote)  # files are cheap to re-read; URLs are rate-limited
+            # files are cheap to re-read; a URL is retried at most once per min_refresh (also when failing)
+            await self._reload(limit_since=self._tried_at if remote else None)
         if self._keys is None:
             raise JwksUnavailable(self.source)
         if kid not in self._keys and remote:  # a file is re-read whenever it changes (see _needs_reload)
-            await self._reload(rate_limited=True)
+            await self._reload(limit_since=self._kid_refresh_at, kid_refresh=True)
         return self._keys.get(kid)
 
     def _needs_reload(self) -> bool:
@@ -139,14 +141,19 @@ class KeySet:
             lock = self._locks[loop] = asyncio.Lock()
         return lock
 
-    async def _reload(self, *, rate_limited: bool) -> None:
+    async def _reload(self, *, limit_since: float | None, kid_refresh: bool = False) -> None:
+        """Read the source, unless another request just did or the last such read was under min_refresh ago.
+        A failed read keeps the keys cached so far."""
         tried = self._tried_at
         async with self._lock():
             if self._tried_at != tried:  # another request re-read it while we waited
                 return
-            if rate_limited and tried is not None and time.monotonic() - tried < self.min_refresh:
+            now = time.monotonic()
+            if limit_since is not None and now - limit_since < self.min_refresh:
                 return
-            self._tried_at = time.monotonic()
+            self._tried_at = now
+            if kid_refresh:
+                self._kid_refresh_at = now
             self.fetches += 1
             try:
                 stamp = self._stamp() if not is_url(self.source) else None
