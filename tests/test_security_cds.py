@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -352,3 +353,16 @@ def test_spec_example_jwt_refused_as_expired(monkeypatch):
             response = http.post("/cds-services/some-service", headers={"Authorization": f"Bearer {token}"})
         # "expired" (not "signature", "kid" or "audience"): PyJWT checks the signature before the claims.
         refused(response, "expired", before)
+
+
+def test_tokens_never_reach_the_logs(client, issuer, caplog):
+    caplog.set_level(logging.DEBUG)
+    good = issuer.token(SERVICE)
+    expired = issuer.token(SERVICE, iat=int(time.time()) - 600, exp=int(time.time()) - 300)
+    for token in (good, good, expired, "x.y.z"):
+        client.post(SERVICE, headers={"Authorization": f"Bearer {token}"})
+    text = caplog.text + " ".join(str(r.args) for r in caplog.records)
+    assert "auth refused: realm=cds reason=replay" in caplog.text
+    for token in (good, expired):
+        for part in token.split("."):
+            assert part not in text

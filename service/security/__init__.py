@@ -20,12 +20,15 @@ from service.security.review import (
     clear_session_cookie,
     require_role,
     set_session_cookie,
+    verify_review_token,
 )
 from service.security.startup import log_security_warnings, security_startup_warnings
+from service.security.tokens import AuthFailure
 
 __all__ = [
     "REASONS",
     "SESSION_COOKIE",
+    "AuthFailure",
     "CdsClient",
     "Principal",
     "cds_client",
@@ -39,4 +42,5 @@ __all__ = [
     "security_startup_warnings",
     "set_session_cookie",
     "trusted_issuers",
+    "verify_review_token",
 ]
