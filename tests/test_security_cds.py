@@ -305,6 +305,18 @@ def test_public_base_url_sets_the_expected_audience(tmp_path, monkeypatch):
             assert http.post(SERVICE, headers=ehr.headers(SERVICE)).status_code == 401
 
 
+def test_public_base_url_with_a_proxy_prefix_and_root_path(tmp_path, monkeypatch):
+    ehr = TestIssuer(tmp_path)
+    public = "https://cds.example.org/alerts"
+    with settings_reset():
+        configure(monkeypatch, ehr.env(public_base_url=public))
+        with TestClient(make_app(), root_path="/alerts") as http:
+            good = f"{public}/cds-services/mg-k-patient-view"
+            assert http.post("/alerts/cds-services/mg-k-patient-view", headers=ehr.headers(good)).status_code == 200
+            doubled = f"{public}/alerts/cds-services/mg-k-patient-view"
+            assert http.post("/alerts/cds-services/mg-k-patient-view", headers=ehr.headers(doubled)).status_code == 401
+
+
 def test_auth_switched_off_explicitly(tmp_path, monkeypatch):
     with settings_reset():
         configure(monkeypatch, {"EHR_ALERTS_CDS_AUTH_ENABLED": "false"})

@@ -22,10 +22,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from fastapi.testclient import TestClient
+from jwt.algorithms import ECAlgorithm
 from security_testapp import configure, make_app, settings_reset
 
 from service.security import failure_counts
-from service.security.jwks import KeySet
+from service.security.jwks import KeySet, parse_jwks
 
 SERVICE = "http://testserver/cds-services/mg-k-patient-view"
 
@@ -214,3 +215,40 @@ def test_keyset_refetches_when_older_than_max_age(jwks_server, tmp_path, monkeyp
     monkeypatch.setattr("service.security.jwks.time.monotonic", lambda: later)
     assert asyncio.run(keys.key(issuer.kid())) is not None
     assert jwks_server.requests == 2
+
+
+def test_broken_or_deleted_jwks_file_keeps_the_cached_keys(tmp_path, monkeypatch):
+    issuer = TestIssuer(tmp_path)
+    with settings_reset():
+        configure(monkeypatch, issuer.env())
+        with TestClient(make_app()) as http:
+            assert http.post(SERVICE, headers=issuer.headers(SERVICE)).status_code == 200
+            issuer.jwks_path.write_text("{half a file")
+            assert http.post(SERVICE, headers=issuer.headers(SERVICE)).status_code == 200
+            issuer.jwks_path.unlink()
+            assert http.post(SERVICE, headers=issuer.headers(SERVICE)).status_code == 200
+            issuer.rotate("ES384")
+            issuer.write_jwks()  # a good file again: re-read at once
+            assert http.post(SERVICE, headers=issuer.headers(SERVICE)).status_code == 200
+
+
+def test_parse_jwks_keeps_only_asymmetric_signing_keys():
+    ec_key = ec.generate_private_key(ec.SECP384R1())
+    public = ECAlgorithm.to_jwk(ec_key.public_key(), as_dict=True)
+    private = ECAlgorithm.to_jwk(ec_key, as_dict=True)
+    jwks = {
+        "keys": [
+            {**public, "kid": "ok", "use": "sig", "alg": "ES384"},
+            {**public, "kid": "enc", "use": "enc"},
+            {**public},  # no kid
+            {"kty": "oct", "kid": "hmac", "k": "c2VjcmV0"},
+            {**private, "kid": "private-by-mistake"},
+            {"kty": "EC", "kid": "junk", "crv": "P-384", "x": "AA", "y": "AA"},
+            "not an object",
+        ]
+    }
+    keys = parse_jwks(jwks, "test")
+    assert set(keys) == {"ok", "private-by-mistake"}
+    assert isinstance(keys["private-by-mistake"].public_key, ec.EllipticCurvePublicKey)
+    assert keys["ok"].fits("ES384") and not keys["ok"].fits("ES256") and not keys["ok"].fits("RS384")
+    assert keys["private-by-mistake"].fits("ES384")

@@ -22,7 +22,7 @@ import anyio
 import httpx
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt import PyJWK
-from jwt.exceptions import PyJWKError
+from jwt.exceptions import PyJWTError
 
 logger = logging.getLogger("ehr_alerts.security")
 
@@ -71,7 +71,7 @@ def parse_jwks(data: Any, origin: str) -> dict[str, Key]:
             continue
         try:
             key = PyJWK(jwk).key
-        except (PyJWKError, ValueError, TypeError) as exc:
+        except (PyJWTError, ValueError, TypeError, KeyError) as exc:
             logger.warning("%s: key %s skipped: %s", origin, kid, exc)
             continue
         if hasattr(key, "public_key"):  # a private JWK by mistake: keep only the public half
@@ -121,11 +121,11 @@ class KeySet:
         return self._keys.get(kid)
 
     def _needs_reload(self) -> bool:
-        if self._keys is None:
+        if self._tried_at is None:
             return True
         if is_url(self.source):
-            return time.monotonic() - self._loaded_at > self.max_age
-        return self._stamp() != self._file_stamp
+            return self._keys is None or time.monotonic() - self._loaded_at > self.max_age
+        return self._stamp() != self._file_stamp  # updated on every attempt: a broken file is read once
 
     def _stamp(self) -> tuple[int, int] | None:
         try:
@@ -155,14 +155,17 @@ class KeySet:
             if kid_refresh:
                 self._kid_refresh_at = now
             self.fetches += 1
+            remote = is_url(self.source)
+            if not remote:
+                self._file_stamp = self._stamp()
             try:
-                stamp = self._stamp() if not is_url(self.source) else None
-                data = await self._fetch() if is_url(self.source) else self._read_file()
-                keys = parse_jwks(data, self.source)
-            except (OSError, ValueError, httpx.HTTPError, TimeoutError) as exc:
-                logger.warning("JWKS %s could not be read (%s); keeping the cached keys", self.source, exc)
+                keys = parse_jwks(await self._fetch() if remote else self._read_file(), self.source)
+            except Exception as exc:  # whatever the remote or the file does, auth answers 401, never 500
+                logger.warning(
+                    "JWKS %s could not be read (%s: %s); keeping the cached keys", self.source, type(exc).__name__, exc
+                )
                 return
-            self._keys, self._loaded_at, self._file_stamp = keys, time.monotonic(), stamp
+            self._keys, self._loaded_at = keys, time.monotonic()
 
     def _read_file(self) -> Any:
         text = Path(self.source).expanduser().read_text(encoding="utf-8")
