@@ -258,6 +258,12 @@ def test_overlong_lifetime_refused(client, issuer):
     refused(client.post(SERVICE, headers=issuer.headers(SERVICE, exp=now + 7200)), "lifetime", before)
 
 
+@pytest.mark.parametrize("extra", [{"crit": ["exp"]}, {"crit": ["b64"], "b64": False}])
+def test_critical_header_extensions_refused(client, issuer, extra):
+    before = failure_counts()
+    refused(client.post(SERVICE, headers=issuer.headers(SERVICE, headers=extra)), "malformed", before)
+
+
 def test_wrong_typ_refused(client, issuer):
     before = failure_counts()
     refused(client.post(SERVICE, headers=issuer.headers(SERVICE, headers={"typ": "at+jwt"})), "malformed", before)

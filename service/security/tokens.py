@@ -81,6 +81,8 @@ async def verify_signed(
     alg = header.get("alg")
     if not isinstance(alg, str) or alg not in algorithms:
         raise AuthFailure("algorithm")
+    if "crit" in header or header.get("b64", True) is not True:
+        raise AuthFailure("malformed")  # RFC 7515 §4.1.11: extensions we do not implement must be refused
     kid = header.get("kid")
     if not isinstance(kid, str) or not kid:
         raise AuthFailure("kid")
