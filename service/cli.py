@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections import Counter
 from datetime import datetime
@@ -24,6 +25,8 @@ from workers.sources import read_all
 app = typer.Typer(help="ehr-alerts: Mg/K clinical alerting for FHIR R4 data.", no_args_is_help=True)
 rules_app = typer.Typer(help="Rule catalog commands.", no_args_is_help=True)
 app.add_typer(rules_app, name="rules")
+token_app = typer.Typer(help="Review API tokens (dev profile only).", no_args_is_help=True)
+app.add_typer(token_app, name="token")
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
@@ -203,8 +206,63 @@ def dead_letters_command(
         console.print(f"re-queued {len(records)} batches")
 
 
+@token_app.command("mint")
+def token_mint(
+    sub: Annotated[str, typer.Option("--sub", help="Subject (user id) the token is for")],
+    role: Annotated[list[str], typer.Option("--role", help="Role: pharmacist, viewer or admin (repeat for several)")],
+    minutes: Annotated[int, typer.Option("--minutes", min=1, max=1440, help="Lifetime in minutes")] = 60,
+    name: Annotated[str | None, typer.Option("--name", help="Display name")] = None,
+) -> None:
+    """Print a review token signed by the local dev issuer (EHR_ALERTS_PROFILE=dev only)."""
+    from service.security.dev import DevProfileRequired, mint_token
+    from workers.settings import SettingsError, get_settings
+
+    try:
+        profile = get_settings().profile
+    except SettingsError as exc:
+        err.print(str(exc))
+        raise typer.Exit(2) from exc
+    if profile != "dev":
+        err.print(
+            "refused: `token mint` signs tokens with a local dev key, which only the dev profile trusts. "
+            "Set EHR_ALERTS_PROFILE=dev (never with real patient data); in production, get tokens from your "
+            "OIDC provider."
+        )
+        raise typer.Exit(2)
+    try:
+        token = mint_token(sub, role, minutes=minutes, name=name)
+    except (ValueError, PermissionError, DevProfileRequired) as exc:
+        err.print(f"refused: {exc}")
+        raise typer.Exit(2) from exc
+    sys.stdout.write(token + "\n")
+
+
+@app.command("config")
+def config_command() -> None:
+    """Print the effective configuration (environment, then EHR_ALERTS_CONFIG_FILE, then defaults); secrets masked."""
+    from workers.settings import get_settings
+
+    table = Table("setting", "environment variable", "value")
+    for name, value in get_settings().model_dump().items():
+        env = "REDIS_URL" if name == "redis_url" else f"EHR_ALERTS_{name.upper()}"
+        shown = (
+            "***" if value and any(w in name for w in ("key", "secret", "password")) and name != "key_prefix" else value
+        )
+        if name == "redis_url" and value and "@" in value:
+            shown = re.sub(r"//[^@]*@", "//***@", value)
+        table.add_row(name, env, json.dumps(shown, default=str))
+    console.print(table)
+
+
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: invalid configuration stops here, naming the setting."""
+    from workers.settings import SettingsError, get_settings
+
+    try:
+        get_settings()
+    except SettingsError as exc:
+        err.print(f"[bold red]{exc}[/]")
+        sys.exit(2)
     app()
 
 

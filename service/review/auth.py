@@ -1,43 +1,29 @@
-"""Who may do what on the review API and page. The ONE place the review code binds to the security module.
+"""Who may do what on the review API and page: the one place the review code binds to ``service.security``.
 
-PLACEHOLDER until ``service.security`` (helper "sec") is on main: every request is refused with 401 unless
-a test overrides these dependencies (``app.dependency_overrides``).
+``viewer`` reads, ``pharmacist`` also acts, ``admin`` also gets analytics and exports (the security module
+makes admin imply pharmacist and viewer). The page reuses the same dependencies through ``call`` and turns
+their 401 into a redirect to the login form.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from typing import Any
 
-from fastapi import HTTPException, Request
+from fastapi import Request
 
-SESSION_COOKIE = "ehr_alerts_session"
+from service.security import (
+    SESSION_COOKIE,
+    AuthFailure,
+    Principal,
+    clear_session_cookie,
+    require_role,
+    set_session_cookie,
+    verify_review_token,
+)
+
 CSRF_COOKIE = "ehr_alerts_csrf"
-
-
-@dataclass(frozen=True)
-class Principal:
-    """An authenticated user (placeholder shape of ``service.security.Principal``)."""
-
-    subject: str
-    name: str | None
-    roles: frozenset[str]
-    issuer: str
-
-    @property
-    def actor(self) -> str:
-        """How the user is named in alert histories."""
-        return f"user:{self.subject}"
-
-
-def require_role(*roles: str) -> Callable[[Request], Awaitable[Principal]]:
-    """Placeholder dependency factory: always 401."""
-
-    async def dependency(request: Request) -> Principal:
-        raise HTTPException(401, "authentication required", headers={"WWW-Authenticate": "Bearer"})
-
-    return dependency
-
 
 #: read the worklist, details and page (every role)
 reader = require_role("viewer", "pharmacist", "admin")
@@ -45,3 +31,27 @@ reader = require_role("viewer", "pharmacist", "admin")
 pharmacist = require_role("pharmacist")
 #: analytics and audit exports
 admin = require_role("admin")
+
+
+async def call(dependency: Callable[..., Awaitable[Principal]], request: Request) -> Principal:
+    """Run a ``require_role`` dependency by hand (the page catches its 401/403). Its other parameters are the
+    OpenAPI security-scheme declarations, which it does not read: passed as None."""
+    arguments: dict[str, Any] = {}
+    for name, parameter in inspect.signature(dependency).parameters.items():
+        arguments[name] = request if parameter.annotation in (Request, "Request") or name == "request" else None
+    return await dependency(**arguments)
+
+
+__all__ = [
+    "CSRF_COOKIE",
+    "SESSION_COOKIE",
+    "AuthFailure",
+    "Principal",
+    "admin",
+    "call",
+    "clear_session_cookie",
+    "pharmacist",
+    "reader",
+    "set_session_cookie",
+    "verify_review_token",
+]

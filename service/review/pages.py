@@ -20,7 +20,19 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from service.review import core
-from service.review.auth import CSRF_COOKIE, SESSION_COOKIE, Principal, admin, pharmacist, reader
+from service.review.auth import (
+    CSRF_COOKIE,
+    SESSION_COOKIE,
+    AuthFailure,
+    Principal,
+    admin,
+    call,
+    clear_session_cookie,
+    pharmacist,
+    reader,
+    set_session_cookie,
+    verify_review_token,
+)
 from service.review.trend import sparkline
 from workers import review_queries as rq
 from workers.pipeline import get_catalog
@@ -53,7 +65,7 @@ class PageForbidden(Exception):
 async def page_reader(request: Request) -> Principal:
     """``reader`` for pages: a missing or refused token sends the browser to the login form."""
     try:
-        return await reader(request)
+        return await call(reader, request)
     except HTTPException as exc:
         if exc.status_code == 401:
             raise LoginRequired from exc
@@ -63,7 +75,7 @@ async def page_reader(request: Request) -> Principal:
 async def page_pharmacist(request: Request) -> Principal:
     """``pharmacist`` for page forms."""
     try:
-        return await pharmacist(request)
+        return await call(pharmacist, request)
     except HTTPException as exc:
         if exc.status_code == 401:
             raise LoginRequired from exc
@@ -73,18 +85,16 @@ async def page_pharmacist(request: Request) -> Principal:
 async def page_admin(request: Request) -> Principal:
     """``admin`` for the analytics page."""
     try:
-        return await admin(request)
+        return await call(admin, request)
     except HTTPException as exc:
         if exc.status_code == 401:
             raise LoginRequired from exc
         raise PageForbidden("rule analytics are for administrators") from exc
 
 
-def _secure(request: Request) -> bool:
-    configured = get_settings().review_cookie_secure
-    if configured is not None:
-        return configured
-    return request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https"
+def _secure() -> bool:
+    """Cookies are Secure outside the dev profile (same policy as the security module's session cookie)."""
+    return get_settings().profile != "dev"
 
 
 async def _form(request: Request) -> dict[str, str]:
@@ -118,7 +128,7 @@ def login_form(request: Request, error: str | None = None) -> Response:
 
 @router.post("/login")
 async def login(request: Request) -> Response:
-    """Store the pasted token in the HttpOnly session cookie (verified on every request)."""
+    """Check the pasted token, then keep it in the HttpOnly session cookie (verified again on every request)."""
     form = await _form(request)
     token = form.get("token", "").strip()
     if token.lower().startswith("bearer "):
@@ -127,13 +137,15 @@ async def login(request: Request) -> Response:
         return templates.TemplateResponse(
             request, "login.html", {"error": "That is not a JSON Web Token (three parts separated by dots)."}, 400
         )
+    try:
+        await verify_review_token(token, get_settings())
+    except AuthFailure:
+        message = "This token was refused (expired, wrong issuer or audience, or a bad signature)."
+        return templates.TemplateResponse(request, "login.html", {"error": message}, 401)
     response = RedirectResponse("/review", status_code=303)
-    secure = _secure(request)
+    set_session_cookie(response, token, max_age=12 * 3600)
     response.set_cookie(
-        SESSION_COOKIE, token, httponly=True, samesite="strict", secure=secure, path="/", max_age=12 * 3600
-    )
-    response.set_cookie(
-        CSRF_COOKIE, secrets.token_urlsafe(32), httponly=True, samesite="strict", secure=secure, path="/review"
+        CSRF_COOKIE, secrets.token_urlsafe(32), httponly=True, samesite="strict", secure=_secure(), path="/review"
     )
     return response
 
@@ -142,7 +154,7 @@ async def login(request: Request) -> Response:
 async def logout(request: Request) -> Response:
     """Clear the session cookies."""
     response = RedirectResponse("/review/login", status_code=303)
-    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+    clear_session_cookie(response)
     response.delete_cookie(CSRF_COOKIE, path="/review", httponly=True, samesite="strict")
     return response
 
@@ -322,7 +334,7 @@ async def login_required_handler(request: Request, exc: Exception) -> Response:
     """Send the browser to the login form; the cookie is cleared because it was refused."""
     response = RedirectResponse("/review/login?error=session", status_code=303)
     if request.cookies.get(SESSION_COOKIE):
-        response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+        clear_session_cookie(response)
     return response
 
 

@@ -82,7 +82,7 @@ def review_client(monkeypatch: pytest.MonkeyPatch, redis_url: str, prefix: str, 
     from service.app import app
 
     try:
-        with TestClient(app, base_url="http://testserver") as client:
+        with TestClient(app, base_url="https://testserver") as client:
             yield client
     finally:
         _clear_caches()
