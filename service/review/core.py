@@ -62,7 +62,8 @@ def list_alerts(query: Query, cursor: str | None) -> dict[str, Any]:
         raise ReviewError(400, str(exc), "cursor") from exc
     latest = _latest_for(index, {s["patient"] for s in page.items})
     items = [{**s, "latest": latest.get(s["patient"])} for s in page.items]
-    return {"items": items, "next_cursor": page.next_cursor, "counts": index.counts(), "scanned": page.scanned}
+    counts = index.counts(query.rule)  # per status, for the rule the bar is filtered on
+    return {"items": items, "next_cursor": page.next_cursor, "counts": counts, "scanned": page.scanned}
 
 
 def _latest_for(index: ReviewIndex, patients: set[str]) -> dict[str, dict[str, Any]]:
@@ -117,8 +118,9 @@ def _z(value: datetime) -> str:
 
 
 def _trend_end(alert: dict[str, Any], latest: dict[str, Any]) -> datetime:
-    """The trend window ends at the patient's latest data (the alert's clock or a later K/Mg), not after now."""
-    candidates = [epoch(alert.get("as_of")), epoch(alert.get("updated_at"))]
+    """The trend window ends at the patient's latest data (the alert's clinical clock or a later K/Mg result),
+    not after now; never at ``updated_at``, which a user's action sets to the wall clock."""
+    candidates = [epoch(alert.get("as_of"))]
     candidates += [epoch(p["time"]) for p in latest.values() if p and p.get("time")]
     now = rq.utcnow()
     best = max(candidates)

@@ -72,7 +72,7 @@ class AlertPage(BaseModel):
 
     items: list[AlertSummary]
     next_cursor: str | None = Field(description="opaque; pass as ?cursor= with the same filters; null on the last page")
-    counts: StatusCounts
+    counts: StatusCounts = Field(description="alerts per status bucket, for the rule filter when one is given")
     scanned: int = Field(description="index entries walked for this page")
 
 

@@ -24,7 +24,8 @@ def sparkline(points: list[dict[str, Any]], start: str, end: str, label: str) ->
     values = [float(p["value"]) for p in points]
     low, high = min(values), max(values)
     if high - low < 1e-9:
-        low, high = low - 0.5, high + 0.5
+        pad = max(abs(high) * 0.1, 0.1)
+        low, high = low - pad, high + pad
     span_t = max(t1 - t0, 1.0)
 
     def x(p: dict[str, Any]) -> float:
@@ -34,6 +35,8 @@ def sparkline(points: list[dict[str, Any]], start: str, end: str, label: str) ->
         return HEIGHT - PAD + 6 - (HEIGHT - 2 * PAD) * (v - low) / (high - low)
 
     coords = [(x(p), y(v)) for p, v in zip(points, values, strict=True)]
+    anchor = "end" if coords[-1][0] > WIDTH / 2 else "start"
+    label_x = coords[-1][0] - 4 if anchor == "end" else coords[-1][0] + 4
     path = " ".join(f"{cx:.1f},{cy:.1f}" for cx, cy in coords)
     unit = escape(points[-1].get("unit") or "")
     dots = "".join(
@@ -44,8 +47,10 @@ def sparkline(points: list[dict[str, Any]], start: str, end: str, label: str) ->
         f'<svg class="trend" role="img" viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}">'
         f"<title>{title}</title>"
         f'<line class="axis" x1="{PAD}" y1="{HEIGHT - PAD + 6}" x2="{WIDTH - PAD}" y2="{HEIGHT - PAD + 6}"/>'
-        f'<text x="2" y="{y(high) + 4:.1f}" class="tick">{high:g}</text>'
-        f'<text x="2" y="{y(low) + 4:.1f}" class="tick">{low:g}</text>'
+        f'<text x="2" y="{y(high) + 4:.1f}" class="tick">{high:.2f}</text>'
+        f'<text x="2" y="{y(low) + 4:.1f}" class="tick">{low:.2f}</text>'
+        f'<text x="{label_x:.1f}" y="{max(coords[-1][1] - 6, 10):.1f}" text-anchor="{anchor}" class="last">'
+        f"{values[-1]:.2f}</text>"
         f'<text x="{WIDTH - 2}" y="12" text-anchor="end" class="tick">{unit}</text>'
         f'<text x="{PAD}" y="{HEIGHT - 2}" class="tick">{escape(_day(start))}</text>'
         f'<text x="{WIDTH - PAD}" y="{HEIGHT - 2}" text-anchor="end" class="tick">{escape(_day(end))}</text>'

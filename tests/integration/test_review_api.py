@@ -64,7 +64,9 @@ def test_default_list_is_open_alerts_most_severe_then_oldest(api):
 
 
 def test_filters(api):
-    assert [a["patient"] for a in _list(api, rule=REFRACTORY)["items"]] == ["p1"]
+    refractory = _list(api, rule=REFRACTORY)
+    assert [a["patient"] for a in refractory["items"]] == ["p1"]
+    assert (refractory["counts"]["open"], refractory["counts"]["all"]) == (1, 1)  # counts follow the rule filter
     assert [a["patient"] for a in _list(api, severity="info")["items"]] == ["p2", "p3", "p5"]
     assert [a["rule_id"] for a in _list(api, patient="p1", sort="oldest")["items"]] == [HYPOK, REFRACTORY]
     assert [a["patient"] for a in _list(api, q="2.9 mmol")["items"]] == ["p4"]
@@ -134,6 +136,8 @@ def test_detail_has_evidence_trend_rule_citations_and_history(api):
     assert [p["value"] for p in detail["trend"]["potassium"]] == [3.1, 2.8]
     assert detail["trend"]["potassium"][0]["unit"] == "mmol/L"
     assert detail["trend"]["end"].startswith("2024-04-01")
+    acted = _act(api, detail["id"], "acknowledge", detail["revision"]).json()
+    assert acted["trend"] == detail["trend"]  # a user's action (wall clock) does not move the window
     assert detail["explanation"] and detail["citations"] and detail["citations"][0]["url"].startswith("https://")
     assert {r["code"] for r in detail["override_reasons"]} >= {"goals-of-care"}
     assert detail["history"][0]["action"] == "opened" and detail["history"][0]["by"] == "system"

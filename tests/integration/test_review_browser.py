@@ -83,6 +83,7 @@ def test_pharmacist_filters_opens_and_overrides_an_alert(seeded, browser):
     assert summary in detail.locator("h2").inner_text()
     assert page.locator("#detail-status").inner_text() == "active"
     assert detail.locator("svg.trend").count() == 2
+    assert detail.locator("svg.trend circle").count() >= 1  # the Mg result that fired it is on the chart
     assert "Observation/" in detail.locator("table.evidence").inner_text()
     assert detail.locator(".citations a").count() >= 1
 
@@ -96,6 +97,7 @@ def test_pharmacist_filters_opens_and_overrides_an_alert(seeded, browser):
     page.wait_for_url("**done=override**")
     assert page.get_by_role("status").inner_text() == "Alert overridden."
     assert page.locator("#detail-status").inner_text() == "overridden"
+    assert detail.locator("svg.trend circle").count() >= 1
     history = page.locator("#history").inner_text()
     assert "override by user:alice" in history
     assert "Not in line with goals of care" in history and "comfort care only" in history
