@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from auth_helpers import review_env, review_token
+from playwright.sync_api import sync_playwright
 
 pytestmark = pytest.mark.slow
 
@@ -38,8 +39,7 @@ def seeded(stack, tmp_path):
 def browser():
     if not CHROMIUM.exists():
         pytest.fail("Debian chromium is missing: apt-get install -y chromium (.ci/run does this)")
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    with playwright_api.sync_playwright() as p:
+    with sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
         try:
             yield chromium
