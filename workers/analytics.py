@@ -44,6 +44,8 @@ AUDIT_COLUMNS = (
     "rule_id",
     "rule_version",
     "action",
+    "from",
+    "to",
     "by",
     "source",
     "reason",

@@ -255,6 +255,18 @@ def test_if_match_header_carries_the_revision(api):
     assert both.status_code == 400
 
 
+def test_idempotency_key_makes_a_retry_harmless(api):
+    alert = _alert_of(api, "p3")
+    url = f"/api/review/alerts/{alert['id']}/transitions"
+    headers = {**PHARMACIST, "Idempotency-Key": "retry-1"}
+    body = {"action": "override", "revision": alert["revision"], "reason": "goals-of-care"}
+    first = api.post(url, json=body, headers=headers)
+    again = api.post(url, json=body, headers=headers)  # the client never saw the first answer
+    assert first.status_code == again.status_code == 200
+    assert again.json()["revision"] == first.json()["revision"]
+    assert [h["action"] for h in again.json()["history"]].count("override") == 1
+
+
 def test_concurrent_edits_conflict_instead_of_overwriting(api):
     alert = _alert_of(api, "p4")
     seen = alert["revision"]
@@ -399,6 +411,7 @@ def test_audit_export_csv_and_ndjson(api, monkeypatch):
     assert sorted(r["action"] for r in rows) == ["opened"] * 5 + ["override", "updated"]
     override = next(r for r in rows if r["action"] == "override")
     assert (override["by"], override["reason"], override["patient"]) == ("user:alice", "goals-of-care", "p2")
+    assert (override["from"], override["to"]) == ("active", "overridden")
     csv_response = api.get("/api/review/audit", params=params, headers=ADMIN)
     assert csv_response.headers["content-type"].startswith("text/csv")
     assert "attachment" in csv_response.headers["content-disposition"]

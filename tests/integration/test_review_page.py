@@ -125,3 +125,16 @@ def test_logout_clears_the_session(web):
     assert response.status_code == 303
     assert any(c.startswith("ehr_alerts_session=") for c in response.headers.get_list("set-cookie"))
     assert web.get("/review", follow_redirects=False).status_code == 303
+
+
+def test_next_page_link_walks_the_worklist(web, monkeypatch):
+    from workers.settings import get_settings
+
+    monkeypatch.setenv("EHR_ALERTS_REVIEW_PAGE_SIZE", "4")
+    get_settings.cache_clear()
+    _login(web, "victor", "viewer")
+    first = web.get("/review?rule=" + HYPOK).text
+    assert first.count('class="open"') == 4
+    next_link = re.search(r'href="(/review\?[^"]*cursor=[^"]*)" rel="next"', first).group(1).replace("&amp;", "&")
+    second = web.get(next_link).text
+    assert second.count('class="open"') == 1 and 'rel="next"' not in second and "First page" in second
