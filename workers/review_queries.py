@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -75,6 +76,11 @@ def order_key(bucket: str, order: str, rule: str | None = None) -> str:
 def snoozed_key() -> str:
     """Sorted set: snoozed alert id -> epoch its snooze ends."""
     return f"{_prefix()}:snoozed"
+
+
+def seen_key() -> str:
+    """Hash: alert id -> the ``alert_index`` score its summary was built from (what ``sync`` compares)."""
+    return f"{_prefix()}:seen"
 
 
 def synced_key() -> str:
@@ -225,22 +231,22 @@ class ReviewIndex:
     # --- maintenance -------------------------------------------------------------------------------------
 
     def sync(self) -> int:
-        """Re-index alerts changed since the watermark (minus the overlap); returns how many were re-read.
+        """Re-index alerts whose change is newer than the watermark; returns how many were re-read.
 
-        An alert is re-read only when its ``alert_index`` score is newer than the one its summary was built
-        from (``seen``), so the overlap costs one MGET, not a re-read of every recent alert."""
-        watermark = float(self.client.get(synced_key()) or 0.0)
-        start = max(watermark - self.overlap, 0.0) if watermark else "-inf"
+        Writers score ``alert_index`` with their wall clock just before the ZADD lands, so a change scored
+        ``s`` is visible by ``s + overlap`` at the latest. After a sync at time ``t`` everything scored before
+        ``t - overlap`` is indexed: the next watermark is ``min(highest score seen, t - overlap)`` and the next
+        sync reads only what is scored after it. Within that window an alert is re-read only when its score
+        is newer than the one its summary was built from (``seen_key``, one HMGET per 500)."""
+        started = time.time()
+        raw_mark = self.client.get(synced_key())
+        start = f"({float(raw_mark)!r}" if raw_mark else "-inf"
         members = self.client.zrangebyscore(keys.alert_index(), start, "+inf", withscores=True)
-        if not members:
-            return 0
         reread = 0
         for chunk in _chunks(members, 500):
             refs = [(*member.split("|", 1), score) for member, score in chunk]
-            stored = self.summaries(alert_id for _, alert_id, _ in refs)
-            todo = [
-                ref for ref, old in zip(refs, stored, strict=True) if old is None or float(old.get("seen", -1)) < ref[2]
-            ]
+            seen = self.client.hmget(seen_key(), [alert_id for _, alert_id, _ in refs])
+            todo = [ref for ref, mark in zip(refs, seen, strict=True) if mark is None or float(mark) < ref[2]]
             if not todo:
                 continue
             pipe = self.client.pipeline(transaction=False)
@@ -250,25 +256,15 @@ class ReviewIndex:
             alerts = [(patient, json.loads(raw), score) for (patient, _, score), raw in rows if raw]
             self.index_alerts(alerts)
             reread += len(alerts)
-        highest = max(score for _, score in members)
-        if highest > watermark:
-            self.client.set(synced_key(), repr(highest))
+        highest = max((score for _, score in members), default=float(raw_mark or 0.0))
+        mark = min(highest, started - self.overlap)
+        if raw_mark is None or mark > float(raw_mark):
+            self.client.set(synced_key(), repr(mark))
         return reread
 
     def rebuild(self) -> int:
         """Forget the watermark and what each summary was built from, and re-index every alert."""
-        self.client.delete(synced_key())
-        cursor = 0
-        while True:
-            cursor, found = self.client.scan(cursor, match=summary_key("*"), count=1000)
-            for key in found:
-                raw = self.client.get(key)
-                if raw:
-                    summary = json.loads(raw)
-                    summary["seen"] = -1
-                    self.client.set(key, json.dumps(summary, separators=(",", ":")))
-            if cursor == 0:
-                break
+        self.client.delete(synced_key(), seen_key())
         return self.sync()
 
     def index_alert(self, patient: str, alert: dict[str, Any]) -> None:
@@ -283,7 +279,7 @@ class ReviewIndex:
             new = {**summarize(patient, alert), "seen": repr(seen)}  # text: Lua's cjson would round the number
             snooze = repr(epoch(new["snoozed_until"])) if new["snoozed_until"] else ""
             self._index(
-                keys=[summary_key(new["id"]), snoozed_key()],
+                keys=[summary_key(new["id"]), snoozed_key(), seen_key()],
                 args=[
                     json.dumps(new, separators=(",", ":")),
                     zprefix,

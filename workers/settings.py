@@ -153,7 +153,7 @@ class Settings(BaseSettings):
         "returns a (possibly short) page with a cursor to continue",
     )
     review_index_overlap_seconds: float = Field(
-        default=30.0,
+        default=5.0,
         ge=0,
         le=3600,
         description="the worklist index re-reads alerts changed this many seconds before its watermark "

@@ -1,5 +1,6 @@
 -- Put one alert summary into the review worklist index (see workers/review_queries.py).
--- KEYS[1] summary key of the alert, KEYS[2] snoozed sorted set
+-- KEYS[1] summary key of the alert, KEYS[2] snoozed sorted set, KEYS[3] seen hash (alert id -> alert_index score
+-- the summary was built from)
 -- ARGV[1] new summary json (has id, rule_id, status, revision, seen), ARGV[2] prefix of the order sets
 -- ("<prefix>:{review}:z:"), ARGV[3] score in the severity order, ARGV[4] score in the time order,
 -- ARGV[5] epoch the snooze ends ('' when not snoozed)
@@ -40,4 +41,5 @@ else
   redis.call('ZREM', KEYS[2], new.id)
 end
 redis.call('SET', KEYS[1], cjson.encode(new))
+redis.call('HSET', KEYS[3], new.id, new.seen)
 return 1
