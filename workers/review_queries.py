@@ -320,19 +320,19 @@ class ReviewIndex:
             candidates = self._index_candidates(query, after)
         items: list[dict[str, Any]] = []
         scanned = 0
-        last: tuple[float, str] | None = None
+        last_item: tuple[float, str] | None = None  # position of the last item on the page
         for member, score, summary in candidates:
             scanned += 1
-            last = (score, member)
             if summary is not None and query.matches(summary):
+                if len(items) == query.limit:  # one more match exists: there is a next page
+                    return Page(items, encode_cursor(query, *last_item) if last_item else None, scanned)
                 items.append(summary)
-                if len(items) == query.limit:
-                    break
+                last_item = (score, member)
             if scanned >= self.scan_budget:
-                break
-        else:
-            return Page(items, None, scanned)
-        return Page(items, encode_cursor(query, *last) if last else None, scanned)
+                # walked enough: a possibly short page, and a cursor that goes on after what was walked
+                position = last_item if len(items) == query.limit and last_item else (score, member)
+                return Page(items, encode_cursor(query, *position), scanned)
+        return Page(items, None, scanned)
 
     def _segments(self, query: Query) -> list[tuple[float, float]]:
         low = query.opened_from.timestamp() if query.opened_from else 0.0

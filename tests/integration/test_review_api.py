@@ -70,6 +70,10 @@ def test_filters(api):
     assert [a["patient"] for a in _list(api, severity="info")["items"]] == ["p2", "p3", "p5"]
     assert [a["rule_id"] for a in _list(api, patient="p1", sort="oldest")["items"]] == [HYPOK, REFRACTORY]
     assert [a["patient"] for a in _list(api, q="2.9 mmol")["items"]] == ["p4"]
+    first = _list(api, patient="p1", limit=1)
+    second = _list(api, patient="p1", limit=1, cursor=first["next_cursor"])
+    assert {first["items"][0]["rule_id"], second["items"][0]["rule_id"]} == {HYPOK, REFRACTORY}
+    assert second["next_cursor"] is None
     window = _list(
         api, opened_from=(T0 + timedelta(minutes=30)).isoformat(), opened_to=(T0 + timedelta(hours=3)).isoformat()
     )

@@ -38,3 +38,20 @@ def test_rebuild_restores_a_lost_index(store):
     assert index.list(Query(status="all")).items == []
     assert index.rebuild() == 6
     assert [s["id"] for s in index.list(Query(status="all")).items] == before
+
+
+def test_scan_budget_returns_short_pages_with_a_cursor_that_goes_on(store):
+    seed(store, ward())
+    index = ReviewIndex(store, scan_budget=2)
+    index.sync()
+    query = Query(status="all", text="3.4 mmol")  # only p5, the last in the default order
+    found, cursor, pages = [], None, 0
+    while True:
+        page = index.list(query, cursor)
+        assert page.scanned <= 2
+        found += [s["patient"] for s in page.items]
+        pages += 1
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert found == ["p5"] and pages == 4  # 2 + 2 + 2 walked, then an empty last page

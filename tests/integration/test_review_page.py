@@ -138,3 +138,9 @@ def test_next_page_link_walks_the_worklist(web, monkeypatch):
     next_link = re.search(r'href="(/review\?[^"]*cursor=[^"]*)" rel="next"', first).group(1).replace("&amp;", "&")
     second = web.get(next_link).text
     assert second.count('class="open"') == 1 and 'rel="next"' not in second and "First page" in second
+
+
+def test_user_text_is_escaped(web):
+    _login(web, "victor", "viewer")
+    page = web.get("/review", params={"q": '"><script>alert(1)</script>'}).text
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;" in page
