@@ -87,6 +87,14 @@ def test_pharmacist_filters_opens_and_overrides_an_alert(seeded, browser):
     assert "Observation/" in detail.locator("table.evidence").inner_text()
     assert detail.locator(".citations a").count() >= 1
 
+    # every visible form control has a label; every action is a real button
+    unlabeled = page.evaluate(
+        """[...document.querySelectorAll('input:not([type=hidden]), select, textarea')]
+             .filter(el => el.labels.length === 0).map(el => el.name)"""
+    )
+    assert unlabeled == []
+    assert page.locator("#detail form button[type=submit]").count() >= 4
+
     # override with a reason from the rule and a comment
     reason = page.get_by_label("Reason")
     options = reason.locator("option").all_inner_texts()
