@@ -144,9 +144,7 @@ async def login(request: Request) -> Response:
         return templates.TemplateResponse(request, "login.html", {"error": message}, 401)
     response = RedirectResponse("/review", status_code=303)
     set_session_cookie(response, token, max_age=12 * 3600)
-    response.set_cookie(
-        CSRF_COOKIE, secrets.token_urlsafe(32), httponly=True, samesite="strict", secure=_secure(), path="/review"
-    )
+    _set_csrf_cookie(response, secrets.token_urlsafe(32))
     return response
 
 
@@ -196,6 +194,9 @@ def render(
             error, status_code = exc.message, exc.status
     now = rq.utcnow()
     base = {k: v for k, v in filters.items() if v and k != "cursor"}
+    # The CSRF cookie comes with the login form, or here when the token arrives in a header set by a
+    # single sign-on proxy (whose own cookie would otherwise make a cross-site form post look genuine).
+    csrf = request.cookies.get(CSRF_COOKIE) or secrets.token_urlsafe(32)
     context = {
         "principal": principal,
         "can_act": "pharmacist" in principal.roles,
@@ -212,7 +213,7 @@ def render(
         "actions": core.ACTIONS_BY_STATUS.get(detail["status"], ()) if detail else (),
         "trend_svg": _trend_svgs(detail) if detail else {},
         "reason_names": _reason_names(detail) if detail else {},
-        "csrf": request.cookies.get(CSRF_COOKIE, ""),
+        "csrf": csrf,
         "error": error,
         "notice": NOTICES.get(params.get("done", "")),
         "snooze_choices": SNOOZE_CHOICES,
@@ -220,7 +221,14 @@ def render(
         "when": _when,
         "link": lambda **extra: "/review?" + urlencode({**base, **{k: v for k, v in extra.items() if v}}),
     }
-    return templates.TemplateResponse(request, "worklist.html", context, status_code=status_code)
+    response = templates.TemplateResponse(request, "worklist.html", context, status_code=status_code)
+    if request.cookies.get(CSRF_COOKIE) != csrf:
+        _set_csrf_cookie(response, csrf)
+    return response
+
+
+def _set_csrf_cookie(response: Response, value: str) -> None:
+    response.set_cookie(CSRF_COOKIE, value, httponly=True, samesite="strict", secure=_secure(), path="/review")
 
 
 def _query_from(filters: dict[str, str]) -> rq.Query:

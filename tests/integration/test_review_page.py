@@ -144,3 +144,30 @@ def test_user_text_is_escaped(web):
     _login(web, "victor", "viewer")
     page = web.get("/review", params={"q": '"><script>alert(1)</script>'}).text
     assert "<script>alert(1)</script>" not in page and "&lt;script&gt;" in page
+
+
+def test_header_authenticated_page_still_gets_csrf_protection(web):
+    """Behind an SSO proxy the token arrives in the Authorization header and there is no login form: the
+    page hands out the CSRF cookie itself, and a form post without the matching field is refused."""
+    from auth_helpers import review_headers
+
+    headers = review_headers("alice", ["pharmacist"])
+    alert_id = _first_alert_id_with(web, headers)
+    page = web.get(f"/review?alert={alert_id}", headers=headers)
+    cookie = web.cookies.get("ehr_alerts_csrf")
+    assert cookie and f'name="csrf" value="{cookie}"' in page.text
+    form = {"Content-Type": "application/x-www-form-urlencoded", **headers}
+    forged = web.post(f"/review/alerts/{alert_id}/acknowledge", content="revision=1", headers=form)
+    assert forged.status_code == 403
+    revision = re.search(r'name="revision" value="(\d+)"', page.text).group(1)
+    done = web.post(
+        f"/review/alerts/{alert_id}/acknowledge",
+        content=f"csrf={cookie}&revision={revision}",
+        headers=form,
+        follow_redirects=False,
+    )
+    assert done.status_code == 303
+
+
+def _first_alert_id_with(web, headers):
+    return re.search(r"alert=([0-9a-f-]{36})", web.get("/review", headers=headers).text).group(1)
