@@ -20,8 +20,10 @@ from service.ingest import (
     ingest_one,
     operation_outcome,
 )
+from service.observability import install as install_observability
+from service.observability import readiness_response
 from service.subscriptions import parse_status, record_event_numbers
-from workers.pipeline import get_catalog, get_store
+from workers.pipeline import get_store
 from workers.settings import get_settings
 
 FHIR_JSON = "application/fhir+json"
@@ -35,6 +37,7 @@ app = FastAPI(
     version="0.1.0",
     description="FHIR R4 Mg/K alerting: event ingestion, alerts, CDS Hooks.",
 )
+install_observability(app)  # JSON logs, request ids, GET /metrics
 
 
 class FhirError(Exception):
@@ -237,16 +240,5 @@ def healthz() -> dict[str, str]:
 
 @app.get("/readyz", tags=["operations"])
 def readyz() -> JSONResponse:
-    """Redis reachable and rule catalog loaded."""
-    reasons = []
-    try:
-        get_store().client.ping()
-    except Exception as exc:  # any failure means not ready; the reason is in the body
-        reasons.append(f"redis: {type(exc).__name__}")
-    try:
-        rules = len(get_catalog().rules)
-    except Exception as exc:
-        reasons.append(f"rules: {exc}")
-        rules = 0
-    body = {"status": "ready" if not reasons else "not-ready", "rules": rules, "reasons": reasons}
-    return JSONResponse(body, 200 if not reasons else 503)
+    """Ready: Redis reachable, rule catalog loaded, a worker heartbeat seen recently; else 503 with reasons."""
+    return readiness_response()

@@ -62,10 +62,13 @@ def process_batch(raw_events: Iterable[dict[str, Any]], store: Store | None = No
 def _process_patient(store: Store, rules: list[Rule], patient: str, events: list[Event], counts: Counter[str]) -> None:
     timeline = store.upsert(patient, events)
     counts.update(f"events_{s}" for s in timeline.statuses)
+    # by resource type, for the metrics (workers.observability.metrics)
+    counts.update(f"events_{s}:{e.resource.split('/')[0]}" for e, s in zip(events, timeline.statuses, strict=False))
     # Evaluate even when every event was a duplicate: a worker may have died between storing the facts
     # and applying the decisions, and the redelivered task must finish that work (apply is idempotent).
     decisions = evaluate(rules, timeline.facts, timeline.clock, patient)
     counts.update(f"decisions_{d.outcome}" for d in decisions)
+    counts.update(f"decisions_{d.outcome}:{d.rule_id}" for d in decisions)
     for rule_id, action, _ in store.apply(timeline, decisions):
         if action not in ("none", "stale"):
             counts[f"alerts_{action}"] += 1
