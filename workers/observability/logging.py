@@ -8,8 +8,8 @@
   values are masked in every message and traceback.
 - Third-party loggers (uvicorn, celery, kombu ...) are never more verbose than INFO: their DEBUG output
   includes request bodies and task arguments; HTTP clients (httpx) log full URLs and stay at WARNING.
-  uvicorn's access log is switched off: it prints raw paths (``/patients/<id>/alerts``); the API's own request log (``service.observability``) prints the
-  route template instead.
+  uvicorn's access log is switched off: it prints raw paths (``/patients/<id>/alerts``); the API's own
+  request log (``service.observability``) prints the route template instead.
 
 The standard library formats JSON well enough; a logging library would add a dependency for ~40 lines.
 """
