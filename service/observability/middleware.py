@@ -32,6 +32,7 @@ log = logging.getLogger("ehr_alerts.http")
 CDS_PREFIX = "/cds-services"
 _MAX_PEEK = 1024 * 1024
 _MAX_KNOWN_SERVICES = 64
+_QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 class ObservabilityMiddleware:
@@ -75,7 +76,7 @@ class ObservabilityMiddleware:
                 metrics.CDS_DURATION.labels(self._service_label(service, status), endpoint, str(status)).observe(
                     elapsed
                 )
-            level = logging.ERROR if status >= 500 else logging.INFO
+            level = _level(route, status)
             log.log(
                 level,
                 "%s %s %s",
@@ -97,6 +98,17 @@ class ObservabilityMiddleware:
             self.known_services.add(label)
             return label
         return "unknown"
+
+
+def _level(route: str, status: int) -> int:
+    """Server errors are errors; a not-ready probe a warning; successful probes and scrapes debug (noise)."""
+    if status == 503:
+        return logging.WARNING
+    if status >= 500:
+        return logging.ERROR
+    if route in _QUIET_ROUTES and status < 400:
+        return logging.DEBUG
+    return logging.INFO
 
 
 def _request_id(scope: Scope) -> str:

@@ -8,17 +8,23 @@
   enqueue -> decisions-applied latency once per event;
 - the heartbeat bootstep beats on ``worker_ready`` and every ``EHR_ALERTS_WORKER_HEARTBEAT_INTERVAL``
   seconds from the worker's own timer (if the main loop hangs, the heartbeat stops), and forgets the
-  worker on a clean shutdown.
+  worker on a clean shutdown;
+- in JSON mode, Celery's shutdown notices (written straight to the terminal) become JSON lines too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
+import sys
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery, bootsteps
+from celery.apps import worker as celery_worker_app
 from celery.signals import before_task_publish, setup_logging, task_postrun, task_prerun
 
 from workers.observability import context, heartbeat
@@ -93,8 +99,25 @@ class HeartbeatStep(bootsteps.StartStopStep):
             log.warning("heartbeat failed: %s", type(exc).__name__, extra={"hostname": worker.hostname})
 
 
+def _say_json(msg: str, f: Any = sys.__stderr__) -> None:
+    """Replacement for Celery's ``safe_say`` (shutdown notices written from signal handlers): one JSON line,
+    written with a single ``os.write`` like the original (no logging locks inside a signal handler)."""
+    line = json.dumps(
+        {
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "level": "INFO",
+            "logger": "celery.worker",
+            "message": str(msg).strip(),
+        }
+    )
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.write(f.fileno(), (line + "\n").encode())
+
+
 def install(app: Celery) -> None:
     """Connect the signals and add the heartbeat bootstep to ``app``."""
+    if get_settings().log_format == "json":
+        celery_worker_app.safe_say = _say_json  # Celery prints shutdown notices as bare text otherwise
     setup_logging.connect(_configure_logging, weak=False)
     before_task_publish.connect(_stamp, weak=False)
     task_prerun.connect(_prerun, weak=False)

@@ -55,7 +55,7 @@ SAFE_FIELDS = frozenset(
         "hostname",
     }
 )
-_THIRD_PARTY = ("uvicorn", "uvicorn.error", "celery", "kombu", "amqp", "asyncio", "fastapi")
+_THIRD_PARTY = ("uvicorn", "uvicorn.error", "celery", "kombu", "amqp", "redis", "asyncio", "fastapi", "jwt")
 #: Loggers that print full URLs (``/patients/<id>/...``) at INFO: WARNING at least.
 _URL_LOGGERS = ("httpx", "httpcore", "urllib3")
 _PATTERNS = [
