@@ -239,6 +239,9 @@ def healthz() -> dict[str, str]:
 
 
 @app.get("/readyz", tags=["operations"])
-def readyz() -> JSONResponse:
-    """Ready: Redis reachable, rule catalog loaded, a worker heartbeat seen recently; else 503 with reasons."""
-    return readiness_response()
+def readyz(scope: Annotated[str, Query(pattern="^(all|api)$")] = "all") -> JSONResponse:
+    """Ready: Redis reachable, rule catalog loaded, a worker heartbeat seen recently; else 503 with reasons.
+
+    ``scope=api`` leaves out the worker check (the API pod's own readiness probe: CDS Hooks and the review
+    API keep serving while workers restart)."""
+    return readiness_response(workers=scope == "all")

@@ -206,11 +206,9 @@ def worker_alive_command(
     ] = None,
 ) -> None:
     """Liveness probe for a worker container: exit 0 if its heartbeat file is fresh, else 1 with the reason."""
-    from workers.observability.heartbeat import file_alive
-    from workers.settings import get_settings
+    from workers.observability.alive import check
 
-    settings = get_settings()
-    alive, reason = file_alive(settings.worker_heartbeat_file, max_age or settings.worker_heartbeat_max_age)
+    alive, reason = check(max_age)
     (console if alive else err).print(("alive: " if alive else "not alive: ") + reason)
     if not alive:
         raise typer.Exit(1)

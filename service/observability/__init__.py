@@ -16,9 +16,9 @@ from workers.observability.logging import configure_logging
 __all__ = ["install", "readiness", "readiness_response", "record_auth_failure", "record_event"]
 
 
-def readiness_response() -> JSONResponse:
+def readiness_response(*, workers: bool = True) -> JSONResponse:
     """``/readyz``: 200 with the checks when ready, else 503 with the reasons."""
-    ready, body = readiness()
+    ready, body = readiness(workers=workers)
     return JSONResponse(body, 200 if ready else 503)
 
 

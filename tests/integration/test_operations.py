@@ -139,7 +139,7 @@ ROUTE_SAMPLES: dict[tuple[str, str], Sample] = {
         (f"/patients/{c.patient}/alerts/not-an-alert", {}),
     ],
     ("GET", "/healthz"): lambda c: [("/healthz", {})],
-    ("GET", "/readyz"): lambda c: [("/readyz", {})],
+    ("GET", "/readyz"): lambda c: [("/readyz", {}), ("/readyz?scope=api", {}), ("/readyz?scope=bogus", {})],
     ("GET", "/metrics"): lambda c: [("/metrics", {})],
     ("GET", "/openapi.json"): lambda c: [("/openapi.json", {})],
     ("GET", "/docs"): lambda c: [("/docs", {})],
@@ -394,6 +394,8 @@ def test_readiness_reasons_without_worker_then_ready(stack: Stack, tmp_path: Pat
     assert body["status"] == "not-ready"
     assert body["checks"]["redis"] == "ok" and body["checks"]["rules"] == 3
     assert body["reasons"] == ["workers: no worker heartbeat in the last 3 s"]
+    api_only = stack.http.get(f"{stack.base_url}/readyz", params={"scope": "api"})
+    assert api_only.status_code == 200 and "workers" not in api_only.json()["checks"]
 
     # a batch waits in the queue: depth and age of the oldest batch
     stack.post_ndjson(_stream()[:3])
