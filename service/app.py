@@ -22,6 +22,7 @@ from service.ingest import (
 )
 from service.observability import install as install_observability
 from service.observability import readiness_response
+from service.security import install_cors, log_security_warnings
 from service.subscriptions import parse_status, record_event_numbers
 from workers.pipeline import get_store
 from workers.settings import get_settings
@@ -37,7 +38,9 @@ app = FastAPI(
     version="0.1.0",
     description="FHIR R4 Mg/K alerting: event ingestion, alerts, CDS Hooks.",
 )
-install_observability(app)  # JSON logs, request ids, GET /metrics
+install_cors(app)  # EHR_ALERTS_CORS_ORIGINS allow-list (browser-based CDS clients)
+install_observability(app)  # JSON logs, request ids, GET /metrics (outermost middleware: sees every request)
+log_security_warnings()  # auth off, dev profile, nothing trusted ... said loudly at start
 
 
 class FhirError(Exception):

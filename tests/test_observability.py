@@ -204,6 +204,15 @@ def test_http_metrics_and_log_use_the_route_template(caplog: pytest.LogCaptureFi
     assert b"ex-secret-id" not in exposition
 
 
+def test_security_refusals_reach_the_auth_failure_metric():
+    import service.app  # noqa: F401 - installs the listener
+    from service.security.failures import record_failure
+
+    before = _sample("ehr_alerts_auth_failures_total", scheme="review", reason="signature")
+    record_failure("review", "signature")
+    assert _sample("ehr_alerts_auth_failures_total", scheme="review", reason="signature") == before + 1
+
+
 def test_auth_failures_by_scheme_and_bounded_reason():
     before = _sample("ehr_alerts_auth_failures_total", scheme="cds", reason="expired")
     metrics.record_auth_failure("cds", "expired")

@@ -1,6 +1,6 @@
 """Operations for the HTTP API: JSON logs, request ids, metrics (``GET /metrics``), readiness.
 
-``record_auth_failure(scheme, reason)`` is for the security module: call it on every rejected token.
+Refused tokens reach ``record_auth_failure(scheme, reason)`` through ``service.security.failures.on_failure``.
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ def readiness_response(*, workers: bool = True) -> JSONResponse:
 def install(app: FastAPI) -> None:
     """Configure logging, wrap ``app`` in the observability middleware and add ``GET /metrics``."""
     from service.observability.metrics import exposition, register_pipeline_metrics
+    from service.security.failures import on_failure
 
     configure_logging()
     register_pipeline_metrics()
+    on_failure(record_auth_failure)  # every refused token -> ehr_alerts_auth_failures_total{scheme, reason}
     app.add_middleware(ObservabilityMiddleware)
 
     @app.get("/metrics", tags=["operations"], include_in_schema=True)

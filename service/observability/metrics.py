@@ -21,28 +21,15 @@ from prometheus_client import (
     process_collector,
 )
 
+from service.security.failures import REASONS as SECURITY_REASONS
 from workers.observability.metrics import PipelineCollector
 
 RESOURCE_TYPES = frozenset(
     {"Observation", "MedicationStatement", "MedicationRequest", "Condition", "Patient", "Bundle", "Parameters"}
 )
-#: Reasons ``record_auth_failure`` keeps as labels (anything else is counted as ``other``).
-AUTH_FAILURE_REASONS = frozenset(
-    {
-        "missing",  # no Authorization header / cookie
-        "malformed",  # not a JWT, bad header, bad base64
-        "algorithm",  # alg not allowed
-        "signature",  # signature does not verify
-        "expired",
-        "not-yet-valid",  # iat / nbf in the future
-        "issuer",  # iss not on the allow-list
-        "audience",  # aud is not the endpoint URL
-        "replay",  # jti seen before
-        "jwks",  # key set unavailable / kid not found
-        "claims",  # required claim missing or wrong type
-        "forbidden",  # valid token, role not allowed (403)
-    }
-)
+#: Reasons ``record_auth_failure`` keeps as labels (anything else is counted as ``other``): the security
+#: module's vocabulary (``service.security.failures.REASONS``).
+AUTH_FAILURE_REASONS = frozenset(SECURITY_REASONS)
 AUTH_SCHEMES = frozenset({"cds", "review"})
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _LABEL = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
