@@ -52,6 +52,7 @@ def _record(message: str, *args: object, **extra: object) -> logging.LogRecord:
         ('{"access_token": "opaque-token-123"}', "opaque-token-123"),
         ("client_secret=s3cr3t-value", "s3cr3t-value"),
         ("redis://:hunter2@redis:6379/0", "hunter2"),
+        ("1 validation error\n  input_value={'patient': 'ex-alpha', 'value': 2.9}, input_type=dict]", "ex-alpha"),
     ],
 )
 def test_redaction_masks_tokens(text: str, secret: str):

@@ -16,6 +16,7 @@ from rules.engine import evaluate
 from rules.model import Rule
 from workers import keys
 from workers.events import Event
+from workers.observability.logging import patient_ref
 from workers.redis_conn import get_redis
 from workers.settings import get_settings
 from workers.store import Store
@@ -50,7 +51,7 @@ def process_batch(raw_events: Iterable[dict[str, Any]], store: Store | None = No
         except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
             raise  # transient: the task retries the batch (idempotent)
         except Exception as exc:  # a poison event must not block the patients after it
-            log.exception("events dead-lettered", extra={"events": len(events)})
+            log.exception("events dead-lettered", extra={"events": len(events), "patient_ref": patient_ref(patient)})
             store.dead_letter(f"{type(exc).__name__}: {exc}", [e.model_dump(mode="json") for e in events])
             counts["events_dead_lettered"] += len(events)
     if by_patient:

@@ -68,6 +68,8 @@ _PATTERNS = [
         r"\1[REDACTED]",
     ),
     (re.compile(r"(\b[a-z][a-z0-9+.\-]*://[^:/@\s]*:)[^@\s]+@"), r"\1[REDACTED]@"),  # redis://:password@host
+    # pydantic validation errors quote the offending input (event payloads: patient ids, values)
+    (re.compile(r"input_value=.*?(, input_type=)"), r"input_value=[REDACTED]\1"),
 ]
 _HANDLER_NAME = "ehr-alerts"
 _key_lock = threading.Lock()
