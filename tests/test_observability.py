@@ -354,3 +354,38 @@ def test_readiness_when_the_rule_catalog_is_refused(fake: fakeredis.FakeRedis, m
     ready, body = health.readiness()
     assert not ready and body["checks"]["rules"] == 0
     assert body["reasons"] == ["rules: catalog not loaded (catalog/x.yaml: when: unknown input 'k')"]
+
+
+def test_heartbeat_max_age_must_cover_two_beats():
+    from workers.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match=r"EHR_ALERTS_WORKER_HEARTBEAT_MAX_AGE: .*twice"):
+        load_settings(worker_heartbeat_interval=30, worker_heartbeat_max_age=45)
+    assert load_settings(worker_heartbeat_interval=1, worker_heartbeat_max_age=3).worker_heartbeat_max_age == 3
+    assert load_settings(worker_heartbeat_file="").worker_heartbeat_file is None
+    assert load_settings(log_level="debug").log_level == "DEBUG"
+
+
+def test_text_format_is_redacted_and_carries_the_ids():
+    from workers.observability.logging import TextFormatter
+
+    with context.bound(request_id="r-9"):
+        line = TextFormatter().format(_record("refused %s", f"Bearer {JWT}"))
+    assert "request_id=r-9" in line and JWT not in line and "refused Bearer [REDACTED]" in line
+
+
+def test_configure_logging_routes_uvicorn_and_celery_through_one_handler(capsys: pytest.CaptureFixture[str]):
+    from workers.observability.logging import configure_logging
+
+    configure_logging(Settings(log_level="DEBUG", log_format="json"))
+    configure_logging(Settings(log_level="DEBUG", log_format="json"))  # idempotent: one handler
+    assert [h.get_name() for h in logging.getLogger().handlers].count("ehr-alerts") == 1
+    assert logging.getLogger("celery").getEffectiveLevel() == logging.INFO  # never DEBUG (task arguments)
+    assert logging.getLogger("httpx").getEffectiveLevel() == logging.WARNING  # URLs with patient ids
+    assert logging.getLogger("uvicorn.access").disabled
+    logging.getLogger("uvicorn.error").info("Started server process")
+    logging.getLogger("celery.worker").debug("TaskPool: Apply args=({'patient': 'ex-alpha'},)")
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.strip()]
+    for handler in [h for h in logging.getLogger().handlers if h.get_name() == "ehr-alerts"]:
+        logging.getLogger().removeHandler(handler)  # it writes to this test's captured stderr
+    assert [e["message"] for e in lines] == ["Started server process"]

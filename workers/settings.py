@@ -106,6 +106,14 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
 
+    @field_validator("worker_heartbeat_max_age")
+    @classmethod
+    def _max_age_covers_beats(cls, value: float, info: ValidationInfo) -> float:
+        interval = info.data.get("worker_heartbeat_interval")
+        if interval is not None and value < 2 * interval:
+            raise ValueError(f"must be at least twice EHR_ALERTS_WORKER_HEARTBEAT_INTERVAL ({interval:g} s)")
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_level(cls, value: Any) -> Any:
