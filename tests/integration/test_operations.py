@@ -35,7 +35,7 @@ def free_port() -> int:
 
 
 STREAM = ROOT / "examples" / "stream" / "events.ndjson"
-DATA = Path("/work/shared/data")
+DATA = ROOT / "tests" / "data" / "shared"  # the vendored public FHIR data
 SYNTHEA = [
     DATA / "synthea-r4" / "Cameron_Greenfelder_9b55212c-8024-4b8b-bc82-fa605435f63b.json",
     DATA / "synthea-r4" / "Alfreda_Wyman_3287b938-4670-47eb-91e5-e0ce3df71405.json",
@@ -110,7 +110,7 @@ ROUTE_SAMPLES: dict[tuple[str, str], Sample] = {
         ),
     ],
     ("POST", "/fhir"): lambda c: [
-        *[("/fhir", _json(json.loads(p.read_text()))) for p in SYNTHEA if p.exists()],
+        *[("/fhir", _json(json.loads(p.read_text()))) for p in SYNTHEA],
         ("/fhir", _json(_notification("Subscription/ops-scan", [1, 2]))),
         ("/fhir", _json(_notification("Subscription/ops-scan", [5]))),  # a gap of 2
         ("/fhir", {"content": b"{not json", "headers": {"Content-Type": "application/fhir+json"}}),
@@ -122,11 +122,7 @@ ROUTE_SAMPLES: dict[tuple[str, str], Sample] = {
         ("/fhir/Patient/ex-alpha", _json(_first("Patient"))),
     ],
     ("POST", "/fhir/{resource_type}"): lambda c: [
-        *[
-            (f"/fhir/{json.loads(p.read_text())['resourceType']}", _json(json.loads(p.read_text())))
-            for p in EXAMPLES
-            if p.exists()
-        ],
+        *[(f"/fhir/{json.loads(p.read_text())['resourceType']}", _json(json.loads(p.read_text()))) for p in EXAMPLES],
         ("/fhir/Observation", _json({**_first("Observation"), "status": "bogus"})),
     ],
     ("GET", "/alerts"): lambda c: [("/alerts", {}), ("/alerts?status=active&limit=5", {}), ("/alerts?limit=0", {})],
@@ -352,9 +348,7 @@ def test_logs_hold_no_phi_and_metrics_count_the_replay(stack: Stack, tmp_path: P
     assert 200 in statuses["GET /patients/{patient_id}/alerts/{alert_id}"]
     assert 404 in statuses["GET /patients/{patient_id}/alerts/{alert_id}"]
 
-    for path in [*SYNTHEA, *EXAMPLES]:
-        if path.exists():
-            sent.append(json.loads(path.read_text()))
+    sent += [json.loads(path.read_text()) for path in [*SYNTHEA, *EXAMPLES]]
 
     # metrics of what was just replayed
     text = stack.http.get(f"{stack.base_url}/metrics").text
