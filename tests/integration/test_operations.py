@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+from auth_helpers import review_env, review_token
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -56,6 +57,9 @@ TOKEN = ".".join(
     ]
 )
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
+#: A valid review token (admin: may call every review route), so the review handlers really run.
+REVIEW_TOKEN = review_token("scan-admin", ["admin"], name="Scan Admin")
+REVIEW = {"Authorization": f"Bearer {REVIEW_TOKEN}"}
 
 
 # --- what the test sends --------------------------------------------------------------------------------
@@ -85,6 +89,7 @@ class Ctx:
 
     patient = "ex-alpha"
     alert_id = "00000000-0000-0000-0000-000000000000"
+    revision = 0
 
 
 def _json(data: Any) -> dict[str, Any]:
@@ -137,6 +142,41 @@ ROUTE_SAMPLES: dict[tuple[str, str], Sample] = {
     ("GET", "/healthz"): lambda c: [("/healthz", {})],
     ("GET", "/readyz"): lambda c: [("/readyz", {}), ("/readyz?scope=api", {}), ("/readyz?scope=bogus", {})],
     ("GET", "/metrics"): lambda c: [("/metrics", {})],
+    ("GET", "/api/review/alerts"): lambda c: [
+        ("/api/review/alerts", {"headers": REVIEW}),
+        (f"/api/review/alerts?rule=hypokalemia-without-magnesium&q=potassium&patient={c.patient}", {"headers": REVIEW}),
+        ("/api/review/alerts?cursor=not-a-cursor", {"headers": REVIEW}),
+    ],
+    ("GET", "/api/review/alerts/{alert_id}"): lambda c: [
+        (f"/api/review/alerts/{c.alert_id}", {"headers": REVIEW}),
+        ("/api/review/alerts/not-an-alert", {"headers": REVIEW}),
+    ],
+    ("POST", "/api/review/alerts/{alert_id}/transitions"): lambda c: [
+        (
+            f"/api/review/alerts/{c.alert_id}/transitions",
+            {"json": {"action": "acknowledge", "revision": c.revision, "comment": "seen"}, "headers": REVIEW},
+        ),
+        (f"/api/review/alerts/{c.alert_id}/transitions", {"json": {"action": "fly"}, "headers": REVIEW}),
+    ],
+    ("GET", "/api/review/analytics"): lambda c: [("/api/review/analytics", {"headers": REVIEW})],
+    ("GET", "/api/review/audit"): lambda c: [
+        ("/api/review/audit?from=2000-01-01T00:00:00Z&to=2100-01-01T00:00:00Z&format=csv", {"headers": REVIEW}),
+        ("/api/review/audit?from=2000-01-01T00:00:00Z&to=2100-01-01T00:00:00Z&format=ndjson", {"headers": REVIEW}),
+    ],
+    ("GET", "/review"): lambda c: [
+        ("/review", {"headers": REVIEW}),
+        (f"/review?alert={c.alert_id}", {"headers": REVIEW}),
+    ],
+    ("GET", "/review/analytics"): lambda c: [("/review/analytics", {"headers": REVIEW})],
+    ("GET", "/review/login"): lambda c: [("/review/login", {})],
+    ("POST", "/review/login"): lambda c: [
+        ("/review/login", {"data": {"token": REVIEW_TOKEN}}),
+        ("/review/login", {"data": {"token": "not a token"}}),
+    ],
+    ("POST", "/review/alerts/{alert_id}/{action}"): lambda c: [
+        (f"/review/alerts/{c.alert_id}/resolve", {"data": {"revision": str(c.revision + 1)}, "headers": REVIEW}),
+    ],
+    ("POST", "/review/logout"): lambda c: [("/review/logout", {})],
     ("GET", "/openapi.json"): lambda c: [("/openapi.json", {})],
     ("GET", "/docs"): lambda c: [("/docs", {})],
     ("GET", "/docs/oauth2-redirect"): lambda c: [("/docs/oauth2-redirect", {})],
@@ -148,11 +188,19 @@ def app_routes() -> set[tuple[str, str]]:
     """(method, path template) of every route of the app (HEAD and OPTIONS aside)."""
     from service.app import app
 
-    found = set()
-    for route in app.routes:
-        for method in getattr(route, "methods", None) or ():
-            if method not in ("HEAD", "OPTIONS"):
-                found.add((method, route.path))
+    found: set[tuple[str, str]] = set()
+
+    def walk(routes: list[Any], prefix: str) -> None:
+        for route in routes:
+            included = getattr(route, "original_router", None)  # FastAPI >= 0.16x keeps included routers nested
+            if included is not None:
+                walk(included.routes, prefix + route.include_context.prefix)
+                continue
+            for method in getattr(route, "methods", None) or ():
+                if method not in ("HEAD", "OPTIONS"):
+                    found.add((method, prefix + route.path))
+
+    walk(app.routes, "")
     return found
 
 
@@ -250,6 +298,7 @@ def _ops_env(stack: Stack, tmp: Path, **extra: str) -> dict[str, str]:
         "EHR_ALERTS_CDS_AUTH_ENABLED": "false",
         "EHR_ALERTS_PROFILE": "dev",
         "COLUMNS": "200",
+        **review_env(tmp),
         **extra,
     }
 
@@ -336,17 +385,20 @@ def test_logs_hold_no_phi_and_metrics_count_the_replay(stack: Stack, tmp_path: P
             assert response.headers["x-request-id"] == headers["X-Request-ID"]
             statuses.setdefault(f"{method} {template}", []).append(response.status_code)
 
-    ingestion = [k for k in ROUTE_SAMPLES if k[0] in ("POST", "PUT")]
+    ingestion = [k for k in ROUTE_SAMPLES if k[0] in ("POST", "PUT") and k[1].startswith("/fhir")]
     for method, template in ingestion:
         call(method, template)
     stack.drain()
     alerts = stack.http.get(f"{stack.base_url}/alerts", params={"status": "active"}).json()["alerts"]
     assert alerts, "the example stream opens alerts"
-    ctx.patient, ctx.alert_id = alerts[0]["patient"], alerts[0]["id"]
+    ctx.patient, ctx.alert_id, ctx.revision = alerts[0]["patient"], alerts[0]["id"], alerts[0]["revision"]
     for method, template in sorted(set(ROUTE_SAMPLES) - set(ingestion)):
         call(method, template)
     assert 200 in statuses["GET /patients/{patient_id}/alerts/{alert_id}"]
     assert 404 in statuses["GET /patients/{patient_id}/alerts/{alert_id}"]
+    assert statuses["GET /api/review/alerts/{alert_id}"] == [200, 404]
+    assert statuses["POST /api/review/alerts/{alert_id}/transitions"] == [200, 400]
+    assert 200 in statuses["GET /review"]
 
     sent += [json.loads(path.read_text()) for path in [*SYNTHEA, *EXAMPLES]]
 
@@ -378,6 +430,7 @@ def test_logs_hold_no_phi_and_metrics_count_the_replay(stack: Stack, tmp_path: P
     forbidden = phi_strings(sent)
     assert forbidden.get("ex-alpha") == "patient id" and forbidden.get("Example Alpha") == "name"  # sanity
     forbidden |= {TOKEN: "bearer token", TOKEN.split(".")[2]: "token signature", "Bearer ey": "bearer token"}
+    forbidden |= {REVIEW_TOKEN: "review token", REVIEW_TOKEN.split(".")[2]: "review token signature"}
     problems = scan(texts, forbidden)
     assert not problems, "\n".join(problems[:40])
 
