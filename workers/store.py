@@ -100,7 +100,13 @@ class Store:
             return []
         results = self._apply(
             keys=[k["alerts"], k["open"], k["applied"], k["closed"]],
-            args=[timeline.version, clock_text(timeline.clock), json.dumps(body), json.dumps(retracted)],
+            args=[
+                timeline.version,
+                clock_text(timeline.clock),
+                json.dumps(body),
+                json.dumps(retracted),
+                clock_text(datetime.now(UTC)),
+            ],
         )
         touched = [(rule, action, alert_id) for rule, action, alert_id in results]
         changed = [alert_id for _, action, alert_id in touched if action not in ("none", "stale") and alert_id]
