@@ -41,6 +41,8 @@ class Event(BaseModel):
         for fact in self.facts:
             if fact.kind in ("lab", "finding"):
                 hours, anchor = settings.retention_lab_hours, fact.start
+            elif fact.kind == "order":  # a pending order: kept as long as a lab result would be
+                hours, anchor = settings.retention_lab_hours, fact.start
             elif fact.kind == "medication":
                 hours, anchor = settings.retention_medication_hours, fact.end
             else:
