@@ -6,8 +6,9 @@ normaliser: units, comparators, statuses and medication classification take the 
 Shorthand keys: ``lab`` (potassium | magnesium | qtc) with ``value``, ``unit``, ``comparator``, ``at``,
 ``status``, ``loinc``; ``med`` (an RxNorm code) with ``status``, ``start``, ``end``, ``type``
 (statement | request; ``status: draft`` makes a draft order); ``lab_order`` (potassium | magnesium: a
-ServiceRequest for that lab) with ``status`` (default draft), ``intent``, ``at`` (authoredOn); ``condition`` (a SNOMED code) with ``start``, ``clinical_status``; ``ecg`` (a SNOMED
-rhythm code) with ``at``; or ``resource`` holding any FHIR resource as is.
+ServiceRequest for that lab) with ``status`` (default draft), ``intent``, ``at`` (authoredOn); ``condition``
+(a SNOMED code) with ``start``, ``clinical_status``; ``ecg`` (a SNOMED rhythm code) with ``at``; or
+``resource`` holding any FHIR resource as is.
 """
 
 from __future__ import annotations
@@ -117,7 +118,9 @@ def expand(item: dict[str, Any], patient: str, index: int) -> dict[str, Any]:
             "valueCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": str(item["ecg"])}]},
         }
     else:
-        raise ValueError(f"fact #{index}: expected one of lab, med, lab_order, condition, ecg, resource; got {sorted(item)}")
+        raise ValueError(
+            f"fact #{index}: expected one of lab, med, lab_order, condition, ecg, resource; got {sorted(item)}"
+        )
     if meta:
         resource["meta"] = meta
     return resource

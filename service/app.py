@@ -11,6 +11,7 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from service.cds.router import router as cds_router
 from service.ingest import (
     Enqueuer,
     EntryOutcome,
@@ -35,6 +36,8 @@ app = FastAPI(
     version="0.1.0",
     description="FHIR R4 Mg/K alerting: event ingestion, alerts, CDS Hooks.",
 )
+
+app.include_router(cds_router)  # CDS Hooks: /cds-services (service/cds/)
 
 
 class FhirError(Exception):

@@ -25,7 +25,7 @@ class CdsClient:
         return f"cds:{self.issuer}"
 
 
-async def cds_client(request: Request) -> CdsClient:  # noqa: ARG001 - same signature as the real dependency
+async def cds_client(request: Request) -> CdsClient:
     """Placeholder dependency: no verification yet."""
     return CdsClient(issuer="unauthenticated")
 

@@ -24,10 +24,11 @@ from pydantic import ValidationError
 
 from rules.engine import Decision
 from service.cds.cardindex import CardIndex
+from workers.store import effective_status
 
 log = logging.getLogger("ehr_alerts.cds")
 ORDER = {"critical": 0, "warning": 1, "info": 2}
-HIDDEN = frozenset({"overridden", "accepted", "resolved", "retracted"})
+HIDDEN = frozenset({"overridden", "accepted", "snoozed", "resolved", "retracted"})
 SUGGESTION_NAMESPACE = uuid.UUID("6f1c7a52-3f3e-4c55-9a57-7e2b2f9a0c11")
 
 
@@ -87,17 +88,9 @@ def finish_card(body: dict[str, Any], card_uuid: str, rule_id: str) -> dict[str,
     return card if card.get("summary") and card.get("indicator") in ORDER else None
 
 
-def hidden(status: str | None, record: dict[str, Any], now: datetime) -> bool:
+def hidden(record: dict[str, Any], now: datetime) -> bool:
     """Whether an episode's card stays hidden: handled (overridden, accepted) or snoozed until later."""
-    if status in HIDDEN:
-        return True
-    if status == "snoozed":
-        until = record.get("snoozed_until") or record.get("until")
-        try:
-            return until is None or datetime.fromisoformat(str(until).replace("Z", "+00:00")) > now
-        except ValueError:
-            return True
-    return False
+    return effective_status(record, now) in HIDDEN
 
 
 def build_cards(
@@ -130,7 +123,7 @@ def build_cards(
             if decision.outcome == "not-fires" and alert is None:
                 index.end_episode(patient, decision.rule_id)
             continue
-        if hidden(record.get("status"), record, now):
+        if hidden(record, now):
             continue
         card = finish_card(body, card_uuid, decision.rule_id)
         if card is not None:

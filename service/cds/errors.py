@@ -19,7 +19,9 @@ class CdsError(Exception):
         return JSONResponse(outcome(self.message, self.expression, self.code), self.status)
 
 
-def issue(message: str, expression: str | None = None, code: str = "invalid", severity: str = "error") -> dict[str, Any]:
+def issue(
+    message: str, expression: str | None = None, code: str = "invalid", severity: str = "error"
+) -> dict[str, Any]:
     """One OperationOutcome issue."""
     item: dict[str, Any] = {"severity": severity, "code": code, "diagnostics": message}
     if expression:

@@ -54,7 +54,7 @@ def _bad(index: int, member: str, message: str) -> CdsError:
 def parse_feedback(data: Any) -> list[FeedbackItem]:
     """Validate a feedback body; CdsError(400) naming the first problem."""
     if not isinstance(data, Mapping) or not isinstance(data.get("feedback"), list) or not data["feedback"]:
-        raise CdsError(400, "the body must be {\"feedback\": [...]} with at least one item", "feedback")
+        raise CdsError(400, 'the body must be {"feedback": [...]} with at least one item', "feedback")
     items = []
     for i, raw in enumerate(data["feedback"]):
         if not isinstance(raw, Mapping):
@@ -154,7 +154,7 @@ def apply_item(
                 action,
                 actor,
                 item.at,
-                reason=why,
+                reason=reason,
                 comment=item.comment,
                 accepted_suggestions=accepted or None,
                 idempotency_key=key,

@@ -89,7 +89,11 @@ def _next(bundle: dict[str, Any]) -> str | None:
 
 
 def plan(
-    request: HookRequest, settings: Settings, queries: Iterable[PrefetchQuery], data: dict[str, KeyData], as_of: datetime
+    request: HookRequest,
+    settings: Settings,
+    queries: Iterable[PrefetchQuery],
+    data: dict[str, KeyData],
+    as_of: datetime,
 ) -> list[_Fetch]:
     """What to fetch: continue paginated prefetch under fhirServer, else run the key's own search."""
     fetches: list[_Fetch] = []

@@ -156,9 +156,7 @@ def _selections(context: Mapping[str, Any], draft_orders: Mapping[str, Any]) -> 
     selections = _need(context, "selections", "context.")
     if not isinstance(selections, list) or not selections:
         raise CdsError(400, "context.selections must be a non-empty array", "context.selections")
-    present = {
-        f"{e['resource'].get('resourceType')}/{e['resource'].get('id')}" for e in draft_orders.get("entry", [])
-    }
+    present = {f"{e['resource'].get('resourceType')}/{e['resource'].get('id')}" for e in draft_orders.get("entry", [])}
     for i, item in enumerate(selections):
         if not isinstance(item, str) or "/" not in item:
             raise CdsError(400, f"context.selections[{i}] must be a Type/id reference", f"context.selections[{i}]")
