@@ -35,7 +35,7 @@ RULES = (HYPOK, REFRACTORY, ARRHYTHMIA)
 HOOKS = ("patient-view", "order-select", "order-sign")
 SERVICE = {hook: f"mg-k-{hook}" for hook in HOOKS}
 EXPECTED = {HYPOK: "info", REFRACTORY: "warning", ARRHYTHMIA: "critical"}
-TOKEN = "fhir-access-token-do-not-log"  # noqa: S105 - a test token
+TOKEN = "fhir-access-token-do-not-log"
 KCL = rxnorm("8591", "potassium chloride")
 MGSO4 = rxnorm("6585", "magnesium sulfate")
 
