@@ -93,6 +93,13 @@ class Settings(BaseSettings):
         description="how long a card that came from a CDS Hooks call alone (no stored alert) is kept for feedback "
         "and keeps its uuid across calls",
     )
+    cds_normalize_cache_size: int = Field(
+        default=20_000,
+        ge=0,
+        le=1_000_000,
+        description="resources whose normalisation (fhir.resources validation) is cached by content for CDS calls; "
+        "0 turns the cache off",
+    )
 
     @classmethod
     def settings_customise_sources(

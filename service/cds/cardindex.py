@@ -34,35 +34,45 @@ class CardIndex:
     def _card_key(self, card_uuid: str) -> str:
         return f"{self.prefix}:cds:card:{card_uuid}"
 
-    def episode(self, patient: str, rule_id: str, card: dict[str, Any], now: datetime) -> dict[str, Any]:
-        """The record of the open episode of ``rule_id`` for ``patient`` (created if none), with ``card`` as
-        its latest content; the expiry is pushed back."""
-        key = self._episode_key(patient, rule_id)
-        fresh = str(uuid.uuid4())
-        created = self.client.set(key, fresh, nx=True, ex=self.ttl)
-        card_uuid = fresh if created else self.client.get(key) or fresh
-        record = None if created else self.get(card_uuid)
-        if record is None:
-            record = {
-                "id": card_uuid,
-                "patient": patient,
-                "rule_id": rule_id,
-                "status": "active",
-                "opened_at": now.isoformat(),
-                "history": [],
-                "feedback_keys": [],
-            }
-        record["card"] = card
-        record["seen_at"] = now.isoformat()
+    def episodes(
+        self, patient: str, cards: dict[str, dict[str, Any]], ended: list[str], now: datetime
+    ) -> dict[str, dict[str, Any]]:
+        """Records of the open episodes of the rules in ``cards`` (rule id -> card body) for ``patient``, created
+        when new, with the card as their latest content and their expiry pushed back; the episodes of the rules
+        in ``ended`` are closed (the card records stay for late feedback). Three round trips in all."""
+        rules = sorted(cards)
         pipe = self.client.pipeline(transaction=False)
-        pipe.set(key, card_uuid, ex=self.ttl)
-        pipe.set(self._card_key(card_uuid), json.dumps(record), ex=self.ttl)
-        pipe.execute()
-        return record
-
-    def end_episode(self, patient: str, rule_id: str) -> None:
-        """The rule no longer fires: the next firing is a new episode (the card record stays for late feedback)."""
-        self.client.delete(self._episode_key(patient, rule_id))
+        fresh = {rule: str(uuid.uuid4()) for rule in rules}
+        for rule in rules:
+            pipe.set(self._episode_key(patient, rule), fresh[rule], nx=True, ex=self.ttl)
+            pipe.get(self._episode_key(patient, rule))
+        replies = pipe.execute() if rules else []
+        ids = {rule: replies[2 * i + 1] or fresh[rule] for i, rule in enumerate(rules)}
+        existing = self.client.mget([self._card_key(ids[r]) for r in rules]) if rules else []
+        records: dict[str, dict[str, Any]] = {}
+        pipe = self.client.pipeline(transaction=False)
+        for rule, raw in zip(rules, existing, strict=True):
+            record = json.loads(raw) if raw else None
+            if record is None:
+                record = {
+                    "id": ids[rule],
+                    "patient": patient,
+                    "rule_id": rule,
+                    "status": "active",
+                    "opened_at": now.isoformat(),
+                    "history": [],
+                    "feedback_keys": [],
+                }
+            record["card"] = cards[rule]
+            record["seen_at"] = now.isoformat()
+            records[rule] = record
+            pipe.set(self._episode_key(patient, rule), ids[rule], ex=self.ttl)
+            pipe.set(self._card_key(ids[rule]), json.dumps(record), ex=self.ttl)
+        for rule in ended:
+            pipe.delete(self._episode_key(patient, rule))
+        if rules or ended:
+            pipe.execute()
+        return records
 
     def get(self, card_uuid: str) -> dict[str, Any] | None:
         """A card record by uuid."""

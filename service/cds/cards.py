@@ -106,26 +106,28 @@ def build_cards(
         current = open_alerts.get(alert["rule_id"])
         if current is None or alert.get("opened_at", "") > current.get("opened_at", ""):
             open_alerts[alert["rule_id"]] = alert
-    cards: list[dict[str, Any]] = []
+    chosen: list[tuple[Decision, str | None, dict[str, Any]]] = []  # (decision, alert id, card body)
+    new: dict[str, dict[str, Any]] = {}
+    ended: list[str] = []
     for decision in decisions:
         if decision.rule_status != "active":
             continue  # shadow rules are evaluated, never shown
         alert = open_alerts.get(decision.rule_id)
         if decision.outcome == "fires" and decision.card:
-            if alert is not None:
-                card_uuid, record, body = alert["id"], alert, decision.card
-            else:
-                record = index.episode(patient, decision.rule_id, decision.card, now)
-                card_uuid, body = record["id"], decision.card
+            chosen.append((decision, alert["id"] if alert else None, decision.card))
+            if alert is None:
+                new[decision.rule_id] = decision.card
         elif decision.outcome == "indeterminate" and alert is not None and alert.get("card"):
-            card_uuid, record, body = alert["id"], alert, alert["card"]
-        else:
-            if decision.outcome == "not-fires" and alert is None:
-                index.end_episode(patient, decision.rule_id)
-            continue
+            chosen.append((decision, alert["id"], alert["card"]))
+        elif decision.outcome == "not-fires" and alert is None:
+            ended.append(decision.rule_id)
+    records = index.episodes(patient, new, ended, now)
+    cards: list[dict[str, Any]] = []
+    for decision, alert_id, body in chosen:
+        record = open_alerts[decision.rule_id] if alert_id else records[decision.rule_id]
         if hidden(record, now):
             continue
-        card = finish_card(body, card_uuid, decision.rule_id)
+        card = finish_card(body, record["id"], decision.rule_id)
         if card is not None:
             cards.append(card)
     cards.sort(key=lambda c: (ORDER[c["indicator"]], c.get("source", {}).get("topic", {}).get("code", "")))

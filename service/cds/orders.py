@@ -8,20 +8,58 @@ be evaluated) and counted in the log; it never fails the call.
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
 from rules.facts import Fact
-from rules.normalize import NormalizeOptions, normalize_resources
+from rules.normalize import NormalizeOptions, NormalizeResult, iter_resources, normalize_resource, reference_index
 
 log = logging.getLogger("ehr_alerts.cds")
 
 
-def facts_from(resources: Iterable[dict[str, Any]], patient: str, include_preliminary: bool) -> list[Fact]:
-    """Facts of the patient's resources; resources of other patients and invalid ones are left out."""
+class NormalizeCache:
+    """Normalisation results by resource content (an EHR sends the same resources on every chart open, and
+    ``fhir.resources`` validation is most of the cost of a call). Bounded LRU; results are immutable facts."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[str, NormalizeResult] = OrderedDict()
+        self._lock = threading.Lock()  # calls are evaluated in worker threads
+
+    def normalize(
+        self, resource: Any, options: NormalizeOptions, index: dict[str, Any], patient: str
+    ) -> NormalizeResult:
+        """``normalize_resource`` with the cache; resources that refer to others of the call are not cached."""
+        reference = resource.get("medicationReference") if isinstance(resource, dict) else None
+        if self.size == 0 or (isinstance(reference, dict) and not str(reference.get("reference", "#")).startswith("#")):
+            return normalize_resource(resource, options, resolve=index)
+        key = f"{patient}|{options.include_preliminary}|{json.dumps(resource, separators=(',', ':'))}"
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+                return found
+        result = normalize_resource(resource, options, resolve=index)
+        with self._lock:
+            self._items[key] = result
+            if len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return result
+
+
+def facts_from(
+    resources: Iterable[Any], patient: str, include_preliminary: bool, cache: NormalizeCache | None = None
+) -> list[Fact]:
+    """Facts of the patient's resources (Bundles walked); other patients' and invalid resources are left out."""
     options = NormalizeOptions(include_preliminary=include_preliminary, default_patient=patient)
-    results = normalize_resources(list(resources), options)
+    pairs = [pair for item in resources for pair in iter_resources(item)]
+    index = reference_index(pairs)
+    cache = cache or NormalizeCache(0)
+    results = [cache.normalize(resource, options, index, patient) for _, resource in pairs]
     rejected = sum(1 for r in results if r.outcome == "rejected")
     if rejected:
         log.info("resources left out of a CDS call", extra={"rejected": rejected})

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import redis
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from rules.catalog import Catalog
 from rules.engine import evaluate
@@ -19,9 +20,9 @@ from service.cds.cards import build_cards
 from service.cds.errors import CdsError, issue
 from service.cds.feedback import apply_item, parse_feedback
 from service.cds.fhir_client import FhirUnavailable, fetch_missing, plan
-from service.cds.orders import draft_order_facts, facts_from
+from service.cds.orders import NormalizeCache, draft_order_facts, facts_from
 from service.cds.prefetch import read_prefetch
-from service.cds.request import parse_request
+from service.cds.request import HookRequest, parse_request
 from service.cds.services import CdsService, services
 from workers.pipeline import get_catalog, get_store
 from workers.settings import get_settings
@@ -33,6 +34,14 @@ _JSON_TYPES = ("application/json", "application/fhir+json")
 
 
 _SERVICES: dict[int, dict[str, CdsService]] = {}
+_CACHE: list[NormalizeCache] = []
+
+
+def _normalize_cache() -> NormalizeCache:
+    """One normalisation cache per process."""
+    if not _CACHE:
+        _CACHE.append(NormalizeCache(get_settings().cds_normalize_cache_size))
+    return _CACHE[0]
 
 
 def _services(catalog: Catalog) -> dict[str, CdsService]:
@@ -66,6 +75,17 @@ async def _json_body(request: Request) -> Any:
         raise CdsError(400, "the body is not valid JSON", code="structure") from None
 
 
+def _cards_for(call: HookRequest, resources: list[dict[str, Any]], now: datetime) -> list[dict[str, Any]]:
+    """Facts from the call's data and draft orders -> the rule engine -> cards merged with stored alerts."""
+    settings = get_settings()
+    facts = facts_from(resources, call.patient_id, settings.include_preliminary, _normalize_cache())
+    facts += draft_order_facts(call.draft_orders, call.patient_id)
+    decisions = evaluate(get_catalog().evaluated(), facts, now, call.patient_id)
+    store = get_store()
+    stored = store.alerts_for_patient(call.patient_id, open_only=True)
+    return build_cards(decisions, stored, call.patient_id, CardIndex(store.client, settings), now)
+
+
 @router.get("", summary="CDS Hooks discovery")
 async def discovery(_: Client) -> dict[str, Any]:
     """The services offered, one per hook, with 2.0 prefetch templates."""
@@ -84,12 +104,9 @@ async def call_service(service_id: str, request: Request, _: Client) -> JSONResp
         data = read_prefetch(service.prefetch, call.prefetch)
         fetched = await fetch_missing(call, settings, plan(call, settings, service.prefetch, data, now))
         resources = [r for key, item in data.items() for r in fetched.get(key, item.resources)]
-        facts = facts_from(resources, call.patient_id, settings.include_preliminary)
-        facts += draft_order_facts(call.draft_orders, call.patient_id)
-        decisions = evaluate(get_catalog().evaluated(), facts, now, call.patient_id)
-        store = get_store()
-        stored = store.alerts_for_patient(call.patient_id, open_only=True)
-        cards = build_cards(decisions, stored, call.patient_id, CardIndex(store.client, settings), now)
+        # CPU work and blocking Redis round trips run in a worker thread, so one call's Redis waits overlap
+        # with the next call's JSON and FHIR work on the event loop.
+        cards = await run_in_threadpool(_cards_for, call, resources, now)
     except CdsError as exc:
         return exc.response()
     except FhirUnavailable as exc:
