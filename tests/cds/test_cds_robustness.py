@@ -1,0 +1,85 @@
+"""Never a 500 from input: every member of valid calls and feedback replaced by odd values, through the ASGI
+app (embedded mode: in-process Redis). Each answer must be 200, 4xx or 412 with a JSON body."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from cds_support import HYPOK, SERVICE, hook_request, prefetch_for, scenario
+from fastapi.testclient import TestClient
+
+from service.app import app
+
+ODD_VALUES: list[Any] = [None, "", [], {}, 0, -1.5, True, "x" * 300, [None], {"resourceType": "Bundle", "entry": "x"}]
+
+
+def paths(value: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    """Every member path of a JSON value (lists: first element only, to keep the run short)."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield (*prefix, key)
+            yield from paths(inner, (*prefix, key))
+    elif isinstance(value, list) and value:
+        yield (*prefix, 0)
+        yield from paths(value[0], (*prefix, 0))
+
+
+def replaced(value: Any, path: tuple[Any, ...], new: Any) -> Any:
+    out = copy.deepcopy(value)
+    holder = out
+    for step in path[:-1]:
+        holder = holder[step]
+    holder[path[-1]] = new
+    return out
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[TestClient]:
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+def _check(response: Any, where: str) -> None:
+    assert response.status_code < 500, f"{where}: {response.status_code} {response.text[:300]}"
+    json.loads(response.text)
+
+
+@pytest.mark.parametrize("hook", ["patient-view", "order-sign"])
+def test_no_member_of_a_call_can_cause_a_5xx(client: TestClient, hook: str) -> None:
+    patient = "robust1"
+    resources = scenario(HYPOK, patient)[:1]
+    body = hook_request(hook, patient, prefetch_for(resources, patient, ["potassium", "magnesium"]))
+    body["prefetch"] = {k: v for k, v in body["prefetch"].items()}
+    url = f"/cds-services/{SERVICE[hook]}"
+    checked = 0
+    for path in paths(body):
+        for odd in ODD_VALUES:
+            _check(client.post(url, json=replaced(body, path, odd)), f"{path}={odd!r}")
+            checked += 1
+    assert checked > 200
+
+
+def test_no_member_of_feedback_can_cause_a_5xx(client: TestClient) -> None:
+    item = {
+        "card": "b3c2a1d0-0000-4000-8000-000000000000",
+        "outcome": "overridden",
+        "overrideReason": {"reason": {"system": "s", "code": "c", "display": "d"}, "userComment": "u"},
+        "acceptedSuggestions": [{"id": "x"}],
+        "outcomeTimestamp": "2024-05-01T12:00:00Z",
+    }
+    body = {"feedback": [item]}
+    url = f"/cds-services/{SERVICE['patient-view']}/feedback"
+    for path in paths(body):
+        for odd in ODD_VALUES:
+            _check(client.post(url, json=replaced(body, path, odd)), f"{path}={odd!r}")
+
+
+@pytest.mark.parametrize("raw", [b"", b"null", b"[]", b"{", b"\xff\xfe", b'{"hook": "patient-view"}' * 2, b"1e999"])
+def test_odd_bodies_are_4xx(client: TestClient, raw: bytes) -> None:
+    for path in (f"/cds-services/{SERVICE['order-select']}", f"/cds-services/{SERVICE['order-select']}/feedback"):
+        response = client.post(path, content=raw, headers={"Content-Type": "application/json"})
+        assert 400 <= response.status_code < 500, (raw, response.status_code)
