@@ -1,7 +1,8 @@
 """Benchmark of the CDS Hooks patient-view service under concurrent load, beside a trivial endpoint.
 
 One uvicorn worker serves ``service.app:app`` on loopback with a private ``redis-server`` (a free port, never
-6379). A load generator in this process runs 10 concurrent clients (one keep-alive connection each):
+6379). A load generator in this process runs 10 concurrent clients (one keep-alive HTTP/1.1 connection each, a
+minimal asyncio client so the generator takes little CPU from the server):
 
 * ``healthz``      - ``GET /healthz``, the trivial endpoint of the same app (the baseline);
 * ``patient-view`` - ``POST /cds-services/mg-k-patient-view`` with a full prefetch of 100 FHIR resources
@@ -237,22 +238,58 @@ def running_stack(workdir: Path) -> Any:
 # --- load --------------------------------------------------------------------------------------------
 
 
+class _Connection:
+    """A minimal keep-alive HTTP/1.1 client (much less CPU per request than a full client library, so the
+    load generator takes less of the machine away from the server it measures)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: {len(body)}\r\n"
+        if body:
+            head += "Content-Type: application/json\r\n"
+        self.writer.write(head.encode() + b"\r\n" + body)
+        status_line = await self.reader.readline()
+        length = 0
+        while True:
+            line = await self.reader.readline()
+            if line in (b"\r\n", b""):
+                break
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        payload = await self.reader.readexactly(length)
+        return int(status_line.split()[1]), payload
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 async def _client(base: str, workload: str, template: str, count: int, out: list[float], errors: list[str]) -> None:
-    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+    host, port = base.removeprefix("http://").split(":")
+    connection = _Connection(host, int(port))
+    try:
         for _ in range(count):
             if workload == "healthz":
                 started = time.perf_counter()
-                response = await client.get("/healthz")
+                status, payload = await connection.request("GET", "/healthz")
             else:
-                body = template.replace("HOOK-INSTANCE", str(uuid.uuid4()))
+                body = template.replace("HOOK-INSTANCE", str(uuid.uuid4())).encode()
                 started = time.perf_counter()
-                response = await client.post(
-                    f"/cds-services/{SERVICE}", content=body, headers={"Content-Type": "application/json"}
-                )
+                status, payload = await connection.request("POST", f"/cds-services/{SERVICE}", body)
             elapsed = time.perf_counter() - started
-            if response.status_code != 200:
-                errors.append(f"{workload}: HTTP {response.status_code} {response.text[:200]}")
+            if status != 200:
+                errors.append(f"{workload}: HTTP {status} {payload[:200]!r}")
             out.append(elapsed)
+    finally:
+        connection.close()
 
 
 async def run_load(base: str, workload: str, template: str, clients: int, per_client: int) -> dict[str, Any]:

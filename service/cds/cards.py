@@ -10,7 +10,6 @@ overrode, accepted or snoozed are not shown again. Cards are sorted critical, wa
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import uuid
@@ -67,7 +66,7 @@ def valid_fhir(resource: Any) -> bool:
 
 def finish_card(body: dict[str, Any], card_uuid: str, rule_id: str) -> dict[str, Any] | None:
     """A rendered card body (from the engine or a stored alert) as a CDS Hooks card with its uuid."""
-    card = copy.deepcopy(body)
+    card = strip_empty(body)  # a new structure: the stored or rendered body is never changed
     card["uuid"] = card_uuid
     suggestions = []
     for suggestion in card.get("suggestions") or []:

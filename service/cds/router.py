@@ -33,6 +33,12 @@ Client = Annotated[CdsClient, Depends(cds_client)]
 _JSON_TYPES = ("application/json", "application/fhir+json")
 
 
+def _warm() -> None:
+    """Load (and self-test) the rule catalog at start, not on the first CDS call (which would take seconds)."""
+    _services(get_catalog())
+
+
+router.add_event_handler("startup", _warm)
 _SERVICES: dict[int, dict[str, CdsService]] = {}
 _CACHE: list[NormalizeCache] = []
 
