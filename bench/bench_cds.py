@@ -192,7 +192,7 @@ def _wait(check: Any, what: str, timeout: float = 30) -> None:
 
 @contextlib.contextmanager
 def running_stack(workdir: Path) -> Any:
-    """A private redis-server and one uvicorn worker; yields the API base URL."""
+    """A private redis-server and one uvicorn worker; yields the API base URL and the server's pid."""
     redis_port, api_port = _free_port(), _free_port()
     redis_bin = shutil.which("redis-server")
     if redis_bin is None:
@@ -224,7 +224,7 @@ def running_stack(workdir: Path) -> Any:
         )  # fmt: skip
         base = f"http://127.0.0.1:{api_port}"
         _wait(lambda: httpx.get(f"{base}/healthz", timeout=1).status_code == 200, "the API")
-        yield base
+        yield base, procs[-1].pid
     finally:
         for proc in reversed(procs):
             with contextlib.suppress(ProcessLookupError):
@@ -304,6 +304,12 @@ async def run_load(base: str, workload: str, template: str, clients: int, per_cl
     return {"latencies": latencies, "wall": wall}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used (Linux /proc), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile."""
     ordered = sorted(values)
@@ -334,7 +340,7 @@ def main() -> None:
     now = datetime.now(UTC)
     template = request_template(now)
     resources = sum(len(v["entry"]) for k, v in json.loads(template)["prefetch"].items() if not k.startswith("_"))
-    with tempfile.TemporaryDirectory() as tmp, running_stack(Path(tmp)) as base:
+    with tempfile.TemporaryDirectory() as tmp, running_stack(Path(tmp)) as (base, pid):
         first = httpx.post(
             f"{base}/cds-services/{SERVICE}",
             content=template.replace("HOOK-INSTANCE", str(uuid.uuid4())),
@@ -345,18 +351,27 @@ def main() -> None:
         cards = [(c["indicator"], c["source"]["topic"]["code"]) for c in first.json()["cards"]]
         asyncio.run(run_load(base, "patient-view", template, args.clients, 5))  # warm-up
         asyncio.run(run_load(base, "healthz", template, args.clients, 5))
-        totals: dict[str, dict[str, Any]] = {w: {"latencies": [], "wall": 0.0} for w in ("healthz", "patient-view")}
+        totals: dict[str, dict[str, Any]] = {
+            w: {"latencies": [], "wall": 0.0, "cpu": 0.0} for w in ("healthz", "patient-view")
+        }
         per_round = []
         for _ in range(rounds):
             row = {}
             for workload in ("healthz", "patient-view"):
+                cpu_before = cpu_seconds(pid)
                 result = asyncio.run(run_load(base, workload, template, args.clients, per_client))
+                cpu = cpu_seconds(pid) - cpu_before
                 totals[workload]["latencies"] += result["latencies"]
                 totals[workload]["wall"] += result["wall"]
+                totals[workload]["cpu"] += cpu
                 row[workload] = summary(result["latencies"], result["wall"])
+                row[workload]["server_cpu_ms_per_request"] = round(cpu * 1000 / len(result["latencies"]), 2)
             row["p95_ratio"] = round(row["patient-view"]["p95_ms"] / row["healthz"]["p95_ms"], 2)
             per_round.append(row)
     figures = {w: summary(t["latencies"], t["wall"]) for w, t in totals.items()}
+    for workload, t in totals.items():
+        figures[workload]["server_cpu_ms_per_request"] = round(t["cpu"] * 1000 / len(t["latencies"]), 2)
+        figures[workload]["server_cpu_share"] = round(t["cpu"] / t["wall"], 2)  # of one core
     ratios = [r["p95_ratio"] for r in per_round]
     view = figures["patient-view"]
     report = {
@@ -384,14 +399,21 @@ def main() -> None:
         "per_round": per_round,
         "p95_ratio_to_healthz": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
         "targets": {"p95_ms": TARGET_P95_MS, "p99_ms": TARGET_P99_MS},
+        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
         "meets_targets": view["p95_ms"] <= TARGET_P95_MS and view["p99_ms"] <= TARGET_P99_MS,
     }
     RESULTS_DIR.mkdir(exist_ok=True)
     output = args.output or RESULTS_DIR / ("cds-quick.json" if args.quick else "cds.json")
     output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'workload':<14} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'req/s':>8}")
+    print(
+        f"{'workload':<14} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'req/s':>8} {'cpu ms/req':>11} {'cpu share':>10}"
+    )
     for workload, f in figures.items():
-        print(f"{workload:<14} {f['p50_ms']:>8} {f['p95_ms']:>8} {f['p99_ms']:>8} {f['req_per_s']:>8}")
+        print(
+            f"{workload:<14} {f['p50_ms']:>8} {f['p95_ms']:>8} {f['p99_ms']:>8} {f['req_per_s']:>8} "
+            f"{f['server_cpu_ms_per_request']:>11} {f['server_cpu_share']:>10}"
+        )
+    print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"patient-view p95 / healthz p95 per round: median {report['p95_ratio_to_healthz']['median']}")
     print(f"cards per call: {cards}; targets met: {report['meets_targets']}; written to {output}")
 

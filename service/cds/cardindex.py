@@ -10,11 +10,11 @@ later opens an alert for the same rule, the card uuid becomes the alert id.
 
 from __future__ import annotations
 
-import json
 import uuid
 from datetime import datetime
 from typing import Any
 
+import orjson
 import redis
 
 from workers.settings import Settings
@@ -52,7 +52,7 @@ class CardIndex:
         records: dict[str, dict[str, Any]] = {}
         pipe = self.client.pipeline(transaction=False)
         for rule, raw in zip(rules, existing, strict=True):
-            record = json.loads(raw) if raw else None
+            record = orjson.loads(raw) if raw else None
             if record is None:
                 record = {
                     "id": ids[rule],
@@ -67,7 +67,7 @@ class CardIndex:
             record["seen_at"] = now.isoformat()
             records[rule] = record
             pipe.set(self._episode_key(patient, rule), ids[rule], ex=self.ttl)
-            pipe.set(self._card_key(ids[rule]), json.dumps(record), ex=self.ttl)
+            pipe.set(self._card_key(ids[rule]), orjson.dumps(record), ex=self.ttl)
         for rule in ended:
             pipe.delete(self._episode_key(patient, rule))
         if rules or ended:
@@ -77,7 +77,7 @@ class CardIndex:
     def get(self, card_uuid: str) -> dict[str, Any] | None:
         """A card record by uuid."""
         raw = self.client.get(self._card_key(card_uuid))
-        return json.loads(raw) if raw else None
+        return orjson.loads(raw) if raw else None
 
     def record_feedback(self, card_uuid: str, status: str, entry: dict[str, Any], key: str) -> dict[str, Any] | None:
         """Set the card's status and append ``entry`` to its history, once per idempotency ``key``."""
@@ -89,7 +89,7 @@ class CardIndex:
                     raw = pipe.get(card_key)
                     if raw is None:
                         return None
-                    record = json.loads(raw)
+                    record = orjson.loads(raw)
                     if key in record["feedback_keys"]:
                         return record
                     record["status"] = status
@@ -97,7 +97,7 @@ class CardIndex:
                     record["feedback_keys"].append(key)
                     ttl = pipe.ttl(card_key)
                     pipe.multi()
-                    pipe.set(card_key, json.dumps(record), ex=ttl if isinstance(ttl, int) and ttl > 0 else self.ttl)
+                    pipe.set(card_key, orjson.dumps(record), ex=ttl if isinstance(ttl, int) and ttl > 0 else self.ttl)
                     pipe.execute()
                     return record
                 except redis.WatchError:

@@ -8,12 +8,13 @@ be evaluated) and counted in the log; it never fails the call.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
+
+import orjson
 
 from rules.facts import Fact
 from rules.normalize import NormalizeOptions, NormalizeResult, iter_resources, normalize_resource, reference_index
@@ -27,7 +28,7 @@ class NormalizeCache:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._items: OrderedDict[str, NormalizeResult] = OrderedDict()
+        self._items: OrderedDict[tuple[str, bool, bytes], NormalizeResult] = OrderedDict()
         self._lock = threading.Lock()  # calls are evaluated in worker threads
 
     def normalize(
@@ -37,7 +38,10 @@ class NormalizeCache:
         reference = resource.get("medicationReference") if isinstance(resource, dict) else None
         if self.size == 0 or (isinstance(reference, dict) and not str(reference.get("reference", "#")).startswith("#")):
             return normalize_resource(resource, options, resolve=index)
-        key = f"{patient}|{options.include_preliminary}|{json.dumps(resource, separators=(',', ':'))}"
+        try:
+            key = (patient, options.include_preliminary, orjson.dumps(resource))
+        except (TypeError, orjson.JSONEncodeError):
+            return normalize_resource(resource, options, resolve=index)
         with self._lock:
             found = self._items.get(key)
             if found is not None:

@@ -63,7 +63,7 @@ def collect_bundle(bundle: Mapping[str, Any], out: list[dict[str, Any]]) -> str 
             if reason:
                 return reason
             continue
-        out.append(dict(resource))
+        out.append(resource)  # type: ignore[arg-type]
     return None
 
 
@@ -79,7 +79,7 @@ def read_key(key: str, present: bool, value: Any) -> KeyData:
     if kind == "OperationOutcome":
         return KeyData(key, "missing", reason="the client reported an error (OperationOutcome)")
     if kind != "Bundle":
-        return KeyData(key, "complete", [dict(value)])
+        return KeyData(key, "complete", [value])  # type: ignore[list-item]
     resources: list[dict[str, Any]] = []
     reason = collect_bundle(value, resources)
     if reason:

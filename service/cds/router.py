@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
+import orjson
 import redis
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, ORJSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from rules.catalog import Catalog
@@ -76,8 +76,8 @@ async def _json_body(request: Request) -> Any:
         if len(body) > limit:
             raise CdsError(413, f"request body exceeds the limit of {limit} bytes", code="too-costly")
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
         raise CdsError(400, "the body is not valid JSON", code="structure") from None
 
 
@@ -121,7 +121,7 @@ async def call_service(service_id: str, request: Request, _: Client) -> JSONResp
         log.error("alert store unavailable for a CDS call", extra={"error": type(exc).__name__})
         return CdsError(503, "the alert store is unavailable", code="transient").response()
     log.info("cds call answered", extra={"service": service.id, "cards": len(cards), "fetched_keys": len(fetched)})
-    return JSONResponse({"cards": cards})
+    return ORJSONResponse({"cards": cards})
 
 
 @router.post("/{service_id}/feedback", summary="Feedback on cards")

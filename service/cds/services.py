@@ -20,6 +20,11 @@ from rules.model import Rule
 from rules.orders import order_index
 
 HOOKS = ("patient-view", "order-select", "order-sign")
+USAGE = (
+    "Send every prefetch key, or fhirServer (https) with fhirAuthorization so the service can search what is "
+    "missing; a call whose data cannot be had answers 412. Authenticate with a CDS Hooks client JWT (ES384 or "
+    "RS384) from a registered issuer. Feedback is accepted at {id}/feedback."
+)
 LAB_KEYS = ("potassium", "magnesium", "qtc")
 _CONDITION_ACTIVE = "active,recurrence,relapse"
 
@@ -73,6 +78,7 @@ class CdsService:
             "description": self.description,
             "id": self.id,
             "prefetch": {q.key: q.template(page_size) for q in self.prefetch},
+            "usageRequirements": USAGE,
         }
 
 
