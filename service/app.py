@@ -21,6 +21,7 @@ from service.ingest import (
     ingest_one,
     operation_outcome,
 )
+from service.security import install_cors, log_security_warnings
 from service.subscriptions import parse_status, record_event_numbers
 from workers.pipeline import get_catalog, get_store
 from workers.settings import get_settings
@@ -36,6 +37,8 @@ app = FastAPI(
     version="0.1.0",
     description="FHIR R4 Mg/K alerting: event ingestion, alerts, CDS Hooks.",
 )
+install_cors(app)  # EHR_ALERTS_CORS_ORIGINS allow-list (browser-based CDS clients)
+log_security_warnings()  # auth off, dev profile, nothing trusted ... said loudly at start
 
 app.include_router(cds_router)  # CDS Hooks: /cds-services (service/cds/)
 

@@ -25,6 +25,8 @@ from workers.sources import read_all
 app = typer.Typer(help="ehr-alerts: Mg/K clinical alerting for FHIR R4 data.", no_args_is_help=True)
 rules_app = typer.Typer(help="Rule catalog commands.", no_args_is_help=True)
 app.add_typer(rules_app, name="rules")
+token_app = typer.Typer(help="Review API tokens (dev profile only).", no_args_is_help=True)
+app.add_typer(token_app, name="token")
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
@@ -202,6 +204,37 @@ def dead_letters_command(
             process_events.delay(record["events"])
         store.client.ltrim(dead_letter_key(), len(records), -1)
         console.print(f"re-queued {len(records)} batches")
+
+
+@token_app.command("mint")
+def token_mint(
+    sub: Annotated[str, typer.Option("--sub", help="Subject (user id) the token is for")],
+    role: Annotated[list[str], typer.Option("--role", help="Role: pharmacist, viewer or admin (repeat for several)")],
+    minutes: Annotated[int, typer.Option("--minutes", min=1, max=1440, help="Lifetime in minutes")] = 60,
+    name: Annotated[str | None, typer.Option("--name", help="Display name")] = None,
+) -> None:
+    """Print a review token signed by the local dev issuer (EHR_ALERTS_PROFILE=dev only)."""
+    from service.security.dev import DevProfileRequired, mint_token
+    from workers.settings import SettingsError, get_settings
+
+    try:
+        profile = get_settings().profile
+    except SettingsError as exc:
+        err.print(str(exc))
+        raise typer.Exit(2) from exc
+    if profile != "dev":
+        err.print(
+            "refused: `token mint` signs tokens with a local dev key, which only the dev profile trusts. "
+            "Set EHR_ALERTS_PROFILE=dev (never with real patient data); in production, get tokens from your "
+            "OIDC provider."
+        )
+        raise typer.Exit(2)
+    try:
+        token = mint_token(sub, role, minutes=minutes, name=name)
+    except (ValueError, PermissionError, DevProfileRequired) as exc:
+        err.print(f"refused: {exc}")
+        raise typer.Exit(2) from exc
+    sys.stdout.write(token + "\n")
 
 
 @app.command("config")
