@@ -587,9 +587,9 @@ def reference_index(resources: Iterable[tuple[str | None, Any]]) -> dict[str, Ma
     for full_url, resource in resources:
         if not isinstance(resource, Mapping):
             continue
-        if full_url:
+        if isinstance(full_url, str) and full_url:  # real bundles carry odd fullUrl values
             index[full_url] = resource
-        if resource.get("resourceType") and resource.get("id"):
+        if isinstance(resource.get("resourceType"), str) and isinstance(resource.get("id"), str):
             index[f"{resource['resourceType']}/{resource['id']}"] = resource
     return index
 

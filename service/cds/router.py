@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import orjson
 import redis
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, ORJSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from rules.catalog import Catalog
@@ -100,7 +100,7 @@ async def discovery(_: Client) -> dict[str, Any]:
 
 
 @router.post("/{service_id}", summary="Call a CDS service")
-async def call_service(service_id: str, request: Request, _: Client) -> JSONResponse:
+async def call_service(service_id: str, request: Request, _: Client) -> Response:
     """Cards for one hook call: prefetch (or FHIR server) -> facts -> rule engine, merged with stored alerts."""
     try:
         service = _service(service_id)
@@ -121,7 +121,7 @@ async def call_service(service_id: str, request: Request, _: Client) -> JSONResp
         log.error("alert store unavailable for a CDS call", extra={"error": type(exc).__name__})
         return CdsError(503, "the alert store is unavailable", code="transient").response()
     log.info("cds call answered", extra={"service": service.id, "cards": len(cards), "fetched_keys": len(fetched)})
-    return ORJSONResponse({"cards": cards})
+    return Response(orjson.dumps({"cards": cards}), media_type="application/json")
 
 
 @router.post("/{service_id}/feedback", summary="Feedback on cards")

@@ -388,3 +388,15 @@ def test_feedback_malformed_items_are_refused(item: dict[str, Any]) -> None:
 
 def test_prefetch_for_covers_every_key() -> None:
     assert set(prefetch_for([], "p1")) == {q.key for q in queries()}
+
+
+def test_reference_index_ignores_odd_full_urls_and_ids() -> None:
+    from rules.normalize import reference_index
+
+    index = reference_index(
+        [
+            ([None], {"resourceType": "Medication", "id": ["x"]}),
+            ("urn:uuid:1", {"resourceType": "Medication", "id": "m"}),
+        ]
+    )  # type: ignore[list-item]
+    assert set(index) == {"urn:uuid:1", "Medication/m"}

@@ -1,8 +1,9 @@
 """CDS Hooks 2.0.1 conformance (reference/cds-hooks.md §17) against the app running under uvicorn, with a real
 loopback HTTP server standing in for the EHR's FHIR server. Test names carry the checklist item numbers.
 
-Security items 40-50 (JWT matrix, CORS) are tested with the security module; here the service runs with the
-settings the rest of the suite uses.
+Every call carries a real CDS client JWT (tests/auth_helpers.TestIssuer, aud = the exact endpoint URL). The full
+JWT negative matrix is in the security tests; items 40-50 here run a valid and several invalid tokens through
+these endpoints.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from auth_helpers import TestIssuer, unsigned_token
 from cds_support import (
     ARRHYTHMIA,
     EXPECTED,
@@ -54,11 +56,17 @@ TOKENIZABLE = {hook: {"userId", "patientId", "encounterId"} for hook in HOOKS}
 
 
 class Cds:
-    """The running API, its FHIR stand-in and a store on the same Redis."""
+    """The running API, its FHIR stand-in, a store on the same Redis and the trusted EHR issuer."""
 
-    def __init__(self, base: str, fhir: LoopbackFhir, store: Store, log_dir: Path) -> None:
-        self.base, self.fhir, self.store, self.log_dir = base, fhir, store, log_dir
-        self.http = httpx.Client(timeout=30)
+    def __init__(self, base: str, fhir: LoopbackFhir, store: Store, log_dir: Path, issuer: TestIssuer) -> None:
+        self.base, self.fhir, self.store, self.log_dir, self.issuer = base, fhir, store, log_dir, issuer
+        self.http = httpx.Client(timeout=30, event_hooks={"request": [self._sign]})
+
+    def _sign(self, request: httpx.Request) -> None:
+        """Every request gets a fresh JWT for its exact URL unless the test set Authorization itself."""
+        if "authorization" not in request.headers and "x-no-auth" not in request.headers:
+            request.headers["Authorization"] = f"Bearer {self.issuer.token(str(request.url.copy_with(query=None)))}"
+        request.headers.pop("x-no-auth", None)
 
     def call(self, hook: str, body: dict[str, Any], service: str | None = None) -> httpx.Response:
         response = self.http.post(f"{self.base}/cds-services/{service or SERVICE[hook]}", json=body)
@@ -95,14 +103,16 @@ def cds(module_redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
     prefix = f"test-{uuid.uuid4().hex[:12]}"
     logs = tmp_path_factory.mktemp("cds")
+    issuer = TestIssuer(logs)
     env = {
         **os.environ,
+        **issuer.env(),
+        "EHR_ALERTS_CORS_ORIGINS": "https://ehr.example.org",
         "REDIS_URL": module_redis_url,
         "EHR_ALERTS_KEY_PREFIX": prefix,
         "EHR_ALERTS_CDS_FHIR_REQUIRE_HTTPS": "false",
         "EHR_ALERTS_CDS_FHIR_TIMEOUT_SECONDS": "1.5",
         "EHR_ALERTS_CDS_FHIR_PAGE_SIZE": "5",
-        "EHR_ALERTS_CDS_AUTH_ENABLED": "false",
         "PYTHONUNBUFFERED": "1",
     }
     port = _free_port()
@@ -131,7 +141,8 @@ def cds(module_redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     client = redis.Redis.from_url(module_redis_url, decode_responses=True)
     try:
         with LoopbackServer() as fhir:
-            yield Cds(base, fhir, Store(client, Settings(redis_url=module_redis_url, key_prefix=prefix)), logs)
+            store = Store(client, Settings(redis_url=module_redis_url, key_prefix=prefix))
+            yield Cds(base, fhir, store, logs, issuer)
     finally:
         os.killpg(api.pid, signal.SIGTERM)
         api.wait(10)
@@ -711,6 +722,75 @@ def test_c39b_bad_context_values_are_400(cds: Cds, fhir: LoopbackFhir) -> None:
     body = hook_request("order-sign", patient, prefetch_for([], patient))
     body["context"]["draftOrders"] = {"resourceType": "Patient"}
     assert cds.call("order-sign", body).status_code == 400
+
+
+# --- Security (40-50): a valid and several invalid tokens through these endpoints ----------------------
+
+
+def _endpoints(cds: Cds) -> list[tuple[str, str, dict[str, Any] | None]]:
+    patient = patient_id()
+    body = hook_request("patient-view", patient, prefetch_for([], patient))
+    item = {"card": str(uuid.uuid4()), "outcome": "overridden", "outcomeTimestamp": stamp()}
+    return [
+        ("GET", f"{cds.base}/cds-services", None),
+        ("POST", f"{cds.base}/cds-services/{SERVICE['patient-view']}", body),
+        ("POST", f"{cds.base}/cds-services/{SERVICE['patient-view']}/feedback", {"feedback": [item]}),
+    ]
+
+
+def test_c40_missing_authorization_is_401_on_every_endpoint(cds: Cds) -> None:
+    for method, url, body in _endpoints(cds):
+        response = cds.http.request(method, url, json=body, headers={"x-no-auth": "1"})
+        assert response.status_code == 401, url
+
+
+def test_c41_to_c47_invalid_tokens_are_401_on_the_service(cds: Cds) -> None:
+    _, url, body = _endpoints(cds)[1]
+    other = TestIssuer(cds.log_dir)
+    bad = {
+        "41 alg none": unsigned_token({"iss": cds.issuer.issuer, "aud": url, "exp": int(time.time()) + 60}),
+        "42 HS256": cds.issuer.token(url, alg="HS256", key="a-shared-secret-of-at-least-32-bytes!"),
+        "43 unknown key": other.token(url, iss=cds.issuer.issuer),
+        "44 unknown issuer": other.token(url),
+        "45 discovery aud": cds.issuer.token(f"{cds.base}/cds-services"),
+        "46 expired": cds.issuer.token(url, iat=int(time.time()) - 900, exp=int(time.time()) - 600),
+    }
+    for case, token in bad.items():
+        response = cds.http.post(url, json=body, headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 401, case
+    replayed = cds.issuer.token(url)
+    assert cds.http.post(url, json=body, headers={"Authorization": f"Bearer {replayed}"}).status_code == 200
+    assert cds.http.post(url, json=body, headers={"Authorization": f"Bearer {replayed}"}).status_code == 401  # 47
+
+
+def test_c48_es384_and_rs384_with_extra_claims_and_array_aud_are_accepted(cds: Cds) -> None:
+    for method, url, body in _endpoints(cds):
+        for alg in ("ES384", "RS384"):
+            token = cds.issuer.token([url], alg=alg, sub="ehr-client", tenant="t1", nbf=int(time.time()) - 5)
+            response = cds.http.request(method, url, json=body, headers={"Authorization": f"Bearer {token}"})
+            assert response.status_code in (200, 404), (url, alg, response.status_code)  # 404: unknown card
+
+
+def test_c49_401_carries_no_detail(cds: Cds) -> None:
+    _, url, body = _endpoints(cds)[1]
+    expired = cds.issuer.token(url, iat=int(time.time()) - 900, exp=int(time.time()) - 600)
+    responses = [
+        cds.http.post(url, json=body, headers={"Authorization": f"Bearer {expired}"}),
+        cds.http.post(url, json=body, headers={"x-no-auth": "1"}),
+    ]
+    assert responses[0].content == responses[1].content
+    assert b"expired" not in responses[0].content.lower()
+
+
+def test_c50_cors_preflight_allow_list(cds: Cds) -> None:
+    url = f"{cds.base}/cds-services/{SERVICE['patient-view']}"
+    asked = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type,authorization"}
+    allowed = cds.http.options(url, headers={"Origin": "https://ehr.example.org", **asked, "x-no-auth": "1"})
+    assert allowed.headers.get("access-control-allow-origin") == "https://ehr.example.org"
+    assert "POST" in allowed.headers.get("access-control-allow-methods", "")
+    assert "authorization" in allowed.headers.get("access-control-allow-headers", "").lower()
+    refused = cds.http.options(url, headers={"Origin": "https://evil.example", **asked, "x-no-auth": "1"})
+    assert "access-control-allow-origin" not in refused.headers
 
 
 # --- Feedback (51-55) -----------------------------------------------------------------------------------
