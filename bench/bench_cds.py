@@ -9,7 +9,8 @@ minimal asyncio client so the generator takes little CPU from the server):
   (45 potassium, 15 magnesium, 10 QTc, 10 Condition, 10 MedicationRequest, 10 MedicationStatement) for a
   patient on furosemide with persistent low potassium and no recent magnesium, so two rules fire and two
   cards are rendered (and merged with the store, and persisted for feedback) on every call. Each call has
-  its own ``hookInstance``.
+  its own ``hookInstance`` and its own CDS client JWT (ES384, fresh ``jti``, aud = the service URL), verified
+  by the service exactly as in production (signature, issuer allow-list, aud, exp/iat, jti replay in Redis).
 
 Rounds alternate the two workloads; the report gives p50 / p95 / p99 latency (ms) and requests/s per
 workload over all rounds, and the per-round ratio of the patient-view p95 to the healthz p95. Targets:
@@ -190,8 +191,36 @@ def _wait(check: Any, what: str, timeout: float = 30) -> None:
     raise RuntimeError(f"{what} did not start")
 
 
+ISSUER = "https://bench-ehr.example.org"
+
+
+class Signer:
+    """An EHR's CDS client key (ES384) and its JWKS file, trusted by the benchmarked service."""
+
+    def __init__(self, workdir: Path) -> None:
+        import jwt
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from jwt.algorithms import ECAlgorithm
+
+        self.jwt = jwt
+        self.key = ec.generate_private_key(ec.SECP384R1())
+        jwk = json.loads(ECAlgorithm.to_jwk(self.key.public_key()))
+        self.jwks_path = workdir / "bench-jwks.json"
+        self.jwks_path.write_text(json.dumps({"keys": [{**jwk, "kid": "bench-1", "use": "sig", "alg": "ES384"}]}))
+
+    def tokens(self, aud: str, count: int) -> list[str]:
+        """``count`` distinct tokens (fresh jti each), signed before the timed phase."""
+        now = int(time.time())
+        claims = {"iss": ISSUER, "aud": aud, "iat": now, "exp": now + 900}
+        header = {"kid": "bench-1", "typ": "JWT"}
+        return [
+            self.jwt.encode({**claims, "jti": str(uuid.uuid4())}, self.key, algorithm="ES384", headers=header)
+            for _ in range(count)
+        ]
+
+
 @contextlib.contextmanager
-def running_stack(workdir: Path) -> Any:
+def running_stack(workdir: Path, signer: Signer) -> Any:
     """A private redis-server and one uvicorn worker; yields the API base URL and the server's pid."""
     redis_port, api_port = _free_port(), _free_port()
     redis_bin = shutil.which("redis-server")
@@ -211,7 +240,8 @@ def running_stack(workdir: Path) -> Any:
             **os.environ,
             "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
             "EHR_ALERTS_KEY_PREFIX": "bench",
-            "EHR_ALERTS_CDS_AUTH_ENABLED": "false",
+            "EHR_ALERTS_CDS_AUTH_ENABLED": "true",
+            "EHR_ALERTS_CDS_ISSUERS": json.dumps({ISSUER: str(signer.jwks_path)}),
         }
         log = open(workdir / "api.log", "wb")  # noqa: SIM115 - closed with the process
         uvicorn = Path(sys.executable).with_name("uvicorn")
@@ -247,13 +277,15 @@ class _Connection:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+    async def request(self, method: str, path: str, body: bytes = b"", token: str = "") -> tuple[int, bytes]:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
-        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: {len(body)}\r\n"
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Length: {len(body)}\r\n"
         if body:
             head += "Content-Type: application/json\r\n"
+        if token:
+            head += f"Authorization: Bearer {token}\r\n"
         self.writer.write(head.encode() + b"\r\n" + body)
         status_line = await self.reader.readline()
         length = 0
@@ -272,18 +304,20 @@ class _Connection:
             self.writer.close()
 
 
-async def _client(base: str, workload: str, template: str, count: int, out: list[float], errors: list[str]) -> None:
+async def _client(
+    base: str, workload: str, template: str, tokens: list[str], out: list[float], errors: list[str]
+) -> None:
     host, port = base.removeprefix("http://").split(":")
     connection = _Connection(host, int(port))
     try:
-        for _ in range(count):
+        for token in tokens:
             if workload == "healthz":
                 started = time.perf_counter()
                 status, payload = await connection.request("GET", "/healthz")
             else:
                 body = template.replace("HOOK-INSTANCE", str(uuid.uuid4())).encode()
                 started = time.perf_counter()
-                status, payload = await connection.request("POST", f"/cds-services/{SERVICE}", body)
+                status, payload = await connection.request("POST", f"/cds-services/{SERVICE}", body, token)
             elapsed = time.perf_counter() - started
             if status != 200:
                 errors.append(f"{workload}: HTTP {status} {payload[:200]!r}")
@@ -292,12 +326,16 @@ async def _client(base: str, workload: str, template: str, count: int, out: list
         connection.close()
 
 
-async def run_load(base: str, workload: str, template: str, clients: int, per_client: int) -> dict[str, Any]:
+async def run_load(
+    base: str, workload: str, template: str, clients: int, per_client: int, signer: Signer
+) -> dict[str, Any]:
     """``clients`` concurrent clients, ``per_client`` requests each; latencies in seconds."""
     latencies: list[float] = []
     errors: list[str] = []
+    tokens = signer.tokens(f"{base}/cds-services/{SERVICE}", clients * per_client)
+    batches = [tokens[i * per_client : (i + 1) * per_client] for i in range(clients)]
     started = time.perf_counter()
-    await asyncio.gather(*(_client(base, workload, template, per_client, latencies, errors) for _ in range(clients)))
+    await asyncio.gather(*(_client(base, workload, template, batch, latencies, errors) for batch in batches))
     wall = time.perf_counter() - started
     if errors:
         raise SystemExit(f"errors under load: {errors[:3]}")
@@ -340,17 +378,20 @@ def main() -> None:
     now = datetime.now(UTC)
     template = request_template(now)
     resources = sum(len(v["entry"]) for k, v in json.loads(template)["prefetch"].items() if not k.startswith("_"))
-    with tempfile.TemporaryDirectory() as tmp, running_stack(Path(tmp)) as (base, pid):
+    with tempfile.TemporaryDirectory() as tmp, running_stack(Path(tmp), signer := Signer(Path(tmp))) as (base, pid):
         first = httpx.post(
             f"{base}/cds-services/{SERVICE}",
             content=template.replace("HOOK-INSTANCE", str(uuid.uuid4())),
-            headers={"Content-Type": "application/json"},
+            headers={
+                "Content-Type": "application/json",
+                "Authorization": f"Bearer {signer.tokens(f'{base}/cds-services/{SERVICE}', 1)[0]}",
+            },
             timeout=30,
         )
         first.raise_for_status()
         cards = [(c["indicator"], c["source"]["topic"]["code"]) for c in first.json()["cards"]]
-        asyncio.run(run_load(base, "patient-view", template, args.clients, 5))  # warm-up
-        asyncio.run(run_load(base, "healthz", template, args.clients, 5))
+        asyncio.run(run_load(base, "patient-view", template, args.clients, 5, signer))  # warm-up
+        asyncio.run(run_load(base, "healthz", template, args.clients, 5, signer))
         totals: dict[str, dict[str, Any]] = {
             w: {"latencies": [], "wall": 0.0, "cpu": 0.0} for w in ("healthz", "patient-view")
         }
@@ -359,7 +400,7 @@ def main() -> None:
             row = {}
             for workload in ("healthz", "patient-view"):
                 cpu_before = cpu_seconds(pid)
-                result = asyncio.run(run_load(base, workload, template, args.clients, per_client))
+                result = asyncio.run(run_load(base, workload, template, args.clients, per_client, signer))
                 cpu = cpu_seconds(pid) - cpu_before
                 totals[workload]["latencies"] += result["latencies"]
                 totals[workload]["wall"] += result["wall"]
