@@ -443,7 +443,8 @@ def _medication(model: Any, patient: str, _: NormalizeOptions, resolve: Mapping,
                 continue
             seen.add(class_id)
             class_notes = [*notes, "matched by free text (lower confidence)"] if match.via == "text" else notes
-            display = texts[0] if texts else (codings[0].display if codings else match.ingredient)
+            display = texts[0] if texts else (codings[0].display if codings and codings[0].display else None)
+            display = display or match.ingredient
             if model.get_resource_type() == "MedicationRequest" and model.status == "draft":
                 _order_facts(model, patient, order_concepts_for_class(class_id), display, class_notes, result)
             result.facts.append(
