@@ -323,6 +323,20 @@ def test_public_base_url_with_a_proxy_prefix_and_root_path(tmp_path, monkeypatch
             assert http.post("/alerts/cds-services/mg-k-patient-view", headers=ehr.headers(doubled)).status_code == 401
 
 
+def test_tenant_allow_list(tmp_path, monkeypatch):
+    ehr, other = TestIssuer(tmp_path, name="a"), TestIssuer(tmp_path, name="b")
+    env = {**ehr.env(other), "EHR_ALERTS_CDS_TENANTS": json.dumps({ehr.issuer: ["hospital-a", "hospital-b"]})}
+    with settings_reset():
+        configure(monkeypatch, env)
+        with TestClient(make_app()) as http:
+            assert http.post(SERVICE, headers=ehr.headers(SERVICE, tenant="hospital-b")).status_code == 200
+            for tenant in ("hospital-c", None):
+                before = failure_counts()
+                refused(http.post(SERVICE, headers=ehr.headers(SERVICE, tenant=tenant)), "tenant", before)
+            assert http.post(SERVICE, headers=other.headers(SERVICE, tenant="anything")).status_code == 200
+            assert http.post(SERVICE, headers=other.headers(SERVICE)).status_code == 200
+
+
 def test_auth_switched_off_explicitly(tmp_path, monkeypatch):
     with settings_reset():
         configure(monkeypatch, {"EHR_ALERTS_CDS_AUTH_ENABLED": "false"})

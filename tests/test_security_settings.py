@@ -103,6 +103,11 @@ def test_invalid_values_name_the_setting(monkeypatch, env, setting):
     _refused(monkeypatch, env, setting, setting)
 
 
+def test_tenants_for_unknown_issuer_fail(monkeypatch):
+    env = {"EHR_ALERTS_CDS_TENANTS": json.dumps({"https://nobody.test": ["t1"]})}
+    _refused(monkeypatch, env, "EHR_ALERTS_CDS_TENANTS", "not in EHR_ALERTS_CDS_ISSUERS")
+
+
 def test_values_parsed(monkeypatch, tmp_path):
     ehr = TestIssuer(tmp_path)
     env = {
@@ -180,3 +185,12 @@ def test_app_refuses_to_start_with_a_missing_jwks_file(tmp_path):
     result = _import_app(env)
     assert result.returncode != 0
     assert "EHR_ALERTS_CDS_ISSUERS" in result.stderr and "cannot read file" in result.stderr
+
+
+def test_openapi_declares_both_security_schemes(monkeypatch):
+    configure(monkeypatch, {})
+    schema = make_app().openapi()
+    assert set(schema["components"]["securitySchemes"]) >= {"cdsHooksClientJwt", "reviewBearer", "reviewSession"}
+    assert schema["paths"]["/cds-services"]["get"]["security"] == [{"cdsHooksClientJwt": []}]
+    review = schema["paths"]["/review/alerts"]["get"]["security"]
+    assert {"reviewBearer": []} in review and {"reviewSession": []} in review

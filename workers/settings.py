@@ -125,6 +125,11 @@ class Settings(BaseSettings):
         default_factory=dict,
         description="trusted CDS clients: JSON object mapping issuer (JWT iss) to its JWKS (file path or https URL)",
     )
+    cds_tenants: Annotated[dict[str, list[str]], NoDecode] = Field(
+        default_factory=dict,
+        description="optional: JSON object mapping issuer to the tenant ids it may use; a listed issuer's tokens "
+        "must carry one of them in the tenant claim",
+    )
     public_base_url: str | None = Field(
         default=None,
         description="external base URL of this service (e.g. https://cds.example.org); the JWT aud must be this "
@@ -199,6 +204,29 @@ class Settings(BaseSettings):
                     f"JWKS of issuer {issuer} holds the public CDS Hooks sandbox key (kid {SANDBOX_KID}), "
                     "whose private key is published; it is trusted in the dev profile only"
                 )
+        return value
+
+    @field_validator("cds_tenants", mode="before")
+    @classmethod
+    def _tenants_from_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"must be a JSON object mapping issuer to a list of tenant ids ({exc})") from None
+        return value
+
+    @field_validator("cds_tenants")
+    @classmethod
+    def _tenants_valid(cls, value: dict[str, list[str]], info: ValidationInfo) -> dict[str, list[str]]:
+        issuers = set(info.data.get("cds_issuers") or {})
+        if info.data.get("profile") == "dev":
+            issuers.add(SANDBOX_ISSUER)
+        for issuer, tenants in value.items():
+            if issuer not in issuers:
+                raise ValueError(f"issuer {issuer} is not in EHR_ALERTS_CDS_ISSUERS")
+            if not tenants or not all(t.strip() for t in tenants):
+                raise ValueError(f"issuer {issuer}: list at least one non-empty tenant id")
         return value
 
     @field_validator("public_base_url")

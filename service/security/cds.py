@@ -12,10 +12,11 @@ import hashlib
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Annotated, Any
 
 import redis
-from fastapi import HTTPException, Request
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.security.jwks import KeySet, key_set
 from service.security.tokens import AuthFailure, bearer_token, unauthorized, unverified_header_and_claims, verify_signed
@@ -25,6 +26,12 @@ REALM = "cds"
 ALGORITHMS = frozenset({"ES384", "RS384"})
 REQUIRED_CLAIMS = ("iss", "aud", "exp", "iat", "jti")
 MAX_JTI_CHARS = 512
+_bearer_scheme = HTTPBearer(
+    bearerFormat="JWT",
+    scheme_name="cdsHooksClientJwt",
+    description="CDS Hooks 2.0 client JWT (ES384/RS384, aud = the endpoint URL)",
+    auto_error=False,
+)
 
 
 @dataclass(frozen=True)
@@ -129,13 +136,16 @@ def _checked_client(claims: dict[str, Any], issuer: str, settings: Settings) -> 
         raise AuthFailure("claims")  # PyJWT accepts numeric strings; we want NumericDate numbers
     if exp - iat > settings.cds_max_token_lifetime_seconds:
         raise AuthFailure("lifetime")
+    subject, tenant = claims.get("sub"), claims.get("tenant")
+    allowed_tenants = settings.cds_tenants.get(issuer)
+    if allowed_tenants is not None and tenant not in allowed_tenants:
+        raise AuthFailure("tenant")
     try:
         first = _first_use(settings, issuer, jti, exp)
     except redis.RedisError as exc:
         raise HTTPException(503, "replay check unavailable") from exc
     if not first:
         raise AuthFailure("replay")
-    subject, tenant = claims.get("sub"), claims.get("tenant")
     return CdsClient(
         issuer=issuer,
         subject=subject if isinstance(subject, str) and subject else None,
@@ -143,11 +153,15 @@ def _checked_client(claims: dict[str, Any], issuer: str, settings: Settings) -> 
     )
 
 
-async def cds_client(request: Request) -> CdsClient:
+async def cds_client(
+    request: Request,
+    _documented: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer_scheme)] = None,
+) -> CdsClient:
     """FastAPI dependency for the CDS Hooks endpoints (discovery, services, feedback): the verified client.
 
     Answers a bare 401 (``WWW-Authenticate: Bearer``) on any failure. With
     ``EHR_ALERTS_CDS_AUTH_ENABLED=false`` every caller is let in as ``CdsClient("unauthenticated")``.
+    (``_documented`` only declares the scheme in the OpenAPI schema; the header is read and checked here.)
     """
     settings = get_settings()
     if not settings.cds_auth_enabled:

@@ -27,6 +27,7 @@ REASONS = (
     "not-yet-valid",  # iat or nbf in the future
     "claims",  # a required claim is missing or has the wrong type
     "lifetime",  # exp - iat longer than allowed
+    "tenant",  # tenant not allowed for this issuer (EHR_ALERTS_CDS_TENANTS)
     "replay",  # jti seen before
     "role",  # review: authenticated but lacks the role (403)
     "cross-origin",  # review: cookie-authenticated write from another origin (403)
