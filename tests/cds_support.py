@@ -27,7 +27,7 @@ from loopback_fhir import matches
 from service.cds.services import PrefetchQuery, prefetch_queries, substitute
 from workers.pipeline import get_catalog
 
-SCHEMA = Path(__file__).resolve().parent / "data" / "cds-hooks-2.0.1.derived.schema.json"  # copy of shared/reference
+SCHEMA = Path(__file__).resolve().parent / "data" / "cds-hooks-spec" / "cds-hooks-2.0.1.derived.schema.json"
 HYPOK = "hypokalemia-without-magnesium"
 REFRACTORY = "refractory-hypokalemia-on-diuretic"
 ARRHYTHMIA = "arrhythmia-with-low-magnesium"
