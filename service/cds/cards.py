@@ -10,7 +10,6 @@ overrode, accepted or snoozed are not shown again. Cards are sorted critical, wa
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections.abc import Iterable
@@ -18,6 +17,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
+import orjson
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
@@ -48,8 +48,8 @@ def strip_empty(value: Any) -> Any:
 
 
 @lru_cache(maxsize=4096)
-def _valid_resource(text: str) -> bool:
-    resource = json.loads(text)
+def _valid_resource(text: bytes) -> bool:
+    resource = orjson.loads(text)
     try:
         get_fhir_model_class(resource["resourceType"]).model_validate(resource)
     except (ValidationError, KeyError, TypeError, ValueError):
@@ -61,7 +61,10 @@ def valid_fhir(resource: Any) -> bool:
     """True when ``resource`` is a valid FHIR R4 (R4B model) resource; results cached by content."""
     if not isinstance(resource, dict):
         return False
-    return _valid_resource(json.dumps(resource, sort_keys=True, separators=(",", ":")))
+    try:
+        return _valid_resource(orjson.dumps(resource, option=orjson.OPT_SORT_KEYS))
+    except TypeError:
+        return False
 
 
 def finish_card(body: dict[str, Any], card_uuid: str, rule_id: str) -> dict[str, Any] | None:

@@ -400,3 +400,16 @@ def test_reference_index_ignores_odd_full_urls_and_ids() -> None:
         ]
     )  # type: ignore[list-item]
     assert set(index) == {"urn:uuid:1", "Medication/m"}
+
+
+def test_card_index_feedback_is_recorded_once_per_key_and_unknown_cards_are_none() -> None:
+    index, patient = _index(), "p2"
+    (card,) = build_cards(_decisions(scenario(HYPOK, patient), patient), [], patient, index, NOW)
+    entry = {"action": "override", "by": "ehr:x", "at": NOW.isoformat()}
+    first = index.record_feedback(card["uuid"], "overridden", entry, "k1")
+    again = index.record_feedback(card["uuid"], "overridden", entry, "k1")
+    assert first is not None and again is not None
+    assert [h["action"] for h in again["history"]] == ["override"] and again["status"] == "overridden"
+    assert index.get(card["uuid"])["card"]["summary"] == card["summary"]
+    assert index.get(str(uuid.uuid4())) is None
+    assert index.record_feedback(str(uuid.uuid4()), "overridden", entry, "k2") is None
