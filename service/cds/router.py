@@ -60,7 +60,7 @@ def _services(catalog: Catalog) -> dict[str, CdsService]:
 def _service(service_id: str) -> CdsService:
     found = _services(get_catalog()).get(service_id)
     if found is None:
-        raise CdsError(404, f"no CDS service {service_id!r}; see GET /cds-services", "id", "not-found")
+        raise CdsError(404, f"no CDS service {service_id[:64]!r}; see GET /cds-services", "id", "not-found")
     return found
 
 
