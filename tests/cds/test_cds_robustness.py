@@ -12,8 +12,9 @@ from typing import Any
 import httpx
 import pytest
 from auth_helpers import TestIssuer
-from cds_support import HYPOK, SERVICE, hook_request, prefetch_for, scenario
+from cds_support import HYPOK, SERVICE, hook_request, prefetch_for, queries, scenario, validate
 from fastapi.testclient import TestClient
+from fhir_builders import shared_data_dir
 
 from service.app import app
 from workers.settings import get_settings
@@ -105,3 +106,44 @@ def test_odd_bodies_are_4xx(client: TestClient, raw: bytes) -> None:
     for path in (f"/cds-services/{SERVICE['order-select']}", f"/cds-services/{SERVICE['order-select']}/feedback"):
         response = client.post(path, content=raw, headers={"Content-Type": "application/json"})
         assert 400 <= response.status_code < 500, (raw, response.status_code)
+
+
+def _by_key(resources: list[dict[str, Any]]) -> dict[str, Any]:
+    """Real resources put under the prefetch keys by type (as an EHR would answer the templates)."""
+    keys = {
+        "Observation": "potassium",
+        "Condition": "conditions",
+        "MedicationStatement": "medicationStatements",
+        "MedicationRequest": "medicationRequests",
+        "ServiceRequest": "serviceRequests",
+    }
+    prefetch: dict[str, Any] = {q.key: None for q in queries()}
+    for key in set(keys.values()):
+        found = [r for r in resources if keys.get(r.get("resourceType", "")) == key]
+        prefetch[key] = {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": r} for r in found]}
+    return prefetch
+
+
+def test_real_shared_data_through_patient_view(client: TestClient) -> None:
+    """Synthea patients and the HL7 R4 examples as prefetch: 200, schema-valid, and no card from Synthea
+    (its potassium never goes below 3.70 and its dates are years old)."""
+    root = shared_data_dir()
+    if not root.is_dir():
+        pytest.skip(f"shared data not found at {root}")
+    calls = 0
+    for path in sorted((root / "synthea-r4").glob("*.json")):
+        bundle = json.loads(path.read_text())
+        resources = [e["resource"] for e in bundle.get("entry", []) if isinstance(e.get("resource"), dict)]
+        patient = next(r["id"] for r in resources if r["resourceType"] == "Patient")
+        body = hook_request("patient-view", patient, _by_key(resources))
+        response = client.post(f"/cds-services/{SERVICE['patient-view']}", json=body)
+        assert response.status_code == 200, (path.name, response.text[:300])
+        validate(response.json(), "ServiceResponse")
+        assert response.json() == {"cards": []}, path.name
+        calls += 1
+    examples = [json.loads(p.read_text()) for p in sorted((root / "fhir-r4-examples").glob("*.json"))]
+    body = hook_request("patient-view", "example", _by_key(examples))
+    response = client.post(f"/cds-services/{SERVICE['patient-view']}", json=body)
+    assert response.status_code == 200, response.text[:300]
+    validate(response.json(), "ServiceResponse")
+    assert calls >= 5
