@@ -83,10 +83,9 @@ def finish_card(body: dict[str, Any], card_uuid: str, rule_id: str) -> dict[str,
     if suggestions:
         card["suggestions"] = suggestions
         card.setdefault("selectionBehavior", "at-most-one")
-    else:
+    else:  # nothing left to select from: neither member may stay (no empty members, no dangling behaviour)
         card.pop("suggestions", None)
         card.pop("selectionBehavior", None)
-    card = strip_empty(card)
     return card if card.get("summary") and card.get("indicator") in ORDER else None
 
 
