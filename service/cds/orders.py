@@ -61,7 +61,9 @@ def facts_from(
     """Facts of the patient's resources (Bundles walked); other patients' and invalid resources are left out."""
     options = NormalizeOptions(include_preliminary=include_preliminary, default_patient=patient)
     pairs = [pair for item in resources for pair in iter_resources(item)]
-    index = reference_index(pairs)
+    # Only a medicationReference to another resource of the call needs the index of the call's resources.
+    needs_index = any(isinstance(r, dict) and "medicationReference" in r for _, r in pairs)
+    index = reference_index(pairs) if needs_index else {}
     cache = cache or NormalizeCache(0)
     results = [cache.normalize(resource, options, index, patient) for _, resource in pairs]
     rejected = sum(1 for r in results if r.outcome == "rejected")

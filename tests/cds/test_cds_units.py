@@ -413,3 +413,13 @@ def test_card_index_feedback_is_recorded_once_per_key_and_unknown_cards_are_none
     assert index.get(card["uuid"])["card"]["summary"] == card["summary"]
     assert index.get(str(uuid.uuid4())) is None
     assert index.record_feedback(str(uuid.uuid4()), "overridden", entry, "k2") is None
+
+
+def test_medication_reference_to_another_resource_of_the_call_is_followed() -> None:
+    from fhir_builders import FUROSEMIDE, med_request
+
+    request = med_request(None, patient="p1", medicationReference={"reference": "Medication/m1"})
+    medication = {"resourceType": "Medication", "id": "m1", "code": FUROSEMIDE}
+    bundle = {"resourceType": "Bundle", "entry": [{"resource": request}, {"resource": medication}]}
+    facts = facts_from([bundle], "p1", False, NormalizeCache(10))
+    assert {f.concept for f in facts} == {"loop-diuretic"}
