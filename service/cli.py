@@ -166,22 +166,55 @@ def serve_command(
     """Run the HTTP API (ingestion, alerts, health)."""
     import uvicorn
 
-    uvicorn.run("service.app:app", host=host, port=port, workers=workers, log_level="info")
+    from workers.observability.logging import configure_logging
+
+    configure_logging()  # JSON (or text) on stderr; uvicorn's own config and access log are not used
+    uvicorn.run(
+        "service.app:app",
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        proxy_headers=True,
+    )
 
 
 @app.command("worker")
 def worker_command(
     concurrency: Annotated[int, typer.Option("-c", "--concurrency", help="Worker processes")] = 2,
-    loglevel: Annotated[str, typer.Option(help="Log level")] = "info",
 ) -> None:
-    """Run Celery workers on REDIS_URL (same as `celery -A workers.celery_app worker`)."""
+    """Run Celery workers on REDIS_URL (same as `celery -A workers.celery_app worker`).
+
+    Logging follows EHR_ALERTS_LOG_LEVEL / EHR_ALERTS_LOG_FORMAT (JSON lines on stderr by default).
+    """
     from workers.celery_app import app as celery_app
     from workers.settings import get_settings
 
     if get_settings().redis_url is None:
         err.print("REDIS_URL is not set: workers need a real Redis broker (the embedded mode runs tasks inline).")
         raise typer.Exit(2)
-    celery_app.worker_main(["worker", f"--concurrency={concurrency}", f"--loglevel={loglevel}", "-Q", "ehr-alerts"])
+    from workers.observability.logging import configure_logging
+
+    configure_logging()  # before Celery starts: its start-up warnings are logged as JSON too
+    # --quiet: no start-up banner on stdout (logs are JSON lines on stderr)
+    celery_app.worker_main(["--quiet", "worker", f"--concurrency={concurrency}", "-Q", "ehr-alerts"])
+
+
+@app.command("worker-alive")
+def worker_alive_command(
+    max_age: Annotated[
+        float | None, typer.Option(help="Seconds (default: EHR_ALERTS_WORKER_HEARTBEAT_MAX_AGE)")
+    ] = None,
+) -> None:
+    """Liveness probe for a worker container: exit 0 if its heartbeat file is fresh, else 1 with the reason."""
+    from workers.observability.alive import check
+
+    alive, reason = check(max_age)
+    (console if alive else err).print(("alive: " if alive else "not alive: ") + reason)
+    if not alive:
+        raise typer.Exit(1)
 
 
 @app.command("dead-letters")

@@ -45,3 +45,8 @@ app.conf.update(
     task_eager_propagates=True,
     worker_hijack_root_logger=False,
 )
+
+# Operations: JSON logs, enqueue timestamps, latency metrics, heartbeats (signals and a bootstep).
+from workers.observability.celery_hooks import install as _install_observability  # noqa: E402
+
+_install_observability(app)

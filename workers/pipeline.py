@@ -16,6 +16,7 @@ from rules.engine import evaluate
 from rules.model import Rule
 from workers import keys
 from workers.events import Event
+from workers.observability.logging import patient_ref
 from workers.redis_conn import get_redis
 from workers.settings import get_settings
 from workers.store import Store
@@ -50,7 +51,7 @@ def process_batch(raw_events: Iterable[dict[str, Any]], store: Store | None = No
         except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
             raise  # transient: the task retries the batch (idempotent)
         except Exception as exc:  # a poison event must not block the patients after it
-            log.exception("events dead-lettered", extra={"events": len(events)})
+            log.exception("events dead-lettered", extra={"events": len(events), "patient_ref": patient_ref(patient)})
             store.dead_letter(f"{type(exc).__name__}: {exc}", [e.model_dump(mode="json") for e in events])
             counts["events_dead_lettered"] += len(events)
     if by_patient:
@@ -62,10 +63,13 @@ def process_batch(raw_events: Iterable[dict[str, Any]], store: Store | None = No
 def _process_patient(store: Store, rules: list[Rule], patient: str, events: list[Event], counts: Counter[str]) -> None:
     timeline = store.upsert(patient, events)
     counts.update(f"events_{s}" for s in timeline.statuses)
+    # by resource type, for the metrics (workers.observability.metrics)
+    counts.update(f"events_{s}:{e.resource.split('/')[0]}" for e, s in zip(events, timeline.statuses, strict=False))
     # Evaluate even when every event was a duplicate: a worker may have died between storing the facts
     # and applying the decisions, and the redelivered task must finish that work (apply is idempotent).
     decisions = evaluate(rules, timeline.facts, timeline.clock, patient)
     counts.update(f"decisions_{d.outcome}" for d in decisions)
+    counts.update(f"decisions_{d.outcome}:{d.rule_id}" for d in decisions)
     for rule_id, action, _ in store.apply(timeline, decisions):
         if action not in ("none", "stale"):
             counts[f"alerts_{action}"] += 1

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "EHR_ALERTS_"
@@ -111,6 +111,47 @@ class Settings(BaseSettings):
         "0 turns the cache off",
     )
 
+    # --- operations: logs, health, metrics (issue 6, helper "ops") ---
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="level of the application loggers (third-party loggers never below INFO)"
+    )
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="json: one JSON object per line (production); text: human-readable lines"
+    )
+    log_hash_key: SecretStr | None = Field(
+        default=None,
+        description="secret key for the HMAC-SHA256 that pseudonymises patient ids in logs; unset: a random "
+        "key per process (hashes then do not correlate across processes; a warning is logged)",
+    )
+    worker_heartbeat_interval: float = Field(
+        default=10.0, gt=0, le=300, description="seconds between worker heartbeats (Redis and heartbeat file)"
+    )
+    worker_heartbeat_max_age: float = Field(
+        default=60.0, gt=0, description="a worker whose last heartbeat is older than this is not alive / not seen"
+    )
+    worker_heartbeat_file: Path | None = Field(
+        default=Path("/tmp/ehr-alerts-worker.heartbeat"),  # an emptyDir in the Helm chart
+        description="file each worker touches on every heartbeat (`ehr-alerts worker-alive` checks it); empty: no file",
+    )
+
+    @field_validator("worker_heartbeat_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("worker_heartbeat_max_age")
+    @classmethod
+    def _max_age_covers_beats(cls, value: float, info: ValidationInfo) -> float:
+        interval = info.data.get("worker_heartbeat_interval")
+        if interval is not None and value < 2 * interval:
+            raise ValueError(f"must be at least twice EHR_ALERTS_WORKER_HEARTBEAT_INTERVAL ({interval:g} s)")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
     # --- security (service/security: CDS Hooks client JWTs, review API tokens, CORS) ---
     profile: Literal["production", "dev"] = Field(
         default="production",
@@ -174,6 +215,34 @@ class Settings(BaseSettings):
     dev_key_file: Path = Field(
         default=Path("~/.local/state/ehr-alerts/dev-review-key.pem"),
         description="dev profile: private key signing local review tokens (created with mode 0600 on first use)",
+    )
+
+    # --- pharmacist review worklist, page, analytics (service/review, workers/review_queries.py) ---
+    review_page_size: int = Field(default=50, ge=1, le=500, description="worklist rows per page when not asked")
+    review_scan_budget: int = Field(
+        default=5000,
+        ge=100,
+        le=1_000_000,
+        description="most index entries one worklist request walks for text/patient filters before it "
+        "returns a (possibly short) page with a cursor to continue",
+    )
+    review_index_overlap_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=3600,
+        description="the worklist index re-reads alerts changed this many seconds before its watermark "
+        "(covers clock skew between writers)",
+    )
+    review_snooze_max_hours: float = Field(
+        default=168.0, gt=0, le=24 * 90, description="longest snooze a pharmacist may set"
+    )
+    review_ignored_after_hours: float = Field(
+        default=24.0,
+        gt=0,
+        description="an alert nobody acted on counts as 'ignored' in the analytics once closed or open this long",
+    )
+    review_trend_days: float = Field(
+        default=7.0, gt=0, le=90, description="days of K and Mg results shown in the alert detail trend"
     )
 
     @field_validator("cds_issuers", mode="before")

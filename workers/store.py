@@ -16,10 +16,20 @@ from rules.engine import Decision
 from rules.facts import Fact
 from workers import keys
 from workers.events import CLOCK_FORMAT, Event, clock_text
+from workers.schema_upgrade import upgrade_alert, upgrade_fact
 from workers.settings import Settings
 
 _LUA_DIR = Path(__file__).with_name("lua")
 ALERT_SCHEMA_VERSION = 1
+#: Metric kind (``ehr_alerts_alert_transitions_total{kind}``) of each user / EHR action.
+TRANSITION_KINDS = {
+    "acknowledge": "acknowledged",
+    "override": "overridden",
+    "snooze": "snoozed",
+    "accept": "accepted",
+    "resolve": "resolved-by-user",
+    "reopen": "reopened",
+}
 
 
 def _script(client: redis.Redis, name: str) -> Any:
@@ -68,14 +78,16 @@ class Store:
             payload = json.dumps([f.model_dump(mode="json") for f in event.facts], separators=(",", ":"))
             args += [event.resource, event.rank(), f"{event.expires(self.settings)}\t{payload}"]
         version, clock, statuses, payloads = self._store_facts(keys=[k["facts"], k["meta"]], args=args)
-        facts = [Fact.model_validate(item) for payload in payloads for item in json.loads(payload)]
+        facts = [Fact.model_validate(upgrade_fact(item)) for payload in payloads for item in json.loads(payload)]
         when = datetime.strptime(clock, CLOCK_FORMAT).replace(tzinfo=UTC)
         return Timeline(patient, int(version), when, list(statuses), facts)
 
     def timeline(self, patient: str) -> list[Fact]:
         """The facts stored for a patient (read only)."""
         values = self.client.hvals(keys.patient_keys(patient)["facts"])
-        return [Fact.model_validate(item) for value in values for item in json.loads(value.split("\t", 2)[2])]
+        return [
+            Fact.model_validate(upgrade_fact(item)) for value in values for item in json.loads(value.split("\t", 2)[2])
+        ]
 
     # --- alerts ----------------------------------------------------------------------------------------
 
@@ -174,7 +186,11 @@ class Store:
         if code != "ok":
             raise TransitionError(code, body)
         self.client.zadd(keys.alert_index(), {f"{patient}|{alert_id}": datetime.now(UTC).timestamp()})
-        return _read_alert(body)
+        alert = _read_alert(body)
+        last = alert["history"][-1] if alert["history"] else {}
+        if not idempotency_key or (last.get("key") == idempotency_key and last.get("at") == clock_text(at)):
+            self.count(**{f"alerts_{TRANSITION_KINDS.get(action, action)}:{alert['rule_id']}": 1})  # metrics
+        return alert
 
     def list_alerts(
         self, *, status: str | None = None, rule: str | None = None, limit: int = 50, cursor: int = 0
@@ -224,7 +240,7 @@ class Store:
 
 
 def _read_alert(raw: str) -> dict[str, Any]:
-    alert = json.loads(raw)
+    alert = upgrade_alert(json.loads(raw))
     for key in ("evidence", "history"):  # Lua's cjson writes empty arrays as {}
         if alert.get(key) == {}:
             alert[key] = []
