@@ -11,6 +11,7 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from service.cds.router import router as cds_router
 from service.ingest import (
     Enqueuer,
     EntryOutcome,
@@ -42,6 +43,8 @@ app = FastAPI(
 install_cors(app)  # EHR_ALERTS_CORS_ORIGINS allow-list (browser-based CDS clients)
 install_observability(app)  # JSON logs, request ids, GET /metrics (outermost middleware: sees every request)
 log_security_warnings()  # auth off, dev profile, nothing trusted ... said loudly at start
+
+app.include_router(cds_router)  # CDS Hooks: /cds-services (service/cds/)
 
 
 class FhirError(Exception):

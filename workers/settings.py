@@ -78,6 +78,39 @@ class Settings(BaseSettings):
     retention_medication_hours: float = Field(default=24 * 30, gt=0, description="kept this long after a med ends")
     retention_condition_hours: float = Field(default=24 * 365, gt=0, description="kept this long after abatement")
 
+    # --- CDS Hooks service (service/cds/) ---
+    cds_fhir_timeout_seconds: float = Field(
+        default=3.0,
+        gt=0,
+        le=60,
+        description="hard limit for all FHIR server fetches of one CDS Hooks call; when exceeded the call answers 412",
+    )
+    cds_fhir_max_pages: int = Field(
+        default=10, ge=1, le=1000, description="most Bundle pages followed (link next) per prefetch key"
+    )
+    cds_fhir_page_size: int = Field(
+        default=100, ge=1, le=1000, description="_count used in prefetch templates and in the service's own searches"
+    )
+    cds_fhir_require_https: bool = Field(
+        default=True,
+        description="only query https fhirServer URLs (http ones are treated as unreachable, so the call answers 412); "
+        "turn off for loopback test servers only",
+    )
+    cds_card_ttl_hours: float = Field(
+        default=72.0,
+        gt=0,
+        le=24 * 30,
+        description="how long a card that came from a CDS Hooks call alone (no stored alert) is kept for feedback "
+        "and keeps its uuid across calls",
+    )
+    cds_normalize_cache_size: int = Field(
+        default=20_000,
+        ge=0,
+        le=1_000_000,
+        description="resources whose normalisation (fhir.resources validation) is cached by content for CDS calls; "
+        "0 turns the cache off",
+    )
+
     # --- operations: logs, health, metrics (issue 6, helper "ops") ---
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="level of the application loggers (third-party loggers never below INFO)"
