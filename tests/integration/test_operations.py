@@ -60,6 +60,49 @@ HEADERS = {"Authorization": f"Bearer {TOKEN}"}
 #: A valid review token (admin: may call every review route), so the review handlers really run.
 REVIEW_TOKEN = review_token("scan-admin", ["admin"], name="Scan Admin")
 REVIEW = {"Authorization": f"Bearer {REVIEW_TOKEN}"}
+#: The FHIR access token an EHR hands over in a CDS Hooks call: must never be logged either.
+FHIR_ACCESS_TOKEN = "fhir-access-token-that-must-never-be-logged-0123456789"
+PREFETCH_KEYS = (
+    "potassium",
+    "magnesium",
+    "qtc",
+    "ecg",
+    "conditions",
+    "medicationStatements",
+    "medicationRequests",
+    "serviceRequests",
+)
+
+
+def _cds_call(c: Ctx, hook: str) -> dict[str, Any]:
+    """A CDS Hooks call for the replayed patient, with their observations as prefetch."""
+    mine = [r for r in _stream() if r.get("subject", {}).get("reference") == f"Patient/{c.patient}"]
+    observations = [r for r in mine if r["resourceType"] == "Observation"]
+    prefetch: dict[str, Any] = dict.fromkeys(PREFETCH_KEYS)
+    prefetch["potassium"] = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "entry": [{"resource": r} for r in observations],
+    }
+    context: dict[str, Any] = {"userId": "Practitioner/scan", "patientId": c.patient}
+    if hook != "patient-view":
+        context["draftOrders"] = {"resourceType": "Bundle", "type": "collection", "entry": []}
+    if hook == "order-select":
+        context["selections"] = []
+    return {
+        "hook": hook,
+        "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
+        "fhirServer": "https://fhir.example.org/r4",
+        "fhirAuthorization": {
+            "access_token": FHIR_ACCESS_TOKEN,
+            "token_type": "Bearer",
+            "expires_in": 300,
+            "scope": "patient/*.read",
+            "subject": "cds-service",
+        },
+        "context": context,
+        "prefetch": prefetch,
+    }
 
 
 # --- what the test sends --------------------------------------------------------------------------------
@@ -177,6 +220,35 @@ ROUTE_SAMPLES: dict[tuple[str, str], Sample] = {
         (f"/review/alerts/{c.alert_id}/resolve", {"data": {"revision": str(c.revision + 1)}, "headers": REVIEW}),
     ],
     ("POST", "/review/logout"): lambda c: [("/review/logout", {})],
+    ("GET", "/cds-services"): lambda c: [("/cds-services", {})],
+    ("POST", "/cds-services/{service_id}"): lambda c: [
+        ("/cds-services/mg-k-patient-view", {"json": _cds_call(c, "patient-view")}),
+        ("/cds-services/mg-k-order-sign", {"json": _cds_call(c, "order-sign")}),
+        ("/cds-services/mg-k-order-select", {"json": {"hook": "order-select", "context": {}}}),  # 400
+        ("/cds-services/no-such-service", {"json": _cds_call(c, "patient-view")}),  # 404
+    ],
+    ("POST", "/cds-services/{service_id}/feedback"): lambda c: [
+        (
+            "/cds-services/mg-k-patient-view/feedback",
+            {
+                "json": {
+                    "feedback": [
+                        {"card": c.alert_id, "outcome": "accepted", "outcomeTimestamp": "2026-01-01T00:00:00Z"}
+                    ]
+                }
+            },
+        ),
+        (
+            "/cds-services/mg-k-patient-view/feedback",
+            {
+                "json": {
+                    "feedback": [
+                        {"card": "unknown-card", "outcome": "overridden", "outcomeTimestamp": "2026-01-01T00:00:00Z"}
+                    ]
+                }
+            },
+        ),
+    ],
     ("GET", "/openapi.json"): lambda c: [("/openapi.json", {})],
     ("GET", "/docs"): lambda c: [("/docs", {})],
     ("GET", "/docs/oauth2-redirect"): lambda c: [("/docs/oauth2-redirect", {})],
@@ -399,6 +471,8 @@ def test_logs_hold_no_phi_and_metrics_count_the_replay(stack: Stack, tmp_path: P
     assert statuses["GET /api/review/alerts/{alert_id}"] == [200, 404]
     assert statuses["POST /api/review/alerts/{alert_id}/transitions"] == [200, 400]
     assert 200 in statuses["GET /review"]
+    assert statuses["POST /cds-services/{service_id}"] == [200, 200, 400, 404]
+    assert statuses["POST /cds-services/{service_id}/feedback"][1] == 404
 
     sent += [json.loads(path.read_text()) for path in [*SYNTHEA, *EXAMPLES]]
 
@@ -431,6 +505,7 @@ def test_logs_hold_no_phi_and_metrics_count_the_replay(stack: Stack, tmp_path: P
     assert forbidden.get("ex-alpha") == "patient id" and forbidden.get("Example Alpha") == "name"  # sanity
     forbidden |= {TOKEN: "bearer token", TOKEN.split(".")[2]: "token signature", "Bearer ey": "bearer token"}
     forbidden |= {REVIEW_TOKEN: "review token", REVIEW_TOKEN.split(".")[2]: "review token signature"}
+    forbidden |= {FHIR_ACCESS_TOKEN: "FHIR access token"}
     problems = scan(texts, forbidden)
     assert not problems, "\n".join(problems[:40])
 
