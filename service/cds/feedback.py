@@ -22,7 +22,7 @@ from service.cds.cards import suggestion_uuid
 from service.cds.errors import CdsError
 from workers.store import Store, TransitionError
 
-RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
+RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")  # RFC 3339 §5.6
 
 
 @dataclass
@@ -69,7 +69,7 @@ def parse_feedback(data: Any) -> list[FeedbackItem]:
         if not isinstance(stamp, str) or not RFC3339.match(stamp):
             raise _bad(i, "outcomeTimestamp", "is required as an RFC 3339 date-time with a zone")
         try:
-            at = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+            at = datetime.fromisoformat(stamp.upper().replace("Z", "+00:00"))
         except ValueError:
             raise _bad(i, "outcomeTimestamp", "is not a valid date-time") from None
         item = FeedbackItem(i, card, outcome, at)
