@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from rules.catalog import Catalog
+from service.cds import handover
 from service.cds.cardindex import CardIndex
 from service.cds.cards import suggestion_uuid
 from service.cds.errors import CdsError
@@ -129,6 +130,20 @@ def _suggestion_ids(catalog: Catalog, rule_id: str | None, card_uuid: str) -> di
     return {suggestion_uuid(card_uuid, s.id): s.id for s in (rule.card.suggestions if rule else [])}
 
 
+def _continued_by(record: dict[str, Any], store: Store, index: CardIndex) -> dict[str, Any] | None:
+    """The stream's alert that continues a request-only card's episode (adopting it now if the stream opened
+    it since the last call), with the card's earlier feedback replayed onto it; None when there is none."""
+    if record.get("alert_id"):
+        return store.find_alert(record["alert_id"])
+    patient, rule = record.get("patient"), record.get("rule_id")
+    if not patient or not rule:
+        return None
+    alert = next((a for a in store.alerts_for_patient(patient, open_only=True) if a["rule_id"] == rule), None)
+    if alert is None or index.adopt(patient, {rule: alert["id"]}).get(alert["id"], ("",))[0] != record["id"]:
+        return None  # no alert, or the card's episode had already ended (the alert is another episode)
+    return handover.replay(store, alert["id"], record)
+
+
 def apply_item(
     item: FeedbackItem, store: Store, index: CardIndex, catalog: Catalog, actor: str, service_id: str
 ) -> ItemResult:
@@ -137,6 +152,8 @@ def apply_item(
     record = None if alert is not None else index.get(item.card)
     if alert is None and record is None:
         return ItemResult(item.index, item.card, 404, "no card with this uuid (unknown or expired)")
+    if record is not None:  # a request-only card: the stream may have opened the alert of this episode since
+        alert = _continued_by(record, store, index)
     rule_id = (alert or record or {}).get("rule_id")
     known = _suggestion_ids(catalog, rule_id, item.card)
     unknown = [s for s in item.accepted if s not in known]
@@ -150,7 +167,7 @@ def apply_item(
     if alert is not None:
         try:
             updated = store.transition(
-                item.card,
+                alert["id"],
                 action,
                 actor,
                 item.at,
