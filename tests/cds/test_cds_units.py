@@ -423,3 +423,23 @@ def test_medication_reference_to_another_resource_of_the_call_is_followed() -> N
     bundle = {"resourceType": "Bundle", "entry": [{"resource": request}, {"resource": medication}]}
     facts = facts_from([bundle], "p1", False, NormalizeCache(10))
     assert {f.concept for f in facts} == {"loop-diuretic"}
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("furosemide 40 MG Oral Tablet", "furosemide 40 MG Oral Tablet"),
+        ("KCl <b>x</b> [a](https://e.x) *y* `z` & ~s~", "KCl <b>x</b> [a](https://e.x) *y* `z` & ~s~"),
+        ("# heading\nline", "# heading line"),
+        ("- item", "- item"),
+        ("a\\b", "a\\b"),
+    ],
+)
+def test_free_text_of_the_data_renders_as_literal_markdown_text(text: str, shown: str) -> None:
+    from markdown_it import MarkdownIt
+
+    from rules.cards import markdown_text
+
+    html = MarkdownIt("commonmark", {"html": True}).enable(["strikethrough"]).render(markdown_text(text))
+    expected = shown.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    assert html == f"<p>{expected}</p>\n"

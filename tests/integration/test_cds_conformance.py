@@ -35,6 +35,7 @@ from auth_helpers import TestIssuer, unsigned_token
 from cds_support import ARRHYTHMIA, HYPOK, REFRACTORY, TOKEN, draft_kcl, empty_members, scenario, searchset, validate
 from fhir_builders import potassium
 from loopback_fhir import LoopbackFhir, LoopbackServer, matches
+from markdown_it import MarkdownIt
 
 from rules.normalize import normalize_resource
 from workers.events import dump_batch, events_from
@@ -1005,3 +1006,23 @@ def test_card_uuid_of_an_open_episode_survives_the_stream_catching_up(
     assert client.cards("patient-view", {**body, "hookInstance": str(uuid.uuid4())}) == []
     assert client.feedback("patient-view", {"feedback": [item]}).status_code == 200  # a retry changes nothing
     assert [h["action"] for h in client.store.find_alert(alert["id"])["history"]].count("override") == 1
+
+
+HOSTILE = "KCl <img src=x onerror=alert(1)> [click](https://evil.example) *x*\n# big"
+
+
+@pytest.mark.parametrize("hook", ["order-select", "order-sign"])
+def test_card_detail_does_not_pass_markup_from_the_ehr_data(client: Client, fhir: LoopbackFhir, hook: str) -> None:
+    """§Card detail is GitHub-flavoured Markdown that clients render (the sandbox with raw HTML on): free text of
+    the EHR's data (a draft order's medication text) shows as text, never as HTML, links or structure."""
+    patient = patient_id()
+    order = draft_kcl(patient)
+    order["medicationCodeableConcept"] = {
+        "coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "8591", "display": HOSTILE}],
+        "text": HOSTILE,
+    }
+    body = request(hook, patient, prefetch(client, hook, scenario(HYPOK, patient), patient), orders=[order])
+    (card,) = client.cards(hook, body)
+    html = MarkdownIt("commonmark", {"html": True}).enable(["table", "strikethrough"]).render(card["detail"])
+    assert "KCl &lt;img src=x onerror=alert(1)&gt; [click](https://evil.example) *x* # big" in html  # as text
+    assert "<img" not in html and "<a " not in html and "<em>x" not in html and "<h1>" not in html
