@@ -1026,3 +1026,60 @@ def test_card_detail_does_not_pass_markup_from_the_ehr_data(client: Client, fhir
     html = MarkdownIt("commonmark", {"html": True}).enable(["table", "strikethrough"]).render(card["detail"])
     assert "KCl &lt;img src=x onerror=alert(1)&gt; [click](https://evil.example) *x* # big" in html  # as text
     assert "<img" not in html and "<a " not in html and "<em>x" not in html and "<h1>" not in html
+
+
+LONG_ID = "ez067mnwOAKP5z1.YJwRAsd9gCwdOzQ8wSrsM04QFoz882hxQZKBulF4smVj2SxHWfesiTZ1qsgBez8Rdeb2GpbWYuU.L0KkOq"
+
+
+@pytest.mark.parametrize("hook", ["order-select", "order-sign"])
+def test_draft_orders_with_over_long_ids_as_in_the_spec_example_count(
+    client: Client, fhir: LoopbackFhir, hook: str
+) -> None:
+    """The spec's own order-sign example (HL7 index, EHR-issued ids) has draft order ids longer than FHIR's 64
+    characters: such a draft magnesium order still satisfies the "no Mg" rule (no false card)."""
+    patient = patient_id()
+    mg = {
+        "resourceType": "ServiceRequest",
+        "id": LONG_ID,
+        "status": "draft",
+        "intent": "order",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "2601-3"}]},
+        "subject": {"reference": f"Patient/{patient}"},
+    }
+    body = request(hook, patient, prefetch(client, hook, scenario(HYPOK, patient), patient), orders=[mg])
+    assert client.cards(hook, body) == []
+
+
+def spec_contexts() -> list[tuple[str, str, dict[str, Any]]]:
+    """(file, hook, context) of every hook-context example of the spec and the hook pages that is a complete
+    context of one of our hooks."""
+    out = []
+    for path in sorted(SPEC_EXAMPLES.glob("*context*.json")):
+        data = json.loads(path.read_text())
+        context = data.get("context", data)
+        named = re.search(r"docs_hooks_([a-z-]+)__", path.name)
+        if "selections" in context and "draftOrders" in context:
+            hook = "order-select"
+        elif "draftOrders" in context:
+            hook = "order-sign"
+        else:
+            hook = "patient-view"
+        if (named and named.group(1) != hook) or not {"userId", "patientId"} <= set(context):
+            continue
+        out.append((path.name, hook, context))
+    return out
+
+
+def test_spec_hook_context_examples_answer_schema_valid_cards(client: Client, fhir: LoopbackFhir) -> None:
+    """Each hook-context example of the spec (Epic-style long ids, STU3/DSTU2 draft orders, NutritionOrders,
+    PractitionerRole users) as a call with our prefetch keys present: 200 and a valid ServiceResponse."""
+    contexts = spec_contexts()
+    assert {hook for _, hook, _ in contexts} == {"patient-view", "order-select", "order-sign"}
+    for name, hook, context in contexts:
+        body = {"hook": hook, "hookInstance": str(uuid.uuid4()), "context": context}
+        body["prefetch"] = dict.fromkeys(client.service(hook)["prefetch"])
+        response = client.call(hook, body)
+        assert response.status_code == 200, (name, response.text)
+        validate(response.json(), "ServiceResponse")
+        check_cards(response.json()["cards"])
+    assert fhir.requests == []
