@@ -139,9 +139,13 @@ def _continued_by(record: dict[str, Any], store: Store, index: CardIndex) -> dic
     if not patient or not rule:
         return None
     alert = next((a for a in store.alerts_for_patient(patient, open_only=True) if a["rule_id"] == rule), None)
-    if alert is None or index.adopt(patient, {rule: alert["id"]}).get(alert["id"], ("",))[0] != record["id"]:
-        return None  # no alert, or the card's episode had already ended (the alert is another episode)
-    return handover.replay(store, alert["id"], record)
+    linked = index.adopt(patient, {rule: alert["id"]}).get(alert["id"]) if alert is not None else None
+    if alert is None or linked is None:
+        return None
+    card_uuid, adopted = linked
+    if adopted is not None:  # the rule's open episode, now continued by the alert: carry its outcome over
+        alert = handover.replay(store, alert["id"], adopted)
+    return alert if card_uuid == record["id"] else None  # else the card's episode had ended before the alert
 
 
 def apply_item(
