@@ -924,6 +924,10 @@ def test_jwt_required_claims_and_header(client: Client, fhir: LoopbackFhir) -> N
             "aud of another host": issuer.token(url.replace("127.0.0.1", "localhost")),
             "aud of https": issuer.token(url.replace("http://", "https://")),
             "iss with a trailing slash": issuer.token(url, iss=issuer.issuer + "/"),
+            "nbf in the future": issuer.token(url, nbf=now + 600),
+            "typ not JWT": issuer.token(url, headers={"typ": "at+jwt"}),
+            "crit header": issuer.token(url, headers={"crit": ["exp"]}),
+            "lifetime over an hour": issuer.token(url, exp=now + 7200),
         }
         for case, token in bad.items():
             assert _status(client, url, token, body) == 401, (url, case)
@@ -938,6 +942,8 @@ def test_jwt_valid_forms(client: Client, fhir: LoopbackFhir) -> None:
             client.issuer.token([url, "https://other.example/cds-services"]),
             client.issuer.token(url, sub="ehr", tenant="t1", nbf=int(time.time()) - 5),
             client.issuer.token(url, alg="RS384", headers={"jku": "https://ehr.example.org/jwks.json"}),
+            client.issuer.token(url, headers={"typ": None}),  # typ is REQUIRED of the client; tolerated if absent
+            client.issuer.token(url, exp=time.time() + 60.5),  # NumericDate may be fractional
         ):
             assert _status(client, url, token, body) == 200, url
         token = client.issuer.token(url)
