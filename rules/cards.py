@@ -6,6 +6,7 @@ embedded tests run at load time, not in front of a clinician. The service adds t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from decimal import Decimal
 from functools import cache
@@ -45,6 +46,18 @@ def _shown(reported: str) -> str:
         return reported
 
 
+_MARKDOWN_ACTIVE = re.compile(r"([\\`*_\[\]<>&~])")
+
+
+def markdown_text(text: str) -> str:
+    """Free text from the data (a display, an order's text) as literal Markdown text: one line, with the
+    characters that start HTML, links, emphasis or code backslash-escaped (card details are GitHub-flavoured
+    Markdown, and some clients render raw HTML in them)."""
+    line = " ".join(text.split())
+    line = _MARKDOWN_ACTIVE.sub(r"\\\1", line)
+    return "\\" + line if line[:1] in ("#", "+", "-", "=") else line
+
+
 class FactView:
     """What a template sees of one fact."""
 
@@ -56,7 +69,7 @@ class FactView:
         self.time = isoformat(fact.start) or "unknown time"
         self.date = self.time[:16].replace("T", " ") if fact.start else "unknown time"
         self.ref = fact.reference
-        self.display = fact.display or fact.concept
+        self.display = markdown_text(fact.display or fact.concept)  # free text of the EHR's data
         self.concept = fact.concept
         self.notes = list(fact.notes)
 
