@@ -95,7 +95,9 @@ def test_invalid_json_and_wrong_content_type_answer_as_before(client: TestClient
 
 
 def test_the_start_up_heap_freeze_is_switchable(monkeypatch: pytest.MonkeyPatch) -> None:
+    thresholds = gc.get_threshold()
     try:
+        monkeypatch.setenv("EHR_ALERTS_GC_YOUNG_THRESHOLD", "0")
         monkeypatch.setenv("EHR_ALERTS_GC_FREEZE_AT_START", "false")
         get_settings.cache_clear()
         gc.unfreeze()
@@ -106,5 +108,11 @@ def test_the_start_up_heap_freeze_is_switchable(monkeypatch: pytest.MonkeyPatch)
         frozen = freeze_startup_heap()
         assert frozen > 1000
         assert gc.get_freeze_count() == frozen
+        assert gc.get_threshold() == thresholds  # 0 keeps the interpreter's thresholds
+        monkeypatch.setenv("EHR_ALERTS_GC_YOUNG_THRESHOLD", "12345")
+        get_settings.cache_clear()
+        freeze_startup_heap()
+        assert gc.get_threshold() == (12345, *thresholds[1:])
     finally:
+        gc.set_threshold(*thresholds)
         get_settings.cache_clear()
