@@ -333,10 +333,22 @@ def _quantity_fact(
             notes=tuple(notes),
             problem=f"value {value} cannot be converted",
         )
+    table = analyte_units(concept)
+    if table.implausible(canonical):
+        low, high = table.plausible or (None, None)
+        return Fact(
+            **fields,
+            reported_value=str(value),
+            reported_unit=reported_unit,
+            comparator=comparator,
+            notes=tuple(notes),
+            problem=f"implausible value {value} {reported_unit or ''}".rstrip()
+            + f" (outside {low}-{high} {table.canonical}); treated as a data error",
+        )
     return Fact(
         **fields,
         value=canonical,
-        unit=analyte_units(concept).canonical,
+        unit=table.canonical,
         comparator=comparator,
         reported_value=str(value),
         reported_unit=reported_unit,

@@ -31,6 +31,14 @@ class AnalyteUnits:
     canonical: str
     factors: dict[str, Decimal]
     inferred_by_property: dict[str, str]
+    plausible: tuple[Decimal, Decimal] | None = None  # canonical-unit bounds outside which a value is a data error
+
+    def implausible(self, canonical_value: Decimal) -> bool:
+        """True when a converted value lies outside the analyte's plausible range."""
+        if self.plausible is None:
+            return False
+        low, high = self.plausible
+        return not (low <= canonical_value <= high)
 
     def factor(self, unit: str | None) -> Decimal | None:
         """Factor to canonical for a unit spelling, or None when unknown."""
@@ -43,11 +51,13 @@ def analyte_units(analyte: str) -> AnalyteUnits:
     """The unit table for ``analyte`` (potassium, magnesium, qtc)."""
     entry = load_valueset("units")["analytes"][analyte]
     factors = {unit_key(unit): Decimal(str(f)) for unit, f in entry["units"].items()}
+    bounds = entry.get("plausible")
     return AnalyteUnits(
         analyte=analyte,
         canonical=entry["canonical"],
         factors={k: v for k, v in factors.items() if k},
         inferred_by_property=dict(entry.get("inferred_by_property") or {}),
+        plausible=(Decimal(str(bounds["low"])), Decimal(str(bounds["high"]))) if bounds else None,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections import Counter
 from datetime import datetime
@@ -204,8 +205,32 @@ def dead_letters_command(
         console.print(f"re-queued {len(records)} batches")
 
 
+@app.command("config")
+def config_command() -> None:
+    """Print the effective configuration (environment, then EHR_ALERTS_CONFIG_FILE, then defaults); secrets masked."""
+    from workers.settings import get_settings
+
+    table = Table("setting", "environment variable", "value")
+    for name, value in get_settings().model_dump().items():
+        env = "REDIS_URL" if name == "redis_url" else f"EHR_ALERTS_{name.upper()}"
+        shown = (
+            "***" if value and any(w in name for w in ("key", "secret", "password")) and name != "key_prefix" else value
+        )
+        if name == "redis_url" and value and "@" in value:
+            shown = re.sub(r"//[^@]*@", "//***@", value)
+        table.add_row(name, env, json.dumps(shown, default=str))
+    console.print(table)
+
+
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: invalid configuration stops here, naming the setting."""
+    from workers.settings import SettingsError, get_settings
+
+    try:
+        get_settings()
+    except SettingsError as exc:
+        err.print(f"[bold red]{exc}[/]")
+        sys.exit(2)
     app()
 
 

@@ -9,15 +9,18 @@ from typing import Any
 import pytest
 from fhir_builders import (
     AF_SNOMED,
+    HYPOK,
     ICD10CM,
     K_BLOOD,
     MG_MASS,
     MIMIC_ICD10,
     SNOMED,
+    ago,
     bundle,
     coding,
     concept,
     condition,
+    decide,
     ecg,
     ecg_panel,
     magnesium,
@@ -321,11 +324,32 @@ def test_long_float_value_is_kept_exactly():
     assert fact.value > Decimal("3.7")
 
 
-@pytest.mark.parametrize("value", [1.00, 1e-22, 1000000000000000000, 1e245, -1e245])
-def test_extreme_decimals_do_not_crash(value: float):
+@pytest.mark.parametrize("value", [1e-22, 1000000000000000000, 1e245, -1e245, 0, 0.3, 16])
+def test_implausible_values_are_data_errors_not_alerts(value: float):
     result = normalize_resource(potassium(value))
     assert result.outcome == "accepted"
-    assert result.facts[0].value == Decimal(str(value))
+    [fact] = result.facts
+    assert fact.value is None
+    assert fact.reported_value == str(Decimal(str(value)))
+    assert "implausible value" in fact.problem
+
+
+@pytest.mark.parametrize(("value", "unit"), [(1.0, "mmol/L"), (0.6, "mmol/L"), (14, "mmol/L"), (58, "mg/dL")])
+def test_extreme_but_plausible_potassium_is_kept(value: float, unit: str):
+    fact = only_fact(potassium(value, unit))
+    assert fact.problem is None
+    assert fact.value is not None
+
+
+def test_magnesium_in_mg_dl_mislabelled_as_mmol_is_caught():
+    fact = only_fact(magnesium(19.5, "mmol/L"))  # 19.5 mg/dL-ish number with the wrong unit
+    assert fact.value is None
+    assert "implausible" in fact.problem
+
+
+def test_implausible_potassium_makes_the_rule_indeterminate_not_fire():
+    decision = decide(HYPOK, potassium(1e-22, at=ago(2)))
+    assert decision.outcome == "indeterminate"
 
 
 def test_potassium_with_two_codings_is_read():

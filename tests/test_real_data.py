@@ -162,9 +162,15 @@ def test_f203_snomed_unit_system_falls_back_to_the_unit_text():
     original = _example("Observation-f203.json")
     assert original["valueQuantity"]["system"] == "http://snomed.info/sct"
     (fact,) = normalize_resource(_as_potassium(original)).facts
-    assert fact.determinate
-    assert fact.value == Decimal("28")
+    # The unit text is understood (mmol/L); 28 mmol/L (this example is a bicarbonate) is then no plausible K.
     assert fact.reported_unit == "mmol/L"
+    assert fact.value is None
+    assert fact.problem.startswith("implausible value 28 mmol/L")
+    scaled = _as_potassium(original)
+    scaled["valueQuantity"]["value"] = 2.8
+    (fact,) = normalize_resource(scaled).facts
+    assert fact.determinate
+    assert fact.value == Decimal("2.8")
 
 
 def test_f204_snomed_unit_system_with_umol_is_indeterminate_by_its_text():

@@ -51,3 +51,16 @@ def test_yaml_file_with_unknown_setting_is_refused(monkeypatch, tmp_path):
     monkeypatch.setenv("EHR_ALERTS_CONFIG_FILE", str(config))
     with pytest.raises(SettingsError, match="batch_sise"):
         load_settings()
+
+
+def test_cli_refuses_to_start_with_invalid_configuration_and_names_the_setting():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = Path(sys.executable).with_name("ehr-alerts")
+    env = {**os.environ, "EHR_ALERTS_BATCH_SIZE": "lots"}
+    result = subprocess.run([str(cli), "config"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "EHR_ALERTS_BATCH_SIZE" in result.stderr

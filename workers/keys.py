@@ -11,14 +11,20 @@ def _prefix() -> str:
 
 
 def patient_keys(patient: str) -> dict[str, str]:
-    """Keys of one patient: facts, meta (version, clock), alerts, open (rule -> alert), applied versions."""
+    """Keys of one patient: facts, meta (version, clock), alerts, open (rule -> alert), applied versions,
+    closed (rule -> fingerprint of an alert resolved by hand)."""
     tag = f"{_prefix()}:{{p:{patient}}}"
-    return {name: f"{tag}:{name}" for name in ("facts", "meta", "alerts", "open", "applied")}
+    return {name: f"{tag}:{name}" for name in ("facts", "meta", "alerts", "open", "applied", "closed")}
 
 
 def alert_index() -> str:
     """Sorted set of ``patient|alert id`` by last update (epoch seconds), for hospital-wide lists."""
     return f"{_prefix()}:alerts:index"
+
+
+def alert_patients() -> str:
+    """Hash of alert id -> patient id, to find an alert by id alone (a CDS card uuid is an alert id)."""
+    return f"{_prefix()}:alerts:patient"
 
 
 def dead_letters() -> str:

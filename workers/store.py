@@ -37,6 +37,17 @@ class Timeline:
     facts: list[Fact]
 
 
+TRANSITIONS = ("acknowledge", "override", "snooze", "accept", "resolve", "reopen")
+
+
+class TransitionError(Exception):
+    """A transition that cannot be made: ``code`` is not-found, illegal, conflict or invalid."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
 class Store:
     """Timeline upserts, decision application and alert reads for one Redis."""
 
@@ -45,6 +56,7 @@ class Store:
         self.settings = settings
         self._store_facts = _script(client, "store_facts.lua")
         self._apply = _script(client, "apply_decisions.lua")
+        self._transition = _script(client, "transition_alert.lua")
 
     # --- timeline --------------------------------------------------------------------------------------
 
@@ -75,18 +87,21 @@ class Store:
         if not body:
             return []
         results = self._apply(
-            keys=[k["alerts"], k["open"], k["applied"]],
+            keys=[k["alerts"], k["open"], k["applied"], k["closed"]],
             args=[timeline.version, clock_text(timeline.clock), json.dumps(body), json.dumps(retracted)],
         )
         touched = [(rule, action, alert_id) for rule, action, alert_id in results]
         changed = [alert_id for _, action, alert_id in touched if action not in ("none", "stale") and alert_id]
         if changed:
             score = datetime.now(UTC).timestamp()
-            self.client.zadd(keys.alert_index(), {f"{timeline.patient}|{a}": score for a in changed})
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zadd(keys.alert_index(), {f"{timeline.patient}|{a}": score for a in changed})
+            pipe.hset(keys.alert_patients(), mapping=dict.fromkeys(changed, timeline.patient))
+            pipe.execute()
         return touched
 
     def alerts_for_patient(self, patient: str, *, open_only: bool = False) -> list[dict[str, Any]]:
-        """A patient's alerts (open only: active, acknowledged, snoozed, overridden)."""
+        """A patient's alerts (open only: the current episode per rule, whatever a user did with it)."""
         k = keys.patient_keys(patient)
         if open_only:
             ids = list(self.client.hvals(k["open"]))
@@ -99,6 +114,67 @@ class Store:
         """One alert by patient and id."""
         raw = self.client.hget(keys.patient_keys(patient)["alerts"], alert_id)
         return _read_alert(raw) if raw else None
+
+    def find_alert(self, alert_id: str) -> dict[str, Any] | None:
+        """One alert by id alone (a CDS Hooks card uuid is the alert id)."""
+        patient = self.client.hget(keys.alert_patients(), alert_id)
+        return self.get_alert(patient, alert_id) if patient else None
+
+    def transition(
+        self,
+        alert_id: str,
+        action: str,
+        actor: str,
+        at: datetime,
+        *,
+        expected_revision: int | None = None,
+        reason: dict[str, Any] | None = None,
+        comment: str | None = None,
+        until: datetime | None = None,
+        accepted_suggestions: list[str] | None = None,
+        idempotency_key: str | None = None,
+        source: str = "review",
+    ) -> dict[str, Any]:
+        """Move an alert through a user or EHR transition; appends to its history and bumps its revision.
+
+        Raises TransitionError: not-found, illegal (not allowed from the current status), conflict (the
+        alert's revision is not ``expected_revision``) or invalid (bad arguments). Repeating an
+        ``idempotency_key`` already in the history returns the alert unchanged.
+        """
+        if action not in TRANSITIONS:
+            raise TransitionError("invalid", f"unknown action {action!r}; expected one of {', '.join(TRANSITIONS)}")
+        if action == "snooze" and (until is None or until <= at):
+            raise TransitionError("invalid", "snooze needs an 'until' time in the future")
+        patient = self.client.hget(keys.alert_patients(), alert_id)
+        if not patient:
+            raise TransitionError("not-found", f"no alert {alert_id}")
+        extra: dict[str, Any] = {"source": source}
+        for name, value in (("reason", reason), ("comment", comment), ("accepted_suggestions", accepted_suggestions)):
+            if value:
+                extra[name] = value
+        if until is not None:
+            extra["until"] = clock_text(until)
+        if reason and reason.get("display"):
+            extra["why"] = reason["display"] + (f": {comment}" if comment else "")
+        elif comment:
+            extra["why"] = comment
+        k = keys.patient_keys(patient)
+        code, body = self._transition(
+            keys=[k["alerts"], k["open"], k["closed"]],
+            args=[
+                alert_id,
+                action,
+                actor,
+                clock_text(at),
+                "" if expected_revision is None else str(expected_revision),
+                json.dumps(extra),
+                idempotency_key or "",
+            ],
+        )
+        if code != "ok":
+            raise TransitionError(code, body)
+        self.client.zadd(keys.alert_index(), {f"{patient}|{alert_id}": datetime.now(UTC).timestamp()})
+        return _read_alert(body)
 
     def list_alerts(
         self, *, status: str | None = None, rule: str | None = None, limit: int = 50, cursor: int = 0
@@ -153,6 +229,14 @@ def _read_alert(raw: str) -> dict[str, Any]:
         if alert.get(key) == {}:
             alert[key] = []
     return alert
+
+
+def effective_status(alert: dict[str, Any], now: datetime) -> str:
+    """The alert's status as of ``now``: a snooze that has run out counts as active again."""
+    until = alert.get("snoozed_until")
+    if alert.get("status") == "snoozed" and until and until <= clock_text(now):
+        return "active"
+    return str(alert.get("status"))
 
 
 def _decision_body(decision: Decision) -> dict[str, Any]:

@@ -2,11 +2,12 @@
 -- KEYS[1] alerts hash   alert id -> alert json
 -- KEYS[2] open hash     rule id -> open alert id (one open alert per rule and patient)
 -- KEYS[3] applied hash  rule id -> timeline version the last applied decision was computed from
+-- KEYS[4] closed hash   rule id -> fingerprint of an alert a user resolved by hand (same evidence: no re-fire)
 -- ARGV[1] timeline version these decisions were computed from
 -- ARGV[2] event clock (text), ARGV[3] decisions json, ARGV[4] retracted resources json ["Type/id", ...]
 -- A decision computed from an older timeline version than one already applied is ignored (stale), so
 -- two workers racing on one patient cannot leave an alert that newer facts have cleared.
-local alerts, open, applied = KEYS[1], KEYS[2], KEYS[3]
+local alerts, open, applied, closed = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local version = tonumber(ARGV[1])
 local now = ARGV[2]
 local decisions = cjson.decode(ARGV[3])
@@ -42,12 +43,15 @@ for _, d in ipairs(decisions) do
           for _, k in ipairs({'severity', 'card', 'evidence', 'explanation', 'fingerprint', 'rule_version', 'as_of'}) do
             alert[k] = d.alert[k]
           end
-          if alert.status == 'snoozed' then alert.status = 'active' end
+          if alert.status == 'snoozed' then alert.status = 'active'; alert.snoozed_until = nil end
           history(alert, 'updated', 'new evidence: ' .. d.alert.explanation)
           redis.call('HSET', alerts, open_id, cjson.encode(alert))
           action = 'updated'
         end
+      elseif redis.call('HGET', closed, d.rule_id) == d.alert.fingerprint then
+        action = 'suppressed'
       else
+        redis.call('HDEL', closed, d.rule_id)
         local alert = d.alert
         alert.status = 'active'
         alert.opened_at = now
@@ -58,6 +62,8 @@ for _, d in ipairs(decisions) do
         open_id = alert.id
         action = 'opened'
       end
+    elseif d.outcome == 'not-fires' and not open_id then
+      if d.resolves then redis.call('HDEL', closed, d.rule_id) end
     elseif open_id and d.outcome == 'not-fires' then
       local alert = cjson.decode(redis.call('HGET', alerts, open_id))
       if cites_retracted(alert) then
