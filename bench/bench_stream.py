@@ -196,6 +196,51 @@ class Bench:
             self.client.unlink(*batch)
 
 
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _group_cpu(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of a process group (Linux /proc)."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields after "(comm)": state ppid pgrp ... utime(11) stime(12)
+            total += int(fields[11]) + int(fields[12])
+    return total / _TICK
+
+
+def cpu_snapshot(bench: Bench) -> dict[str, float]:
+    """CPU seconds so far of each component: API, workers, Redis, this client."""
+    return {
+        "api": _group_cpu(bench.api.pid) if bench.api else 0.0,
+        "workers": _group_cpu(bench.workers.pid) if bench.workers else 0.0,
+        "redis": _proc_cpu(bench.redis_proc.pid),
+        "client": time.process_time(),
+    }
+
+
+def _proc_cpu(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def cpu_per_item(before: dict[str, float], after: dict[str, float], items: int) -> dict[str, float]:
+    """Microseconds of CPU per item, by component, between two snapshots."""
+    out = {k: round(1e6 * (after[k] - before[k]) / items, 1) for k in before}
+    out["total"] = round(sum(out.values()), 1)
+    return out
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
@@ -270,13 +315,19 @@ def run_noop(bench: Bench, resources: list[dict[str, Any]]) -> dict[str, float]:
     """The baseline: one no-op task per event, published while the workers consume."""
     from workers.tasks import noop
 
+    cpu = cpu_snapshot(bench)
     start = time.perf_counter()
     for resource in resources:
         noop.delay(resource)
     published = time.perf_counter()
     end = bench.wait_idle(inbox_too=False)
-    return {"tasks": len(resources), "seconds": end - start, "per_s": len(resources) / (end - start),
-            "publish_seconds": published - start}  # fmt: skip
+    return {
+        "tasks": len(resources),
+        "seconds": end - start,
+        "per_s": len(resources) / (end - start),
+        "publish_seconds": published - start,
+        "cpu_us_per_task": cpu_per_item(cpu, cpu_snapshot(bench), len(resources)),
+    }
 
 
 def run_stream(bench: Bench, bodies: list[bytes], events: int) -> dict[str, Any]:
@@ -285,10 +336,12 @@ def run_stream(bench: Bench, bodies: list[bytes], events: int) -> dict[str, Any]
 
     store = get_store()
     before = Counter(store.counters())
+    cpu = cpu_snapshot(bench)
     start = time.perf_counter()
     outcomes = post_all(bench, bodies)
     posted = time.perf_counter()
     end = bench.wait_idle(inbox_too=True)
+    cpu_after = cpu_snapshot(bench)
     delta = Counter(store.counters()) - before
     processed = delta["events_stored"] + delta["events_duplicate"] + delta["events_stale"]
     if processed != outcomes["events"] or store.dead_letters():
@@ -300,6 +353,7 @@ def run_stream(bench: Bench, bodies: list[bytes], events: int) -> dict[str, Any]
         "seconds": end - start,
         "post_seconds": posted - start,
         "events_per_s": outcomes["events"] / (end - start),
+        "cpu_us_per_event": cpu_per_item(cpu, cpu_after, outcomes["events"]),
         "alerts_opened": delta["alerts_opened"],
         "alerts_resolved": delta["alerts_resolved"],
         "alerts_updated": delta["alerts_updated"],
@@ -427,7 +481,8 @@ def main(argv: list[str] | None = None) -> None:
                 rounds_out.append({"noop": noop, "stream": stream, "ratio": ratio})
                 print(
                     f"{processes} worker process(es), round {r + 1}: noop {noop['per_s']:,.0f} tasks/s, "
-                    f"stream {stream['events_per_s']:,.0f} events/s, ratio {ratio:.2f}",
+                    f"stream {stream['events_per_s']:,.0f} events/s, ratio {ratio:.2f}; CPU us per task / event: "
+                    f"noop {noop['cpu_us_per_task']}, stream {stream['cpu_us_per_event']}",
                     flush=True,
                 )
             results["runs"][str(processes)] = {
