@@ -194,6 +194,8 @@ def _threshold_text(param: Parameter) -> str:
 
 
 def _in_window(fact: Fact, start: datetime | None, end: datetime) -> bool:
+    if fact.kind == "order":  # placed at authoredOn; a draft (no time yet) is being written now
+        return fact.start is None or ((start is None or fact.start >= start) and fact.start <= end)
     if fact.kind in _POINT_KINDS:
         return fact.start is not None and (start is None or fact.start >= start) and fact.start <= end
     began = fact.start is None or fact.start <= end

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from rules.fhirtime import isoformat
 
-FactKind = Literal["lab", "finding", "medication", "condition"]
+FactKind = Literal["lab", "finding", "medication", "condition", "order"]
 
 #: Schema version of a serialised fact; bump when a stored fact would no longer read back.
 FACT_SCHEMA_VERSION = 1
@@ -28,7 +28,7 @@ class Fact(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     patient: str
-    concept: str  # potassium | magnesium | qtc | arrhythmia | loop-diuretic | thiazide-diuretic | ...
+    concept: str  # potassium | magnesium | qtc | arrhythmia | loop-diuretic | ... | magnesium-order
     kind: FactKind
     resource_type: str
     resource_id: str

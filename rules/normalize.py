@@ -21,9 +21,10 @@ from rules.codes import Coding, arrhythmia_coding, excluded_lab_reason, lab_code
 from rules.facts import Fact
 from rules.fhirtime import to_utc
 from rules.medications import class_display, classify
+from rules.orders import order_concepts_for_class, order_concepts_for_lab, order_counts, order_display
 from rules.units import analyte_units, resolve_unit
 
-SUPPORTED_TYPES = ("Observation", "MedicationStatement", "MedicationRequest", "Condition")
+SUPPORTED_TYPES = ("Observation", "MedicationStatement", "MedicationRequest", "Condition", "ServiceRequest")
 
 # Required bindings of FHIR R4 that the fhir.resources models do not enforce.
 _REQUIRED_CODES: dict[tuple[str, str], frozenset[str]] = {
@@ -38,6 +39,22 @@ _REQUIRED_CODES: dict[tuple[str, str], frozenset[str]] = {
     ),
     ("MedicationRequest", "intent"): frozenset(
         ["proposal", "plan", "order", "original-order", "reflex-order", "filler-order", "instance-order", "option"]
+    ),
+    ("ServiceRequest", "status"): frozenset(
+        ["draft", "active", "on-hold", "revoked", "completed", "entered-in-error", "unknown"]
+    ),
+    ("ServiceRequest", "intent"): frozenset(
+        [
+            "proposal",
+            "plan",
+            "directive",
+            "order",
+            "original-order",
+            "reflex-order",
+            "filler-order",
+            "instance-order",
+            "option",
+        ]
     ),
 }
 _COMPARATORS = frozenset({"<", "<=", ">", ">="})
@@ -115,7 +132,7 @@ def normalize_resource(
     extractor(model, patient, options, resolve or {}, result)
     if not result.facts and result.outcome == "accepted":
         result.outcome = "ignored"
-        result.reason = result.reason or "no potassium, magnesium, QTc, arrhythmia or K/Mg-relevant drug content"
+        result.reason = result.reason or "no potassium, magnesium, QTc, arrhythmia, K/Mg drug or order content"
     return result
 
 
@@ -426,7 +443,10 @@ def _medication(model: Any, patient: str, _: NormalizeOptions, resolve: Mapping,
                 continue
             seen.add(class_id)
             class_notes = [*notes, "matched by free text (lower confidence)"] if match.via == "text" else notes
-            display = texts[0] if texts else (codings[0].display if codings else match.ingredient)
+            display = texts[0] if texts else (codings[0].display if codings and codings[0].display else None)
+            display = display or match.ingredient
+            if model.get_resource_type() == "MedicationRequest" and model.status == "draft":
+                _order_facts(model, patient, order_concepts_for_class(class_id), display, class_notes, result)
             result.facts.append(
                 Fact(
                     **_base_fact(model, patient),
@@ -440,6 +460,45 @@ def _medication(model: Any, patient: str, _: NormalizeOptions, resolve: Mapping,
                     notes=tuple(class_notes),
                 )
             )
+
+
+# --- Orders ------------------------------------------------------------------------------------------
+
+
+def _order_facts(
+    model: Any, patient: str, concepts: Iterable[str], display: str, notes: list[str], result: NormalizeResult
+) -> None:
+    """Facts for an order (a draft MedicationRequest or a ServiceRequest) of the given order concepts.
+
+    A draft has no time of its own yet (it is being written now), so it is active from an unknown start;
+    a placed order is active from ``authoredOn``.
+    """
+    counts = order_counts(model.status) and model.intent != "option" and not model.doNotPerform
+    start = None if model.status == "draft" else to_utc(model.authoredOn)
+    for concept in concepts:
+        if _has_concept(result, concept):
+            continue
+        result.facts.append(
+            Fact(
+                **_base_fact(model, patient),
+                concept=concept,
+                kind="order",
+                counts=counts,
+                retracted=model.status == "entered-in-error",
+                start=start,
+                end=None,
+                display=f"{display} ({order_display(concept).lower()}, {model.status})",
+                notes=tuple(notes),
+            )
+        )
+
+
+def _service_request(model: Any, patient: str, _: NormalizeOptions, __: Mapping, result: NormalizeResult) -> None:
+    lab = lab_code(_codings(model.code))
+    if lab is None:
+        return
+    texts = _texts(model.code)
+    _order_facts(model, patient, order_concepts_for_lab(lab.concept), texts[0] if texts else lab.display, [], result)
 
 
 # --- Condition ---------------------------------------------------------------------------------------
@@ -491,6 +550,7 @@ _EXTRACTORS = {
     "MedicationStatement": _medication,
     "MedicationRequest": _medication,
     "Condition": _condition,
+    "ServiceRequest": _service_request,
 }
 
 
@@ -528,9 +588,9 @@ def reference_index(resources: Iterable[tuple[str | None, Any]]) -> dict[str, Ma
     for full_url, resource in resources:
         if not isinstance(resource, Mapping):
             continue
-        if full_url:
+        if isinstance(full_url, str) and full_url:  # real bundles carry odd fullUrl values
             index[full_url] = resource
-        if resource.get("resourceType") and resource.get("id"):
+        if isinstance(resource.get("resourceType"), str) and isinstance(resource.get("id"), str):
             index[f"{resource['resourceType']}/{resource['id']}"] = resource
     return index
 

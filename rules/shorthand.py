@@ -5,8 +5,10 @@ normaliser: units, comparators, statuses and medication classification take the 
 
 Shorthand keys: ``lab`` (potassium | magnesium | qtc) with ``value``, ``unit``, ``comparator``, ``at``,
 ``status``, ``loinc``; ``med`` (an RxNorm code) with ``status``, ``start``, ``end``, ``type``
-(statement | request); ``condition`` (a SNOMED code) with ``start``, ``clinical_status``; ``ecg`` (a SNOMED
-rhythm code) with ``at``; or ``resource`` holding any FHIR resource as is.
+(statement | request; ``status: draft`` makes a draft order); ``lab_order`` (potassium | magnesium: a
+ServiceRequest for that lab) with ``status`` (default draft), ``intent``, ``at`` (authoredOn); ``condition``
+(a SNOMED code) with ``start``, ``clinical_status``; ``ecg`` (a SNOMED rhythm code) with ``at``; or
+``resource`` holding any FHIR resource as is.
 """
 
 from __future__ import annotations
@@ -78,6 +80,17 @@ def expand(item: dict[str, Any], patient: str, index: int) -> dict[str, Any]:
                 "subject": subject,
                 **({"authoredOn": item["start"]} if "start" in item else {}),
             }
+    elif "lab_order" in item:
+        loinc = item.get("loinc", _DEFAULT_LOINC[item["lab_order"]])
+        resource = {
+            "resourceType": "ServiceRequest",
+            "id": rid,
+            "status": item.get("status", "draft"),
+            "intent": item.get("intent", "order"),
+            "code": {"coding": [{"system": "http://loinc.org", "code": loinc, "display": _loinc_display(loinc)}]},
+            "subject": subject,
+            **({"authoredOn": item["at"]} if "at" in item else {}),
+        }
     elif "condition" in item:
         resource = {
             "resourceType": "Condition",
@@ -105,7 +118,9 @@ def expand(item: dict[str, Any], patient: str, index: int) -> dict[str, Any]:
             "valueCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": str(item["ecg"])}]},
         }
     else:
-        raise ValueError(f"fact #{index}: expected one of lab, med, condition, ecg, resource; got {sorted(item)}")
+        raise ValueError(
+            f"fact #{index}: expected one of lab, med, lab_order, condition, ecg, resource; got {sorted(item)}"
+        )
     if meta:
         resource["meta"] = meta
     return resource

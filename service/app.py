@@ -11,6 +11,7 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from service.cds.router import router as cds_router
 from service.ingest import (
     Enqueuer,
     EntryOutcome,
@@ -20,8 +21,12 @@ from service.ingest import (
     ingest_one,
     operation_outcome,
 )
+from service.observability import install as install_observability
+from service.observability import readiness_response
+from service.review import install as install_review
+from service.security import install_cors, log_security_warnings
 from service.subscriptions import parse_status, record_event_numbers
-from workers.pipeline import get_catalog, get_store
+from workers.pipeline import get_store
 from workers.settings import get_settings
 
 FHIR_JSON = "application/fhir+json"
@@ -35,6 +40,11 @@ app = FastAPI(
     version="0.1.0",
     description="FHIR R4 Mg/K alerting: event ingestion, alerts, CDS Hooks.",
 )
+install_cors(app)  # EHR_ALERTS_CORS_ORIGINS allow-list (browser-based CDS clients)
+install_observability(app)  # JSON logs, request ids, GET /metrics (outermost middleware: sees every request)
+log_security_warnings()  # auth off, dev profile, nothing trusted ... said loudly at start
+
+app.include_router(cds_router)  # CDS Hooks: /cds-services (service/cds/)
 
 
 class FhirError(Exception):
@@ -229,6 +239,9 @@ def get_alert(patient_id: str, alert_id: str) -> dict[str, Any]:
     return alert
 
 
+install_review(app)  # pharmacist review: /api/review (JSON), /review (page)
+
+
 @app.get("/healthz", tags=["operations"])
 def healthz() -> dict[str, str]:
     """The process is alive."""
@@ -236,17 +249,9 @@ def healthz() -> dict[str, str]:
 
 
 @app.get("/readyz", tags=["operations"])
-def readyz() -> JSONResponse:
-    """Redis reachable and rule catalog loaded."""
-    reasons = []
-    try:
-        get_store().client.ping()
-    except Exception as exc:  # any failure means not ready; the reason is in the body
-        reasons.append(f"redis: {type(exc).__name__}")
-    try:
-        rules = len(get_catalog().rules)
-    except Exception as exc:
-        reasons.append(f"rules: {exc}")
-        rules = 0
-    body = {"status": "ready" if not reasons else "not-ready", "rules": rules, "reasons": reasons}
-    return JSONResponse(body, 200 if not reasons else 503)
+def readyz(scope: Annotated[str, Query(pattern="^(all|api)$")] = "all") -> JSONResponse:
+    """Ready: Redis reachable, rule catalog loaded, a worker heartbeat seen recently; else 503 with reasons.
+
+    ``scope=api`` leaves out the worker check (the API pod's own readiness probe: CDS Hooks and the review
+    API keep serving while workers restart)."""
+    return readiness_response(workers=scope == "all")

@@ -25,6 +25,8 @@ from workers.sources import read_all
 app = typer.Typer(help="ehr-alerts: Mg/K clinical alerting for FHIR R4 data.", no_args_is_help=True)
 rules_app = typer.Typer(help="Rule catalog commands.", no_args_is_help=True)
 app.add_typer(rules_app, name="rules")
+token_app = typer.Typer(help="Review API tokens (dev profile only).", no_args_is_help=True)
+app.add_typer(token_app, name="token")
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
@@ -164,22 +166,55 @@ def serve_command(
     """Run the HTTP API (ingestion, alerts, health)."""
     import uvicorn
 
-    uvicorn.run("service.app:app", host=host, port=port, workers=workers, log_level="info")
+    from workers.observability.logging import configure_logging
+
+    configure_logging()  # JSON (or text) on stderr; uvicorn's own config and access log are not used
+    uvicorn.run(
+        "service.app:app",
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        proxy_headers=True,
+    )
 
 
 @app.command("worker")
 def worker_command(
     concurrency: Annotated[int, typer.Option("-c", "--concurrency", help="Worker processes")] = 2,
-    loglevel: Annotated[str, typer.Option(help="Log level")] = "info",
 ) -> None:
-    """Run Celery workers on REDIS_URL (same as `celery -A workers.celery_app worker`)."""
+    """Run Celery workers on REDIS_URL (same as `celery -A workers.celery_app worker`).
+
+    Logging follows EHR_ALERTS_LOG_LEVEL / EHR_ALERTS_LOG_FORMAT (JSON lines on stderr by default).
+    """
     from workers.celery_app import app as celery_app
     from workers.settings import get_settings
 
     if get_settings().redis_url is None:
         err.print("REDIS_URL is not set: workers need a real Redis broker (the embedded mode runs tasks inline).")
         raise typer.Exit(2)
-    celery_app.worker_main(["worker", f"--concurrency={concurrency}", f"--loglevel={loglevel}", "-Q", "ehr-alerts"])
+    from workers.observability.logging import configure_logging
+
+    configure_logging()  # before Celery starts: its start-up warnings are logged as JSON too
+    # --quiet: no start-up banner on stdout (logs are JSON lines on stderr)
+    celery_app.worker_main(["--quiet", "worker", f"--concurrency={concurrency}", "-Q", "ehr-alerts"])
+
+
+@app.command("worker-alive")
+def worker_alive_command(
+    max_age: Annotated[
+        float | None, typer.Option(help="Seconds (default: EHR_ALERTS_WORKER_HEARTBEAT_MAX_AGE)")
+    ] = None,
+) -> None:
+    """Liveness probe for a worker container: exit 0 if its heartbeat file is fresh, else 1 with the reason."""
+    from workers.observability.alive import check
+
+    alive, reason = check(max_age)
+    (console if alive else err).print(("alive: " if alive else "not alive: ") + reason)
+    if not alive:
+        raise typer.Exit(1)
 
 
 @app.command("dead-letters")
@@ -203,6 +238,37 @@ def dead_letters_command(
             inbox.submit(store.client, record["events"], get_settings().redelivery_timeout)
         store.client.ltrim(dead_letter_key(), len(records), -1)
         console.print(f"re-queued {len(records)} batches")
+
+
+@token_app.command("mint")
+def token_mint(
+    sub: Annotated[str, typer.Option("--sub", help="Subject (user id) the token is for")],
+    role: Annotated[list[str], typer.Option("--role", help="Role: pharmacist, viewer or admin (repeat for several)")],
+    minutes: Annotated[int, typer.Option("--minutes", min=1, max=1440, help="Lifetime in minutes")] = 60,
+    name: Annotated[str | None, typer.Option("--name", help="Display name")] = None,
+) -> None:
+    """Print a review token signed by the local dev issuer (EHR_ALERTS_PROFILE=dev only)."""
+    from service.security.dev import DevProfileRequired, mint_token
+    from workers.settings import SettingsError, get_settings
+
+    try:
+        profile = get_settings().profile
+    except SettingsError as exc:
+        err.print(str(exc))
+        raise typer.Exit(2) from exc
+    if profile != "dev":
+        err.print(
+            "refused: `token mint` signs tokens with a local dev key, which only the dev profile trusts. "
+            "Set EHR_ALERTS_PROFILE=dev (never with real patient data); in production, get tokens from your "
+            "OIDC provider."
+        )
+        raise typer.Exit(2)
+    try:
+        token = mint_token(sub, role, minutes=minutes, name=name)
+    except (ValueError, PermissionError, DevProfileRequired) as exc:
+        err.print(f"refused: {exc}")
+        raise typer.Exit(2) from exc
+    sys.stdout.write(token + "\n")
 
 
 @app.command("config")

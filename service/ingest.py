@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from rules.normalize import NormalizeOptions, NormalizeResult, normalize_resource, reference_index
+from service.observability.metrics import record_event
 from workers import inbox
 from workers.events import Event, dump_batch, events_from
 from workers.redis_conn import get_redis
@@ -92,6 +93,7 @@ def ingest_one(
     if result.outcome == "ignored" and result.reason:
         entry.issues.append(("information", location, result.reason))
     answer.entries.append(entry)
+    record_event(result.resource_type, result.outcome)
     event = events_from(result, received or datetime.now(UTC))
     if event is not None:
         enqueuer.add(event)
@@ -126,6 +128,7 @@ def ingest_bundle_entries(bundle: Mapping[str, Any], enqueuer: Enqueuer, answer:
             "Patient",
         ):
             answer.entries.append(EntryOutcome(location, "ignored", str(resource.get("resourceType"))))
+            record_event(str(resource.get("resourceType")), "ignored")
             continue
         ingest_one(resource, location, enqueuer, answer, resolve=index, received=received)
 

@@ -347,6 +347,7 @@ def walk(value: Any, path: str = "card") -> Iterator[tuple[str, Any]]:
 
 
 def shared_data_dir() -> Path:
-    """``/work/shared/data`` (relative to the repo), or ``$EHR_ALERTS_SHARED_DATA``."""
+    """The public FHIR data vendored in ``tests/data/shared`` (a copy of the team's shared data folder; see
+    its README for origins and licences), or ``$EHR_ALERTS_SHARED_DATA``."""
     override = os.environ.get("EHR_ALERTS_SHARED_DATA")
-    return Path(override) if override else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(override) if override else Path(__file__).resolve().parent / "data" / "shared"

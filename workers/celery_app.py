@@ -97,3 +97,8 @@ def _sweep() -> None:
 
 
 app.steps["worker"].add(InboxSweep)
+
+# Operations: JSON logs, enqueue timestamps, latency metrics, heartbeats (signals and a bootstep).
+from workers.observability.celery_hooks import install as _install_observability  # noqa: E402
+
+_install_observability(app)

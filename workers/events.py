@@ -39,7 +39,7 @@ class Event(BaseModel):
         """When this resource may leave the timeline (retention per fact kind)."""
         ends: list[str] = []
         for fact in self.facts:
-            if fact.kind in ("lab", "finding"):
+            if fact.kind in ("lab", "finding") or fact.kind == "order":
                 hours, anchor = settings.retention_lab_hours, fact.start
             elif fact.kind == "medication":
                 hours, anchor = settings.retention_medication_hours, fact.end

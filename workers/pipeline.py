@@ -16,6 +16,7 @@ import redis
 from rules.catalog import Catalog, load_catalog
 from rules.engine import Decision, evaluate
 from workers.events import Event
+from workers.observability.logging import patient_ref
 from workers.redis_conn import get_redis
 from workers.settings import get_settings
 from workers.store import Store, Timeline
@@ -72,7 +73,11 @@ def process_batch(raw_events: Iterable[dict[str, Any]], store: Store | None = No
     def poison(patient: str, exc: BaseException) -> None:
         if isinstance(exc, _TRANSIENT):
             raise exc
-        log.error("events dead-lettered", extra={"events": len(by_patient[patient])}, exc_info=exc)
+        log.error(
+            "events dead-lettered",
+            extra={"events": len(by_patient[patient]), "patient_ref": patient_ref(patient)},
+            exc_info=exc,
+        )
         store.dead_letter(f"{type(exc).__name__}: {exc}", [e.model_dump(mode="json") for e in by_patient[patient]])
         counts["events_dead_lettered"] += len(by_patient[patient])
 
@@ -82,12 +87,16 @@ def process_batch(raw_events: Iterable[dict[str, Any]], store: Store | None = No
             poison(patient, timeline)
             continue
         counts.update(f"events_{s}" for s in timeline.statuses)
+        # by resource type, for the metrics (workers.observability.metrics)
+        events = by_patient[patient]
+        counts.update(f"events_{s}:{e.resource.split('/')[0]}" for e, s in zip(events, timeline.statuses, strict=False))
         # Evaluate even when every event was a duplicate: a worker may have died between storing the facts
         # and applying the decisions, and the redelivered task must finish that work (apply is idempotent).
         try:
             for as_of in evaluation_times(timeline, by_patient[patient]):
                 decisions = evaluate(rules, timeline.facts, as_of, patient)
                 counts.update(f"decisions_{d.outcome}" for d in decisions)
+                counts.update(f"decisions_{d.outcome}:{d.rule_id}" for d in decisions)
                 planned.append((replace(timeline, clock=as_of), decisions))
         except Exception as exc:  # a poison event must not block the patients after it
             poison(patient, exc)

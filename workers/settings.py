@@ -7,17 +7,27 @@ Every field is documented in the README's configuration table. Invalid configura
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import AliasChoices, Field, ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "EHR_ALERTS_"
 CONFIG_FILE_ENV = "EHR_ALERTS_CONFIG_FILE"
+
+# The public CDS Hooks sandbox signs with a private key that is published on GitHub: anyone can forge its
+# tokens, so it may be trusted in the dev profile only (service/security bundles its JWKS for that profile).
+SANDBOX_ISSUER = "https://sandbox.cds-hooks.org"
+SANDBOX_KID = "44823f3d-0b01-4a6c-a80e-b9d3e8a7226f"
+_ORIGIN = re.compile(r"^https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
+_CLAIM_PATH = re.compile(r"^[A-Za-z0-9_:\-]+(\.[A-Za-z0-9_:\-]+)*$")
 
 
 class SettingsError(ValueError):
@@ -76,6 +86,294 @@ class Settings(BaseSettings):
     retention_medication_hours: float = Field(default=24 * 30, gt=0, description="kept this long after a med ends")
     retention_condition_hours: float = Field(default=24 * 365, gt=0, description="kept this long after abatement")
 
+    # --- CDS Hooks service (service/cds/) ---
+    cds_fhir_timeout_seconds: float = Field(
+        default=3.0,
+        gt=0,
+        le=60,
+        description="hard limit for all FHIR server fetches of one CDS Hooks call; when exceeded the call answers 412",
+    )
+    cds_fhir_max_pages: int = Field(
+        default=10, ge=1, le=1000, description="most Bundle pages followed (link next) per prefetch key"
+    )
+    cds_fhir_page_size: int = Field(
+        default=100, ge=1, le=1000, description="_count used in prefetch templates and in the service's own searches"
+    )
+    cds_fhir_require_https: bool = Field(
+        default=True,
+        description="only query https fhirServer URLs (http ones are treated as unreachable, so the call answers 412); "
+        "turn off for loopback test servers only",
+    )
+    cds_card_ttl_hours: float = Field(
+        default=72.0,
+        gt=0,
+        le=24 * 30,
+        description="how long a card that came from a CDS Hooks call alone (no stored alert) is kept for feedback "
+        "and keeps its uuid across calls",
+    )
+    cds_normalize_cache_size: int = Field(
+        default=20_000,
+        ge=0,
+        le=1_000_000,
+        description="resources whose normalisation (fhir.resources validation) is cached by content for CDS calls; "
+        "0 turns the cache off",
+    )
+
+    # --- operations: logs, health, metrics (issue 6, helper "ops") ---
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="level of the application loggers (third-party loggers never below INFO)"
+    )
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="json: one JSON object per line (production); text: human-readable lines"
+    )
+    log_hash_key: SecretStr | None = Field(
+        default=None,
+        description="secret key for the HMAC-SHA256 that pseudonymises patient ids in logs; unset: a random "
+        "key per process (hashes then do not correlate across processes; a warning is logged)",
+    )
+    worker_heartbeat_interval: float = Field(
+        default=10.0, gt=0, le=300, description="seconds between worker heartbeats (Redis and heartbeat file)"
+    )
+    worker_heartbeat_max_age: float = Field(
+        default=60.0, gt=0, description="a worker whose last heartbeat is older than this is not alive / not seen"
+    )
+    worker_heartbeat_file: Path | None = Field(
+        default=Path("/tmp/ehr-alerts-worker.heartbeat"),  # an emptyDir in the Helm chart
+        description="file each worker touches on every heartbeat (`ehr-alerts worker-alive` checks it); empty: no file",
+    )
+
+    @field_validator("worker_heartbeat_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("worker_heartbeat_max_age")
+    @classmethod
+    def _max_age_covers_beats(cls, value: float, info: ValidationInfo) -> float:
+        interval = info.data.get("worker_heartbeat_interval")
+        if interval is not None and value < 2 * interval:
+            raise ValueError(f"must be at least twice EHR_ALERTS_WORKER_HEARTBEAT_INTERVAL ({interval:g} s)")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    # --- security (service/security: CDS Hooks client JWTs, review API tokens, CORS) ---
+    profile: Literal["production", "dev"] = Field(
+        default="production",
+        description="dev: also trust the public CDS Hooks sandbox issuer and the local dev review issuer "
+        "(urn:ehr-alerts:dev, `ehr-alerts token mint`); never use dev with real patient data",
+    )
+    cds_auth_enabled: bool = Field(
+        default=True,
+        description="require a CDS Hooks client JWT on discovery, services and feedback; false is logged loudly",
+    )
+    cds_issuers: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="trusted CDS clients: JSON object mapping issuer (JWT iss) to its JWKS (file path or https URL)",
+    )
+    cds_tenants: Annotated[dict[str, list[str]], NoDecode] = Field(
+        default_factory=dict,
+        description="optional: JSON object mapping issuer to the tenant ids it may use; a listed issuer's tokens "
+        "must carry one of them in the tenant claim",
+    )
+    public_base_url: str | None = Field(
+        default=None,
+        description="external base URL of this service (e.g. https://cds.example.org); the JWT aud must be this "
+        "plus the endpoint path. Unset: taken from the request (scheme and Host header)",
+    )
+    jwt_leeway_seconds: int = Field(default=30, ge=0, le=300, description="clock skew allowed on exp, iat and nbf")
+    cds_max_token_lifetime_seconds: int = Field(
+        default=3600, ge=60, le=86400, description="CDS client JWTs living longer (exp - iat) are refused"
+    )
+    jwks_timeout_seconds: float = Field(
+        default=5.0, gt=0, le=60, description="hard time limit for fetching a JWKS over https"
+    )
+    jwks_min_refresh_seconds: float = Field(
+        default=60.0, ge=1, le=3600, description="a JWKS is re-read on an unknown kid at most this often"
+    )
+    jwks_max_age_seconds: float = Field(
+        default=3600.0, ge=60, le=86400, description="an https JWKS is re-fetched when older than this"
+    )
+    jwks_ca_file: Path | None = Field(
+        default=None, description="PEM CA bundle to verify https JWKS servers (default: the system's trust store)"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="browser origins allowed by CORS (JSON list or comma-separated, e.g. https://ehr.example.org); "
+        "empty: no CORS; '*' is accepted in the dev profile only",
+    )
+    review_issuer: str | None = Field(
+        default=None, description="issuer (iss) of review API tokens, e.g. the hospital's OIDC provider realm URL"
+    )
+    review_jwks: str | None = Field(
+        default=None,
+        validate_default=True,
+        description="JWKS of the review issuer: file path or https URL (OIDC: the provider's jwks_uri)",
+    )
+    review_audience: str = Field(
+        default="ehr-alerts", min_length=1, max_length=256, description="required aud of review API tokens"
+    )
+    review_roles_claim: str = Field(
+        default="roles",
+        description="claim holding the user's roles; a dotted path reaches nested ones (Keycloak: realm_access.roles)",
+    )
+    dev_key_file: Path = Field(
+        default=Path("~/.local/state/ehr-alerts/dev-review-key.pem"),
+        description="dev profile: private key signing local review tokens (created with mode 0600 on first use)",
+    )
+
+    # --- pharmacist review worklist, page, analytics (service/review, workers/review_queries.py) ---
+    review_page_size: int = Field(default=50, ge=1, le=500, description="worklist rows per page when not asked")
+    review_scan_budget: int = Field(
+        default=5000,
+        ge=100,
+        le=1_000_000,
+        description="most index entries one worklist request walks for text/patient filters before it "
+        "returns a (possibly short) page with a cursor to continue",
+    )
+    review_index_overlap_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=3600,
+        description="the worklist index re-reads alerts changed this many seconds before its watermark "
+        "(covers clock skew between writers)",
+    )
+    review_snooze_max_hours: float = Field(
+        default=168.0, gt=0, le=24 * 90, description="longest snooze a pharmacist may set"
+    )
+    review_ignored_after_hours: float = Field(
+        default=24.0,
+        gt=0,
+        description="an alert nobody acted on counts as 'ignored' in the analytics once closed or open this long",
+    )
+    review_trend_days: float = Field(
+        default=7.0, gt=0, le=90, description="days of K and Mg results shown in the alert detail trend"
+    )
+
+    @field_validator("cds_issuers", mode="before")
+    @classmethod
+    def _issuers_from_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"must be a JSON object mapping issuer to JWKS file or https URL ({exc})") from None
+        return value
+
+    @field_validator("cds_issuers")
+    @classmethod
+    def _issuers_valid(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        production = info.data.get("profile", "production") == "production"
+        for issuer, jwks in value.items():
+            if not issuer.strip() or len(issuer) > 2048:
+                raise ValueError(f"issuer {issuer!r} must be a non-empty URI")
+            if production and issuer.rstrip("/") == SANDBOX_ISSUER:
+                raise ValueError(
+                    f"issuer {issuer}: the public CDS Hooks sandbox's private key is published, "
+                    "so it is trusted in the dev profile only (EHR_ALERTS_PROFILE=dev)"
+                )
+            kids = check_jwks_source(jwks, f"JWKS of issuer {issuer}")
+            if production and SANDBOX_KID in kids:
+                raise ValueError(
+                    f"JWKS of issuer {issuer} holds the public CDS Hooks sandbox key (kid {SANDBOX_KID}), "
+                    "whose private key is published; it is trusted in the dev profile only"
+                )
+        return value
+
+    @field_validator("cds_tenants", mode="before")
+    @classmethod
+    def _tenants_from_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"must be a JSON object mapping issuer to a list of tenant ids ({exc})") from None
+        return value
+
+    @field_validator("cds_tenants")
+    @classmethod
+    def _tenants_valid(cls, value: dict[str, list[str]], info: ValidationInfo) -> dict[str, list[str]]:
+        issuers = set(info.data.get("cds_issuers") or {})
+        if info.data.get("profile") == "dev":
+            issuers.add(SANDBOX_ISSUER)
+        for issuer, tenants in value.items():
+            if issuer not in issuers:
+                raise ValueError(f"issuer {issuer} is not in EHR_ALERTS_CDS_ISSUERS")
+            if not tenants or not all(t.strip() for t in tenants):
+                raise ValueError(f"issuer {issuer}: list at least one non-empty tenant id")
+        return value
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _base_url_valid(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+            raise ValueError("must be an absolute http(s) URL without query or fragment, e.g. https://cds.example.org")
+        return value.strip().rstrip("/")
+
+    @field_validator("jwks_ca_file")
+    @classmethod
+    def _ca_file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.expanduser().is_file():
+            raise ValueError(f"file {value} does not exist")
+        return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins_from_text(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"not a JSON list ({exc})") from None
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins_valid(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        for origin in value:
+            if origin == "*":
+                if info.data.get("profile", "production") != "dev":
+                    raise ValueError("'*' (any origin) is accepted in the dev profile only; list the origins")
+            elif not _ORIGIN.match(origin):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], no path, no trailing slash)")
+        return value
+
+    @field_validator("review_issuer")
+    @classmethod
+    def _review_issuer_valid(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or len(value) > 2048):
+            raise ValueError("must be a non-empty URI")
+        return value or None
+
+    @field_validator("review_jwks")
+    @classmethod
+    def _review_jwks_valid(cls, value: str | None, info: ValidationInfo) -> str | None:
+        issuer = info.data.get("review_issuer")
+        if value is None or not value.strip():
+            if issuer:
+                raise ValueError("EHR_ALERTS_REVIEW_ISSUER is set: give its JWKS (file path or https URL) too")
+            return None
+        if not issuer:
+            raise ValueError("set EHR_ALERTS_REVIEW_ISSUER, the issuer these keys belong to")
+        check_jwks_source(value, "review JWKS")
+        return value
+
+    @field_validator("review_roles_claim")
+    @classmethod
+    def _claim_path_valid(cls, value: str) -> str:
+        if not _CLAIM_PATH.match(value):
+            raise ValueError("must be a claim name or a dotted path such as realm_access.roles")
+        return value
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -87,6 +385,27 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Constructor arguments, then environment, then the YAML file."""
         return init_settings, env_settings, _YamlFileSource(settings_cls)
+
+
+def check_jwks_source(source: str, what: str) -> set[str]:
+    """Refuse a JWKS source that cannot work: an https URL, or a readable JWKS file with keys. Returns the
+    file's key ids (empty for a URL, which is fetched when first needed)."""
+    parts = urlsplit(source)
+    if parts.scheme in ("http", "https"):
+        if parts.scheme != "https" or not parts.hostname:
+            raise ValueError(f"{what} {source}: a JWKS URL must be https")
+        return set()
+    path = Path(source).expanduser()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"{what}: cannot read file {source} ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what}: file {source} is not JSON ({exc})") from None
+    keys = data.get("keys") if isinstance(data, dict) else None
+    if not isinstance(keys, list) or not keys or not all(isinstance(k, dict) for k in keys):
+        raise ValueError(f"{what}: file {source} is not a JWKS (an object with a non-empty 'keys' list)")
+    return {str(k.get("kid")) for k in keys}
 
 
 def load_settings(**overrides: Any) -> Settings:

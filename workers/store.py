@@ -12,27 +12,40 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from pydantic import TypeAdapter
 
 from rules.engine import Decision
 from rules.facts import Fact
-from workers import keys
+from workers import keys, schema_upgrade
 from workers.events import Event, clock_text
+from workers.schema_upgrade import upgrade_alert, upgrade_fact
 from workers.settings import Settings
 
 _LUA_DIR = Path(__file__).with_name("lua")
-_FACTS = TypeAdapter(list[Fact])
 FACT_CACHE_SIZE = 50_000  # resource versions; Fact is frozen, so parsed facts are shared safely
 
 
-@lru_cache(maxsize=FACT_CACHE_SIZE)
 def parse_facts(payload: str) -> tuple[Fact, ...]:
-    """The facts of one stored resource version, parsed once per process: every event of a patient
-    returns the patient's whole timeline, and parsing it again each time was a third of a worker's time."""
-    return tuple(_FACTS.validate_json(payload))
+    """The facts of one stored resource version (upgraded to the current format), parsed once per process
+    and format: every event of a patient returns the patient's whole timeline, and parsing all of it again
+    for every event was the largest cost of a worker after the rule evaluation."""
+    return _parse_facts(payload, schema_upgrade.FACT_SCHEMA_VERSION)
+
+
+@lru_cache(maxsize=FACT_CACHE_SIZE)
+def _parse_facts(payload: str, schema_version: int) -> tuple[Fact, ...]:
+    return tuple(Fact.model_validate(upgrade_fact(item)) for item in json.loads(payload))
 
 
 ALERT_SCHEMA_VERSION = 1
+#: Metric kind (``ehr_alerts_alert_transitions_total{kind}``) of each user / EHR action.
+TRANSITION_KINDS = {
+    "acknowledge": "acknowledged",
+    "override": "overridden",
+    "snooze": "snoozed",
+    "accept": "accepted",
+    "resolve": "resolved-by-user",
+    "reopen": "reopened",
+}
 
 
 def _script(client: redis.Redis, name: str) -> Any:
@@ -124,7 +137,7 @@ class Store:
     def timeline(self, patient: str) -> list[Fact]:
         """The facts stored for a patient (read only)."""
         values = self.client.hvals(keys.patient_keys(patient)["facts"])
-        return [fact for value in values for fact in _FACTS.validate_json(value.split("\t", 2)[2])]
+        return [fact for value in values for fact in parse_facts(value.split("\t", 2)[2])]
 
     # --- alerts ----------------------------------------------------------------------------------------
 
@@ -156,7 +169,13 @@ class Store:
             calls.append(
                 (
                     [k["alerts"], k["open"], k["applied"], k["closed"]],
-                    [timeline.version, clock_text(timeline.clock), json.dumps(body), json.dumps(retracted)],
+                    [
+                        timeline.version,
+                        clock_text(timeline.clock),
+                        json.dumps(body),
+                        json.dumps(retracted),
+                        clock_text(datetime.now(UTC)),
+                    ],
                 )
             )
             positions.append(position)
@@ -259,7 +278,11 @@ class Store:
         if code != "ok":
             raise TransitionError(code, body)
         self.client.zadd(keys.alert_index(), {f"{patient}|{alert_id}": datetime.now(UTC).timestamp()})
-        return _read_alert(body)
+        alert = _read_alert(body)
+        last = alert["history"][-1] if alert["history"] else {}
+        if not idempotency_key or (last.get("key") == idempotency_key and last.get("at") == clock_text(at)):
+            self.count(**{f"alerts_{TRANSITION_KINDS.get(action, action)}:{alert['rule_id']}": 1})  # metrics
+        return alert
 
     def list_alerts(
         self, *, status: str | None = None, rule: str | None = None, limit: int = 50, cursor: int = 0
@@ -317,7 +340,7 @@ def _changed(action: str, alert_id: str) -> bool:
 
 
 def _read_alert(raw: str) -> dict[str, Any]:
-    alert = json.loads(raw)
+    alert = upgrade_alert(json.loads(raw))
     for key in ("evidence", "history"):  # Lua's cjson writes empty arrays as {}
         if alert.get(key) == {}:
             alert[key] = []

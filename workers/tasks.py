@@ -58,7 +58,7 @@ def process_inbox_batch(self: Task, batch_id: str) -> dict[str, int]:
         return {"batches_already_done": 1}
     counts = dict(process_batch(events))
     inbox.finish(client, batch_id)
-    return counts
+    return {**counts, "batch_events": len(events)}  # batch_events: for the latency metric
 
 
 @app.task(name="ehr_alerts.noop")

@@ -5,6 +5,7 @@
 -- KEYS[4] closed hash   rule id -> fingerprint of an alert a user resolved by hand (same evidence: no re-fire)
 -- ARGV[1] timeline version these decisions were computed from
 -- ARGV[2] event clock (text), ARGV[3] decisions json, ARGV[4] retracted resources json ["Type/id", ...]
+-- ARGV[5] wall-clock time of this write (text): an alert's created_at, for time-to-action figures
 -- A decision computed from an older timeline version than one already applied is ignored (stale), so
 -- two workers racing on one patient cannot leave an alert that newer facts have cleared.
 local alerts, open, applied, closed = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -55,6 +56,7 @@ for _, d in ipairs(decisions) do
         local alert = d.alert
         alert.status = 'active'
         alert.opened_at = now
+        alert.created_at = ARGV[5]
         alert.history = {}
         history(alert, 'opened', d.alert.explanation)
         redis.call('HSET', alerts, alert.id, cjson.encode(alert))

@@ -1,0 +1,201 @@
+"""The CDS services this deployment offers and the prefetch each one asks for.
+
+Everything is derived from the loaded rule catalog and the value sets: which concepts the active rules read
+decides which prefetch keys exist, ``rules/valuesets/labs.yaml`` gives the LOINC codes, ``orders.yaml`` the
+order concepts, and the rules' look-back parameters give the date window of the service's own searches.
+Prefetch templates use only CDS Hooks 2.0 tokens (``{{context.patientId}}``); 2.0 has no date arithmetic,
+so templates ask for the newest results first (``_sort=-date``) and the engine applies the windows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from rules.catalog import Catalog
+from rules.codes import LOINC
+from rules.datafiles import load_valueset
+from rules.medications import known_classes
+from rules.model import Rule
+from rules.orders import order_index
+
+HOOKS = ("patient-view", "order-select", "order-sign")
+USAGE = (
+    "Send every prefetch key, or fhirServer (https) with fhirAuthorization so the service can search what is "
+    "missing; a call whose data cannot be had answers 412. Authenticate with a CDS Hooks client JWT (ES384 or "
+    "RS384) from a registered issuer. Feedback is accepted at {id}/feedback."
+)
+LAB_KEYS = ("potassium", "magnesium", "qtc")
+_CONDITION_ACTIVE = "active,recurrence,relapse"
+
+
+@dataclass(frozen=True)
+class PrefetchQuery:
+    """One prefetch key: a FHIR search template and the date window of the service's own search."""
+
+    key: str
+    resource_type: str
+    params: tuple[tuple[str, str], ...]  # values may hold 2.0 tokens such as {{context.patientId}}
+    date_param: str | None = None  # search parameter for the window (date / authored)
+    window_hours: float | None = None  # None: no date filter
+    sort: str | None = None
+
+    def template(self, page_size: int) -> str:
+        """The 2.0 prefetch template advertised in discovery."""
+        parts = [f"{name}={value}" for name, value in self.params]
+        if self.sort:
+            parts.append(f"_sort={self.sort}")
+        parts.append(f"_count={page_size}")
+        return f"{self.resource_type}?{'&'.join(parts)}"
+
+    def own_search(self, tokens: dict[str, str], as_of: datetime, page_size: int) -> tuple[str, list[tuple[str, str]]]:
+        """(resource type, query parameters) for fetching this key from the FHIR server, window applied."""
+        params = [(name, substitute(value, tokens)) for name, value in self.params]
+        if self.date_param and self.window_hours is not None:
+            start = as_of - timedelta(hours=self.window_hours)
+            params.append((self.date_param, "ge" + start.strftime("%Y-%m-%dT%H:%M:%SZ")))
+        if self.sort:
+            params.append(("_sort", self.sort))
+        params.append(("_count", str(page_size)))
+        return self.resource_type, params
+
+
+@dataclass(frozen=True)
+class CdsService:
+    """One entry of the discovery document."""
+
+    id: str
+    hook: str
+    title: str
+    description: str
+    prefetch: tuple[PrefetchQuery, ...]
+
+    def discovery(self, page_size: int) -> dict[str, object]:
+        """The discovery entry (CDS Hooks 2.0.1 §Discovery)."""
+        return {
+            "hook": self.hook,
+            "title": self.title,
+            "description": self.description,
+            "id": self.id,
+            "prefetch": {q.key: q.template(page_size) for q in self.prefetch},
+            "usageRequirements": USAGE,
+        }
+
+
+def substitute(template: str, tokens: dict[str, str]) -> str:
+    """Replace ``{{name}}`` tokens; unknown tokens raise KeyError (our templates only use known ones)."""
+    out = template
+    while "{{" in out:
+        start = out.index("{{")
+        end = out.index("}}", start)
+        name = out[start + 2 : end].strip()
+        out = out[:start] + tokens[name] + out[end + 2 :]
+    return out
+
+
+def _input_windows(rules: list[Rule]) -> dict[str, list[float | None]]:
+    """Per concept, the look-back (hours, anchor included) of every input reading it; None = whole record."""
+    windows: dict[str, list[float | None]] = {}
+    for rule in rules:
+        for spec in rule.inputs.values():
+            hours: float | None = None
+            if spec.lookback:
+                hours = rule.parameters[spec.lookback].hours or 0.0
+                anchor = rule.inputs[spec.anchor] if spec.anchor else None
+                if anchor is not None and anchor.lookback:
+                    hours += rule.parameters[anchor.lookback].hours or 0.0
+            elif spec.select == "active":
+                hours = 0.0  # active now
+            for concept in spec.concepts:
+                windows.setdefault(concept, []).append(hours)
+    return windows
+
+
+def _widest(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else max(v or 0.0 for v in values)
+
+
+def _codes(concepts: list[str]) -> str:
+    labs = load_valueset("labs")["concepts"]
+    return ",".join(f"{LOINC}|{item['code']}" for concept in concepts for item in labs[concept]["codes"])
+
+
+def prefetch_queries(rules: list[Rule]) -> tuple[PrefetchQuery, ...]:
+    """The prefetch keys the given rules need."""
+    windows = _input_windows(rules)
+    used = set(windows)
+    patient = ("patient", "{{context.patientId}}")
+    queries: list[PrefetchQuery] = []
+    for concept in LAB_KEYS:
+        if concept in used:
+            queries.append(
+                PrefetchQuery(
+                    concept,
+                    "Observation",
+                    (patient, ("code", _codes([concept]))),
+                    "date",
+                    _widest(windows[concept]),
+                    "-date",
+                )
+            )
+    if "arrhythmia" in used:
+        queries.append(
+            PrefetchQuery("ecg", "Observation", (patient, ("code", _codes(["ecg"]))), "date",
+                          _widest(windows["arrhythmia"]), "-date")
+        )  # fmt: skip
+        queries.append(PrefetchQuery("conditions", "Condition", (patient, ("clinical-status", _CONDITION_ACTIVE))))
+    if used & set(known_classes()):
+        active = ("status", "active")
+        queries.append(PrefetchQuery("medicationStatements", "MedicationStatement", (patient, active)))
+        queries.append(PrefetchQuery("medicationRequests", "MedicationRequest", (patient, active)))
+    orders = order_index()
+    lab_orders = sorted({lab for concept, labs in _order_labs(orders).items() if concept in used for lab in labs})
+    if lab_orders:
+        order_windows = [w for concept in _order_labs(orders) if concept in used for w in windows[concept]]
+        queries.append(
+            PrefetchQuery(
+                "serviceRequests",
+                "ServiceRequest",
+                (patient, ("status", "active"), ("code", _codes(lab_orders))),
+                "authored",
+                _widest(order_windows),
+            )
+        )
+    return tuple(queries)
+
+
+def _order_labs(orders: object) -> dict[str, list[str]]:
+    by_concept: dict[str, list[str]] = {}
+    for lab, concepts in orders.by_lab.items():  # type: ignore[attr-defined]
+        for concept in concepts:
+            by_concept.setdefault(concept, []).append(lab)
+    return by_concept
+
+
+_TITLES = {
+    "patient-view": "Magnesium and potassium alerts",
+    "order-select": "Magnesium check for potassium and diuretic orders",
+    "order-sign": "Magnesium check before signing potassium and diuretic orders",
+}
+_WHAT = {
+    "patient-view": "when the chart is opened",
+    "order-select": "while orders are selected (draft potassium, diuretic and magnesium orders are taken into account)",
+    "order-sign": "before orders are signed (draft potassium, diuretic and magnesium orders are taken into account)",
+}
+
+
+def services(catalog: Catalog) -> tuple[CdsService, ...]:
+    """One service per hook, each covering every active rule of the catalog."""
+    rules = [r for r in catalog.rules if r.status == "active"]
+    queries = prefetch_queries(rules)
+    titles = "; ".join(r.title for r in rules)
+    return tuple(
+        CdsService(
+            id=f"mg-k-{hook}",
+            hook=hook,
+            title=_TITLES[hook],
+            description=f"Magnesium/potassium decision support {_WHAT[hook]}. Rules: {titles}.",
+            prefetch=queries,
+        )
+        for hook in HOOKS
+    )

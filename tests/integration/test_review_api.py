@@ -1,0 +1,434 @@
+"""The review API on a real Redis: filters, ordering, cursor pagination, every legal and illegal transition,
+concurrent edits, roles, snooze expiry, analytics figures on a known data set, the audit export."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import datetime, timedelta
+
+import pytest
+from itest_builders import potassium
+from review_support import HYPOK, REFRACTORY, T0, as_user, review_client, seed, ward
+
+from workers import review_queries as rq
+
+pytestmark = pytest.mark.slow
+
+PHARMACIST = as_user("alice", "pharmacist")
+BOB = as_user("bob", "pharmacist")
+VIEWER = as_user("victor", "viewer")
+ADMIN = as_user("ada", "admin")
+
+
+@pytest.fixture
+def api(store, module_redis_url, key_prefix, monkeypatch, tmp_path):
+    seed(store, ward())
+    with review_client(monkeypatch, module_redis_url, key_prefix, tmp_path) as client:
+        yield client
+
+
+def _list(api, headers=PHARMACIST, **params):
+    response = api.get("/api/review/alerts", params=params, headers=headers)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _alert_of(api, patient, rule=HYPOK):
+    items = _list(api, status="all", patient=patient, rule=rule)["items"]
+    assert len(items) == 1, items
+    return api.get(f"/api/review/alerts/{items[0]['id']}", headers=PHARMACIST).json()
+
+
+def _act(api, alert_id, action, revision, headers=PHARMACIST, **fields):
+    body = {"action": action, "revision": revision, **fields}
+    return api.post(f"/api/review/alerts/{alert_id}/transitions", json=body, headers=headers)
+
+
+# --- list, filters, order, pagination -----------------------------------------------------------------------
+
+
+def test_default_list_is_open_alerts_most_severe_then_oldest(api):
+    page = _list(api)
+    rows = [(a["patient"], a["rule_id"], a["severity"]) for a in page["items"]]
+    warnings, infos = rows[:3], rows[3:]
+    assert {r[2] for r in warnings} == {"warning"} and {r[2] for r in infos} == {"info"}
+    assert [r[0] for r in infos] == ["p2", "p3", "p5"]  # oldest first within a severity
+    assert [r[0] for r in warnings][-1] == "p4"  # p1's two alerts opened before p4's
+    assert page["counts"]["open"] == 6 and page["counts"]["active"] == 6 and page["counts"]["all"] == 6
+    assert page["next_cursor"] is None
+    p1 = next(a for a in page["items"] if a["patient"] == "p1")
+    assert p1["latest"]["potassium"]["reported"] == "2.8 mmol/L"
+    assert p1["latest"]["magnesium"] is None
+
+
+def test_filters(api):
+    refractory = _list(api, rule=REFRACTORY)
+    assert [a["patient"] for a in refractory["items"]] == ["p1"]
+    assert (refractory["counts"]["open"], refractory["counts"]["all"]) == (1, 1)  # counts follow the rule filter
+    assert [a["patient"] for a in _list(api, severity="info")["items"]] == ["p2", "p3", "p5"]
+    assert [a["rule_id"] for a in _list(api, patient="p1", sort="oldest")["items"]] == [HYPOK, REFRACTORY]
+    assert [a["patient"] for a in _list(api, q="2.9 mmol")["items"]] == ["p4"]
+    first = _list(api, patient="p1", limit=1)
+    second = _list(api, patient="p1", limit=1, cursor=first["next_cursor"])
+    assert {first["items"][0]["rule_id"], second["items"][0]["rule_id"]} == {HYPOK, REFRACTORY}
+    assert second["next_cursor"] is None
+    window = _list(
+        api, opened_from=(T0 + timedelta(minutes=30)).isoformat(), opened_to=(T0 + timedelta(hours=3)).isoformat()
+    )
+    assert sorted(a["patient"] for a in window["items"]) == ["p2", "p3", "p4"]
+    assert [a["patient"] for a in _list(api, sort="newest", severity="info")["items"]] == ["p5", "p3", "p2"]
+    assert _list(api, status="resolved")["items"] == []
+
+
+def test_bad_filters_are_400_operation_outcomes(api):
+    for params in ({"status": "open-ish"}, {"severity": "huge"}, {"sort": "random"}, {"limit": 0}, {"patient": "a b"}):
+        response = api.get("/api/review/alerts", params=params, headers=PHARMACIST)
+        assert response.status_code == 400, params
+        assert response.json()["resourceType"] == "OperationOutcome"
+    response = api.get("/api/review/alerts", params={"opened_from": "yesterday"}, headers=PHARMACIST)
+    assert response.status_code == 400 and "opened_from" in response.json()["issue"][0]["diagnostics"]
+
+
+def test_cursor_pagination_walks_everything_once_in_order(api):
+    full = [a["id"] for a in _list(api, status="all")["items"]]
+    for sort in ("severity", "oldest", "newest"):
+        expected = [a["id"] for a in _list(api, status="all", sort=sort)["items"]]
+        seen, cursor, pages = [], None, 0
+        while True:
+            params = {"status": "all", "sort": sort, "limit": 2, **({"cursor": cursor} if cursor else {})}
+            page = _list(api, **params)
+            seen += [a["id"] for a in page["items"]]
+            pages += 1
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == expected, sort
+        assert pages >= 3
+    assert sorted(full) == sorted(seen)
+
+
+def test_cursor_is_bound_to_its_filters(api):
+    cursor = _list(api, limit=2)["next_cursor"]
+    assert cursor
+    other = api.get("/api/review/alerts", params={"limit": 2, "cursor": cursor, "rule": HYPOK}, headers=PHARMACIST)
+    assert other.status_code == 400 and "cursor" in other.json()["issue"][0]["expression"]
+    junk = api.get("/api/review/alerts", params={"cursor": "not-a-cursor"}, headers=PHARMACIST)
+    assert junk.status_code == 400
+
+
+def test_page_of_a_changed_list_skips_nothing_before_the_cursor(api):
+    first = _list(api, limit=3)
+    acted = first["items"][0]
+    assert _act(api, acted["id"], "override", acted["revision"], reason="mg-already-ordered").status_code == 200
+    rest = _list(api, limit=10, cursor=first["next_cursor"])
+    assert {a["id"] for a in rest["items"]}.isdisjoint({a["id"] for a in first["items"]})
+    assert len(rest["items"]) == 3
+
+
+# --- detail ---------------------------------------------------------------------------------------------------
+
+
+def test_detail_has_evidence_trend_rule_citations_and_history(api):
+    detail = _alert_of(api, "p1", REFRACTORY)
+    assert detail["rule_id"] == REFRACTORY and detail["rule_version"]
+    refs = {e["reference"] for e in detail["evidence"]}
+    assert "Observation/k-p1-b/_history/1" in refs
+    k = next(e for e in detail["evidence"] if e["resource_id"] == "k-p1-b")
+    assert (k["value"], k["unit"], k["time"]) == ("2.8", "mmol/L", "2024-04-01T06:00:00Z")
+    assert [p["value"] for p in detail["trend"]["potassium"]] == [3.1, 2.8]
+    assert detail["trend"]["potassium"][0]["unit"] == "mmol/L"
+    assert detail["trend"]["end"].startswith("2024-04-01")
+    acted = _act(api, detail["id"], "acknowledge", detail["revision"]).json()
+    assert acted["trend"] == detail["trend"]  # a user's action (wall clock) does not move the window
+    assert detail["explanation"] and detail["citations"] and detail["citations"][0]["url"].startswith("https://")
+    assert {r["code"] for r in detail["override_reasons"]} >= {"goals-of-care"}
+    assert detail["history"][0]["action"] == "opened" and detail["history"][0]["by"] == "system"
+    assert api.get("/api/review/alerts/no-such-alert", headers=PHARMACIST).status_code == 404
+
+
+# --- transitions ----------------------------------------------------------------------------------------------
+
+LEGAL = {
+    "active": {"acknowledge", "override", "snooze", "resolve"},
+    "acknowledged": {"override", "snooze", "resolve", "reopen"},
+    "snoozed": {"override", "snooze", "resolve", "reopen"},
+    "overridden": {"resolve", "reopen"},
+    "resolved": {"reopen"},
+}
+PATH_TO = {  # from active
+    "active": [],
+    "acknowledged": ["acknowledge"],
+    "snoozed": ["snooze"],
+    "overridden": ["override"],
+    "resolved": ["resolve"],
+}
+
+
+def _fields(action):
+    if action == "override":
+        return {"reason": "goals-of-care", "comment": "palliative"}
+    if action == "snooze":
+        return {"until": (rq.utcnow() + timedelta(hours=2)).isoformat()}
+    return {}
+
+
+def test_every_transition_from_every_status(api):
+    alert = _alert_of(api, "p2")
+    alert_id, revision = alert["id"], alert["revision"]
+    checked = 0
+    for status, path in PATH_TO.items():
+        for action in ("acknowledge", "override", "snooze", "resolve", "reopen"):
+            for step in path:
+                response = _act(api, alert_id, step, revision, **_fields(step))
+                assert response.status_code == 200, (status, step, response.text)
+                revision = response.json()["revision"]
+            assert api.get(f"/api/review/alerts/{alert_id}", headers=PHARMACIST).json()["status"] == status
+            response = _act(api, alert_id, action, revision, **_fields(action))
+            if action in LEGAL[status]:
+                assert response.status_code == 200, (status, action, response.text)
+                body = response.json()
+                assert body["revision"] == revision + 1
+                last = body["history"][-1]
+                assert (last["action"], last["by"], last["from"]) == (action, "user:alice", status)
+                revision = body["revision"]
+            else:
+                assert response.status_code == 409, (status, action, response.text)
+                problem = response.json()
+                assert problem["resourceType"] == "OperationOutcome"
+                assert f"cannot {action}" in problem["issue"][0]["diagnostics"]
+            checked += 1
+            current = api.get(f"/api/review/alerts/{alert_id}", headers=PHARMACIST).json()
+            if current["status"] != "active":
+                response = _act(api, alert_id, "reopen", current["revision"])
+                assert response.status_code == 200, response.text
+            revision = api.get(f"/api/review/alerts/{alert_id}", headers=PHARMACIST).json()["revision"]
+    assert checked == 25
+    history = api.get(f"/api/review/alerts/{alert_id}", headers=PHARMACIST).json()["history"]
+    override = next(h for h in history if h["action"] == "override")
+    assert override["reason"]["code"] == "goals-of-care" and override["comment"] == "palliative"
+
+
+def test_retracted_alert_takes_no_transition(store, api):
+    seed(store, [potassium("k-p2", "p2", 3.2, T0 + timedelta(hours=1), version=2, status="entered-in-error")])
+    alert = _alert_of(api, "p2")
+    assert alert["status"] == "retracted"
+    for action in ("acknowledge", "override", "snooze", "resolve", "reopen"):
+        assert _act(api, alert["id"], action, alert["revision"], **_fields(action)).status_code == 409
+
+
+def test_transition_input_errors(api):
+    alert = _alert_of(api, "p3")
+    aid, rev = alert["id"], alert["revision"]
+    cases = [
+        ({"action": "override", "revision": rev}, 400, "reason"),
+        ({"action": "override", "revision": rev, "reason": "because"}, 400, "reason"),
+        ({"action": "acknowledge", "revision": rev, "reason": "goals-of-care"}, 400, "reason"),
+        ({"action": "snooze", "revision": rev}, 400, "until"),
+        ({"action": "snooze", "revision": rev, "until": "2020-01-01T00:00:00Z"}, 400, "until"),
+        ({"action": "snooze", "revision": rev, "until": (rq.utcnow() + timedelta(days=30)).isoformat()}, 400, "until"),
+        ({"action": "snooze", "revision": rev, "until": "2030-01-01T00:00:00"}, 400, "until"),
+        ({"action": "acknowledge", "revision": rev, "until": "2030-01-01T00:00:00Z"}, 400, "until"),
+        ({"action": "explode", "revision": rev}, 400, "action"),
+        ({"action": "acknowledge", "revision": rev, "extra": 1}, 400, "extra"),
+        ({"action": "acknowledge"}, 428, "revision"),
+    ]
+    for body, status, field in cases:
+        response = api.post(f"/api/review/alerts/{aid}/transitions", json=body, headers=PHARMACIST)
+        assert response.status_code == status, (body, response.text)
+        issue = response.json()["issue"][0]
+        assert field in json.dumps(issue), (body, issue)
+    assert api.get(f"/api/review/alerts/{aid}", headers=PHARMACIST).json()["revision"] == rev  # nothing changed
+    missing = api.post(
+        "/api/review/alerts/nope/transitions", json={"action": "acknowledge", "revision": 1}, headers=PHARMACIST
+    )
+    assert missing.status_code == 404
+
+
+def test_if_match_header_carries_the_revision(api):
+    alert = _alert_of(api, "p3")
+    url = f"/api/review/alerts/{alert['id']}/transitions"
+    stale = api.post(
+        url, json={"action": "acknowledge"}, headers={**PHARMACIST, "If-Match": f'"{alert["revision"] - 1}"'}
+    )
+    assert stale.status_code == 409
+    ok = api.post(url, json={"action": "acknowledge"}, headers={**PHARMACIST, "If-Match": f'W/"{alert["revision"]}"'})
+    assert ok.status_code == 200 and ok.json()["status"] == "acknowledged"
+    both = api.post(url, json={"action": "reopen", "revision": 1}, headers={**PHARMACIST, "If-Match": '"2"'})
+    assert both.status_code == 400
+
+
+def test_idempotency_key_makes_a_retry_harmless(api):
+    alert = _alert_of(api, "p3")
+    url = f"/api/review/alerts/{alert['id']}/transitions"
+    headers = {**PHARMACIST, "Idempotency-Key": "retry-1"}
+    body = {"action": "override", "revision": alert["revision"], "reason": "goals-of-care"}
+    first = api.post(url, json=body, headers=headers)
+    again = api.post(url, json=body, headers=headers)  # the client never saw the first answer
+    assert first.status_code == again.status_code == 200
+    assert again.json()["revision"] == first.json()["revision"]
+    assert [h["action"] for h in again.json()["history"]].count("override") == 1
+
+
+def test_concurrent_edits_conflict_instead_of_overwriting(api):
+    alert = _alert_of(api, "p4")
+    seen = alert["revision"]
+    first = _act(api, alert["id"], "acknowledge", seen, headers=PHARMACIST)
+    assert first.status_code == 200
+    second = _act(api, alert["id"], "override", seen, headers=BOB, reason="goals-of-care")
+    assert second.status_code == 409
+    problem = second.json()["issue"][0]
+    assert problem["code"] == "conflict" and "reload" in problem["diagnostics"]
+    after = api.get(f"/api/review/alerts/{alert['id']}", headers=PHARMACIST).json()
+    assert after["status"] == "acknowledged"
+    assert [h["by"] for h in after["history"] if h["by"] != "system"] == ["user:alice"]
+
+
+def test_snooze_ends_when_its_time_passes(api, monkeypatch):
+    alert = _alert_of(api, "p5")
+    until = rq.utcnow() + timedelta(hours=1)
+    response = _act(api, alert["id"], "snooze", alert["revision"], until=until.isoformat())
+    assert response.json()["status"] == "snoozed" and response.json()["snoozed_until"]
+    assert "p5" not in [a["patient"] for a in _list(api)["items"]]
+    assert [a["patient"] for a in _list(api, status="snoozed")["items"]] == ["p5"]
+    later = until + timedelta(minutes=1)
+    monkeypatch.setattr(rq, "utcnow", lambda: later)
+    assert "p5" in [a["patient"] for a in _list(api)["items"]]
+    assert _list(api)["counts"]["snoozed"] == 0
+    detail = api.get(f"/api/review/alerts/{alert['id']}", headers=PHARMACIST).json()
+    assert detail["status"] == "active"
+    assert _act(api, alert["id"], "acknowledge", detail["revision"]).status_code == 200
+
+
+def test_new_evidence_ends_a_snooze(store, api):
+    alert = _alert_of(api, "p5")
+    until = (rq.utcnow() + timedelta(hours=4)).isoformat()
+    assert _act(api, alert["id"], "snooze", alert["revision"], until=until).status_code == 200
+    seed(store, [potassium("k-p5-2", "p5", 3.0, T0 + timedelta(hours=8))])
+    detail = api.get(f"/api/review/alerts/{alert['id']}", headers=PHARMACIST).json()
+    assert detail["status"] == "active"
+    assert detail["history"][-1]["action"] == "updated"
+    assert "p5" in [a["patient"] for a in _list(api)["items"]]
+
+
+def test_automatic_resolution_shows_as_a_system_transition(store, api):
+    from itest_builders import magnesium
+
+    alert = _alert_of(api, "p3")
+    seed(store, [magnesium("mg-p3", "p3", 0.8, T0 + timedelta(hours=5))])
+    detail = api.get(f"/api/review/alerts/{alert['id']}", headers=PHARMACIST).json()
+    assert detail["status"] == "resolved"
+    assert (detail["history"][-1]["action"], detail["history"][-1]["by"]) == ("resolved", "system")
+    assert [a["patient"] for a in _list(api, status="resolved")["items"]] == ["p3"]
+
+
+def test_cds_feedback_transitions_show_in_the_worklist(store, api):
+    alert = _alert_of(api, "p2")
+    store.transition(
+        alert["id"],
+        "accept",
+        "ehr:https://ehr.test|dr-who",
+        rq.utcnow(),
+        accepted_suggestions=["x"],
+        source="cds-hooks",
+    )
+    detail = api.get(f"/api/review/alerts/{alert['id']}", headers=PHARMACIST).json()
+    assert detail["status"] == "accepted"
+    assert detail["history"][-1]["by"] == "ehr:https://ehr.test|dr-who"
+    assert [a["patient"] for a in _list(api, status="accepted")["items"]] == ["p2"]
+
+
+# --- access control -------------------------------------------------------------------------------------------
+
+
+def test_roles(api):
+    alert = _alert_of(api, "p2")
+    url = f"/api/review/alerts/{alert['id']}"
+    for path in ("/api/review/alerts", url, "/api/review/analytics", "/api/review/audit?from=2024-01-01&to=2025-01-01"):
+        assert api.get(path).status_code == 401, path
+    assert api.post(f"{url}/transitions", json={"action": "acknowledge", "revision": 1}).status_code == 401
+    assert api.get(url, headers=VIEWER).status_code == 200
+    viewer_act = _act(api, alert["id"], "acknowledge", alert["revision"], headers=VIEWER)
+    assert viewer_act.status_code == 403
+    assert api.get("/api/review/analytics", headers=PHARMACIST).status_code == 403
+    assert api.get("/api/review/audit?from=2024-01-01&to=2025-01-01", headers=VIEWER).status_code == 403
+    assert api.get("/api/review/analytics", headers=ADMIN).status_code == 200
+    assert api.get(url, headers=VIEWER).json()["revision"] == alert["revision"]
+
+
+# --- analytics and audit ----------------------------------------------------------------------------------------
+
+
+def test_analytics_on_a_known_data_set(api, monkeypatch):
+    """6 alerts on 7 patients. Hypokalemia (5): p1 overridden 30 min after opening (mg-already-ordered), p2
+    acknowledged after 1 h, p3 overridden after 4 h (goals-of-care), p4 snoozed after 2 h then overridden
+    (mg-already-ordered), p5 untouched. Refractory (1, opened at T0): untouched. With "now" 30 h after T0
+    the untouched ones are ignored; 10 h after T0 they are pending (window 24 h)."""
+
+    def at(moment):
+        monkeypatch.setattr(rq, "utcnow", lambda: moment)
+
+    def do(patient, action, after, **fields):
+        alert = _alert_of(api, patient)
+        at(datetime.fromisoformat(alert["opened_at"].replace("Z", "+00:00")) + after)
+        response = _act(api, alert["id"], action, alert["revision"], **fields)
+        assert response.status_code == 200, response.text
+
+    do("p1", "override", timedelta(minutes=30), reason="mg-already-ordered")
+    do("p2", "acknowledge", timedelta(hours=1))
+    do("p3", "override", timedelta(hours=4), reason="goals-of-care")
+    do("p4", "snooze", timedelta(hours=2), until=(T0 + timedelta(hours=10)).isoformat())  # p4 opened at T0+3h
+    do("p4", "override", timedelta(hours=3), reason="mg-already-ordered")
+    at(T0 + timedelta(hours=30))
+    body = api.get("/api/review/analytics", headers=ADMIN).json()
+    assert body["patients_seen"] == 7
+    figures = {r["rule_id"]: r for r in body["rules"]}
+    hypok = figures[HYPOK]
+    assert hypok["fired"] == 5
+    assert hypok["per_1000_patients"] == round(5000 / 7, 2)
+    assert (hypok["accepted"], hypok["overridden"], hypok["ignored"], hypok["pending"]) == (1, 3, 1, 0)
+    assert (hypok["accepted_rate"], hypok["overridden_rate"], hypok["ignored_rate"]) == (0.2, 0.6, 0.2)
+    assert hypok["override_reasons"] == {"goals-of-care": 1, "mg-already-ordered": 2}
+    assert hypok["median_seconds_to_first_action"] == 1.5 * 3600  # 0.5 h, 1 h, 2 h (the snooze), 4 h
+    assert hypok["alerts_with_action"] == 4
+    refractory = figures[REFRACTORY]
+    assert (refractory["fired"], refractory["ignored"], refractory["median_seconds_to_first_action"]) == (1, 1, None)
+    assert refractory["per_1000_patients"] == round(1000 / 7, 2)
+    at(T0 + timedelta(hours=10))
+    early = {r["rule_id"]: r for r in api.get("/api/review/analytics", headers=ADMIN).json()["rules"]}
+    assert (early[REFRACTORY]["pending"], early[REFRACTORY]["ignored"]) == (1, 0)
+    assert (early[HYPOK]["pending"], early[HYPOK]["ignored"]) == (1, 0)  # p5 opened at T0+4h
+    only_late = api.get("/api/review/analytics", params={"opened_from": "2024-04-01T08:30:00Z"}, headers=ADMIN)
+    assert {r["rule_id"]: r["fired"] for r in only_late.json()["rules"]} == {HYPOK: 2}  # p4, p5
+
+
+def test_audit_export_csv_and_ndjson(api, monkeypatch):
+    monkeypatch.setattr(rq, "utcnow", lambda: datetime(2024, 4, 2, 12, 0, tzinfo=T0.tzinfo))
+    alert = _alert_of(api, "p2")
+    _act(api, alert["id"], "override", alert["revision"], reason="goals-of-care", comment="=HYPERLINK(1)")
+    params = {"from": "2024-04-01T00:00:00Z", "to": "2024-04-03T00:00:00Z"}
+    response = api.get("/api/review/audit", params={**params, "format": "ndjson"}, headers=ADMIN)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("application/x-ndjson")
+    rows = [json.loads(line) for line in response.text.splitlines()]
+    # p1's hypokalemia alert opened on 31 March (its first K), then updated at T0 by the second K
+    assert sorted(r["action"] for r in rows) == ["opened"] * 5 + ["override", "updated"]
+    override = next(r for r in rows if r["action"] == "override")
+    assert (override["by"], override["reason"], override["patient"]) == ("user:alice", "goals-of-care", "p2")
+    assert (override["from"], override["to"]) == ("active", "overridden")
+    csv_response = api.get("/api/review/audit", params=params, headers=ADMIN)
+    assert csv_response.headers["content-type"].startswith("text/csv")
+    assert "attachment" in csv_response.headers["content-disposition"]
+    table = list(csv.DictReader(io.StringIO(csv_response.text)))
+    assert len(table) == 7 and table[0].keys() >= {"at", "alert_id", "action", "by", "reason", "comment"}
+    assert next(r for r in table if r["action"] == "override")["comment"] == "'=HYPERLINK(1)"  # no formula injection
+    narrow = api.get(
+        "/api/review/audit",
+        params={"from": "2024-04-02T00:00:00Z", "to": "2024-04-03T00:00:00Z", "format": "ndjson"},
+        headers=ADMIN,
+    )
+    assert [json.loads(line)["action"] for line in narrow.text.splitlines()] == ["override"]
+    bad = api.get(
+        "/api/review/audit", params={"from": "2024-04-03T00:00:00Z", "to": "2024-04-01T00:00:00Z"}, headers=ADMIN
+    )
+    assert bad.status_code == 400

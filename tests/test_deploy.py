@@ -1,0 +1,228 @@
+"""Deployment files, checked without a cluster and without the internet:
+
+- the Helm chart is rendered by Helm's own engine (``helm-python-sdk`` ships Helm v4 as a library) for every
+  autoscaling mode and Redis option, linted, and every manifest validated (strict: unknown fields fail)
+  against the Kubernetes JSON schemas bundled in ``kubernetes-validate`` for the oldest and newest supported
+  versions; KEDA objects against the strict KEDA schemas vendored in ``deploy/schemas`` (generated from the
+  KEDA models of the PyPI package ``cloudcoil.models.keda``, see ``make_keda_schemas.py``);
+- the operational policy holds: probes, resources, non-root read-only containers, PDBs, Redis persistence;
+- ``docker-compose.yml`` is validated against the compose-spec schema bundled in ``check-jsonschema``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from workers.observability.metrics import QUEUE
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "deploy" / "helm" / "ehr-alerts"
+CI_VALUES = yaml.safe_load((ROOT / "deploy" / "helm" / "ci-values.yaml").read_text())
+K8S_VERSIONS = ("1.25.0", kubernetes_validate.latest_version())
+KEDA_SCHEMAS = {
+    kind: json.loads((ROOT / "deploy" / "schemas" / f"keda-{kind.lower()}-v1alpha1.json").read_text())
+    for kind in ("ScaledObject", "TriggerAuthentication")
+}
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def render(**extra: Any) -> list[dict[str, Any]]:
+    """Every manifest the chart renders with the CI values plus ``extra``."""
+    chart = helm.Chart.load(CHART)
+    rendered = chart.render(_merge(CI_VALUES, extra), name="ehr", namespace="clinical")
+    docs = []
+    for path, text in rendered.items():
+        if path.endswith(".yaml"):
+            docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+VARIANTS = {
+    "keda": {},
+    "hpa": {"autoscaling": {"mode": "hpa"}},
+    "fixed": {"autoscaling": {"mode": "none"}, "worker": {"replicas": 3}},
+    "managed-redis": {
+        "redis": {"enabled": False, "external": {"host": "cache.example.internal", "tls": True, "password": "p@ss"}}
+    },
+    "existing-secret": {"existingSecret": "ehr-alerts-prod", "secrets": {"logHashKey": ""}, "redis": {"password": ""}},
+}
+
+
+def _kinds(docs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_chart_renders_valid_kubernetes_manifests(variant: str):
+    docs = render(**VARIANTS[variant])
+    assert docs
+    for doc in docs:
+        if doc["apiVersion"].startswith("keda.sh/"):
+            assert doc["apiVersion"] == "keda.sh/v1alpha1" and doc["kind"] in KEDA_SCHEMAS, doc["kind"]
+            jsonschema.validate(doc, KEDA_SCHEMAS[doc["kind"]])
+            continue
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_keda_schema_is_strict():
+    docs = _kinds(render())
+    scaled = copy.deepcopy(docs[("ScaledObject", "ehr-ehr-alerts-worker")])
+    scaled["spec"]["minReplicas"] = 1  # the field is minReplicaCount
+    with pytest.raises(jsonschema.ValidationError, match="minReplicas"):
+        jsonschema.validate(scaled, KEDA_SCHEMAS["ScaledObject"])
+
+
+def test_chart_lints_clean():
+    report = helm.lint(str(CHART), CI_VALUES, strict=True)
+    assert not report["errors"], report
+    assert all(m["severity"] < 2 for m in report["messages"]), report["messages"]
+
+
+def _workloads(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+
+
+def test_workloads_are_hardened_with_probes_and_resources():
+    docs = render()
+    workloads = _workloads(docs)
+    assert {d["metadata"]["name"] for d in workloads} == {
+        "ehr-ehr-alerts-api",
+        "ehr-ehr-alerts-worker",
+        "ehr-ehr-alerts-redis",
+    }
+    for workload in workloads:
+        pod = workload["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["automountServiceAccountToken"] is False
+        for container in pod["containers"]:
+            where = f"{workload['metadata']['name']}/{container['name']}"
+            security = container["securityContext"]
+            assert security["readOnlyRootFilesystem"] is True, where
+            assert security["allowPrivilegeEscalation"] is False, where
+            assert security["capabilities"]["drop"] == ["ALL"], where
+            assert {"cpu", "memory"} <= set(container["resources"]["requests"]), where
+            assert {"cpu", "memory"} <= set(container["resources"]["limits"]), where
+            assert "livenessProbe" in container, where
+            assert any(m["mountPath"] == "/tmp" for m in container["volumeMounts"]), where
+    api = _kinds(docs)[("Deployment", "ehr-ehr-alerts-api")]["spec"]["template"]["spec"]["containers"][0]
+    assert api["readinessProbe"]["httpGet"]["path"] == "/readyz?scope=api"
+    assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    worker = _kinds(docs)[("Deployment", "ehr-ehr-alerts-worker")]["spec"]["template"]["spec"]["containers"][0]
+    assert worker["livenessProbe"]["exec"]["command"] == ["python", "-m", "workers.observability.alive"]
+    assert {"configMapRef", "secretRef"} == {k for ref in worker["envFrom"] for k in ref}
+
+
+def test_pod_disruption_budgets_cover_api_and_workers():
+    docs = render()
+    selectors = [
+        d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]
+        for d in docs
+        if d["kind"] == "PodDisruptionBudget"
+    ]
+    assert sorted(selectors) == ["api", "worker"]
+
+
+def test_workers_scale_on_the_celery_queue():
+    keda = _kinds(render())[("ScaledObject", "ehr-ehr-alerts-worker")]
+    trigger = keda["spec"]["triggers"][0]
+    assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == QUEUE
+    assert keda["spec"]["minReplicaCount"] >= 1  # /readyz needs a worker heartbeat
+    from workers.celery_app import app
+
+    assert app.conf.task_default_queue == QUEUE
+    hpa = _kinds(render(autoscaling={"mode": "hpa"}))[("HorizontalPodAutoscaler", "ehr-ehr-alerts-worker")]
+    assert hpa["spec"]["metrics"][0]["external"]["metric"]["name"] == "ehr_alerts_queue_depth"
+    fixed = _kinds(render(autoscaling={"mode": "none"}, worker={"replicas": 3}))
+    assert fixed[("Deployment", "ehr-ehr-alerts-worker")]["spec"]["replicas"] == 3
+    assert not [k for k in fixed if k[0] in ("ScaledObject", "HorizontalPodAutoscaler")]
+
+
+def test_bundled_redis_persists_and_never_evicts():
+    redis_set = _kinds(render())[("StatefulSet", "ehr-ehr-alerts-redis")]
+    args = redis_set["spec"]["template"]["spec"]["containers"][0]["args"]
+    pairs = dict(zip(args[::2], args[1::2], strict=True))
+    assert pairs["--appendonly"] == "yes" and pairs["--appendfsync"] == "everysec"
+    assert pairs["--maxmemory-policy"] == "noeviction"
+    assert redis_set["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "8Gi"
+
+
+def test_managed_redis_url_and_no_bundled_redis():
+    docs = render(**VARIANTS["managed-redis"])
+    assert not [d for d in docs if d["kind"] == "StatefulSet"]
+    secret = _kinds(docs)[("Secret", "ehr-ehr-alerts-secrets")]
+    assert secret["stringData"]["REDIS_URL"] == "rediss://:p%40ss@cache.example.internal:6379/0"
+
+
+def test_existing_secret_is_used_and_no_secret_rendered():
+    docs = render(**VARIANTS["existing-secret"])
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    api = _kinds(docs)[("Deployment", "ehr-ehr-alerts-api")]["spec"]["template"]["spec"]["containers"][0]
+    assert {"secretRef": {"name": "ehr-alerts-prod"}} in api["envFrom"]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"secrets": {"logHashKey": ""}}, "secrets.logHashKey is required"),
+        ({"redis": {"password": ""}}, "redis.password is required"),
+        ({"autoscaling": {"minReplicas": 0}}, "minReplicas"),
+        ({"autoscaling": {"mode": "sometimes"}}, "mode"),
+        ({"config": {"LOG_LEVEL": "DEBUG"}}, "LOG_LEVEL"),
+    ],
+)
+def test_bad_values_are_refused_with_the_reason(values: dict[str, Any], message: str):
+    with pytest.raises(helm.HelmError, match=message):
+        render(**values)
+
+
+def test_config_map_settings_are_known_settings():
+    from workers.settings import ENV_PREFIX, Settings
+
+    config = _kinds(render())[("ConfigMap", "ehr-ehr-alerts-config")]["data"]
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    assert set(config) <= known, set(config) - known
+    Settings(**{k[len(ENV_PREFIX) :].lower(): v for k, v in config.items()})  # values validate
+
+
+COMPOSE = ROOT / "docker-compose.yml"
+
+
+def test_compose_file_matches_the_compose_spec():
+    done = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_compose_brings_the_same_stack_with_an_optional_flower():
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    assert {"redis", "api", "worker", "flower"} <= set(services)
+    assert services["flower"]["profiles"] == ["flower"]
+    assert not services["api"].get("profiles") and not services["worker"].get("profiles")
+    redis_command = " ".join(services["redis"]["command"])
+    assert "--appendonly yes" in redis_command and "--maxmemory-policy noeviction" in redis_command
+    for name in ("api", "worker"):
+        assert services[name]["read_only"] is True and services[name]["cap_drop"] == ["ALL"]
+        assert "healthcheck" in services[name]
