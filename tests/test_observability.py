@@ -351,6 +351,7 @@ def test_readiness_when_the_rule_catalog_is_refused(fake: fakeredis.FakeRedis, m
 
     monkeypatch.setattr(health, "probe_client", lambda: fake)
     monkeypatch.setattr(workers.pipeline, "get_catalog", refused)
+    heartbeat.beat(fake, "w1@host", None)  # a worker is alive, whether or not REDIS_URL is set
     ready, body = health.readiness()
     assert not ready and body["checks"]["rules"] == 0
     assert body["reasons"] == ["rules: catalog not loaded (catalog/x.yaml: when: unknown input 'k')"]

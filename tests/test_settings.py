@@ -64,3 +64,17 @@ def test_cli_refuses_to_start_with_invalid_configuration_and_names_the_setting()
     result = subprocess.run([str(cli), "config"], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "EHR_ALERTS_BATCH_SIZE" in result.stderr
+
+
+def test_readme_documents_every_setting():
+    from pathlib import Path
+
+    from workers.settings import Settings
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    missing = [
+        "REDIS_URL" if name == "redis_url" else f"EHR_ALERTS_{name.upper()}"
+        for name in Settings.model_fields
+        if ("REDIS_URL" if name == "redis_url" else f"`EHR_ALERTS_{name.upper()}`") not in readme
+    ]
+    assert not missing, f"README configuration table lacks {missing}"
