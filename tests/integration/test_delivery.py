@@ -184,8 +184,9 @@ def test_message_popped_by_a_frozen_worker_is_not_lost(stack):
     The inbox still holds the batch and the sweep of the next worker delivers it again."""
     stack.start_api()
     worker = stack.start_worker()
+    db = str(stack.client.connection_pool.connection_kwargs.get("db", 0))
     deadline = time.monotonic() + 60
-    while not any(c.get("cmd") == "brpop" for c in stack.client.client_list()):
+    while not any(c.get("cmd") == "brpop" and c.get("db") == db for c in stack.client.client_list()):
         assert time.monotonic() < deadline, "the worker never blocked in BRPOP"
         time.sleep(0.1)
     stack.freeze_worker(worker)
