@@ -6,6 +6,7 @@ embedded tests run at load time, not in front of a clinician. The service adds t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from decimal import Decimal
 from functools import cache, cached_property
@@ -43,6 +44,18 @@ def _shown(reported: str) -> str:
         return format_decimal(Decimal(reported), 4)
     except ArithmeticError:
         return reported
+
+
+_MARKDOWN_ACTIVE = re.compile(r"([\\`*_\[\]<>&~])")
+
+
+def markdown_text(text: str) -> str:
+    """Free text from the data (a display, an order's text) as literal Markdown text: one line, with the
+    characters that start HTML, links, emphasis or code backslash-escaped (card details are GitHub-flavoured
+    Markdown, and some clients render raw HTML in them)."""
+    line = " ".join(text.split())
+    line = _MARKDOWN_ACTIVE.sub(r"\\\1", line)
+    return "\\" + line if line[:1] in ("#", "+", "-", "=") else line
 
 
 class FactView:
@@ -84,7 +97,7 @@ class FactView:
 
     @cached_property
     def display(self) -> str:
-        return self._fact.display or self._fact.concept
+        return markdown_text(self._fact.display or self._fact.concept)  # free text of the EHR's data
 
     @cached_property
     def concept(self) -> str:

@@ -77,6 +77,40 @@ redis.call('HSET', KEYS[1], ARGV[1], raw)
 return raw
 """
 
+# KEYS: episodes hash, cards hash. ARGV: ttl seconds, json [[rule, alert id], ...]. For each stored alert, the
+# request-only episode it took over: the link kept from an earlier call, else the rule's open episode, adopted
+# now (linked to the alert, no longer open). Returns a flat list: alert id, card uuid, record json ('' if the
+# link is older than this call) per linked alert.
+_ADOPT = """
+local episodes, cards = KEYS[1], KEYS[2]
+local ttl, items = tonumber(ARGV[1]), cjson.decode(ARGV[2])
+local out = {}
+for _, item in ipairs(items) do
+  local rule, alert = item[1], item[2]
+  local link = 'alert:' .. alert
+  local id = redis.call('HGET', cards, link)
+  if id then
+    table.insert(out, alert); table.insert(out, id); table.insert(out, '')
+  else
+    id = redis.call('HGET', episodes, rule)
+    local raw = id and redis.call('HGET', cards, id)
+    if raw then
+      local record = cjson.decode(raw)
+      record.alert_id = alert
+      raw = cjson.encode(record)
+      redis.call('HSET', cards, id, raw, link, id)
+      redis.call('HDEL', episodes, rule)
+      table.insert(out, alert); table.insert(out, id); table.insert(out, raw)
+    end
+  end
+end
+if #out > 0 then
+  redis.call('EXPIRE', episodes, ttl)
+  redis.call('EXPIRE', cards, ttl)
+end
+return out
+"""
+
 
 class CardIndex:
     """Request-only card episodes in Redis."""
@@ -87,6 +121,7 @@ class CardIndex:
         self.ttl = int(settings.cds_card_ttl_hours * 3600)
         self._episodes = client.register_script(_EPISODES)
         self._feedback = client.register_script(_FEEDBACK)
+        self._adopt = client.register_script(_ADOPT)
 
     def _keys(self, patient: str) -> list[str]:
         tag = f"{self.prefix}:cds:{{p:{patient}}}"
@@ -121,6 +156,18 @@ class CardIndex:
                 pipe.set(self._pointer(card_uuid), patient, ex=self.ttl * 4)  # outlives the records' expiry
             pipe.execute()
         return records
+
+    def adopt(self, patient: str, alerts: dict[str, str]) -> dict[str, tuple[str, dict[str, Any] | None]]:
+        """Link the stream's open alerts (rule id -> alert id) to the request-only episodes they continue.
+
+        Returns alert id -> (the card uuid the EHR already holds for that episode, the episode's record when
+        it was adopted by this call, else None); alerts with no such episode are left out."""
+        if not alerts:
+            return {}
+        reply = self._adopt(keys=self._keys(patient), args=[self.ttl, orjson.dumps(sorted(alerts.items()))])
+        return {
+            reply[i]: (reply[i + 1], _read(reply[i + 2]) if reply[i + 2] else None) for i in range(0, len(reply), 3)
+        }
 
     def get(self, card_uuid: str) -> dict[str, Any] | None:
         """A card record by uuid (with its latest ``card`` body), or None when unknown or expired."""

@@ -1,7 +1,8 @@
 """From decisions and stored alerts to the CDS Hooks ``cards`` array.
 
 One card per rule episode: a rule that fires on the call's data gives its fresh card, under the stored
-alert's id when the stream already has an open alert for that rule, else under a request-only episode uuid
+alert's id when the stream already has an open alert for that rule (or under the uuid of the request-only episode
+that alert continues, :mod:`service.cds.handover`), else under a request-only episode uuid
 (:mod:`service.cds.cardindex`). A rule that is indeterminate on the call's data falls back to the stored
 alert's card. A determinate "does not fire" shows nothing (the call's data is newer than the stream's last
 evaluation; a draft Mg order only exists in the call). Episodes the clinician or pharmacist already
@@ -22,8 +23,9 @@ from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
 from rules.engine import Decision
+from service.cds import handover
 from service.cds.cardindex import CardIndex
-from workers.store import effective_status
+from workers.store import Store, effective_status
 
 log = logging.getLogger("ehr_alerts.cds")
 ORDER = {"critical": 0, "warning": 1, "info": 2}
@@ -100,8 +102,10 @@ def build_cards(
     patient: str,
     index: CardIndex,
     now: datetime,
+    store: Store | None = None,
 ) -> list[dict[str, Any]]:
-    """The cards of one call (see the module docstring for the merge policy)."""
+    """The cards of one call (see the module docstring for the merge policy). With ``store``, stored alerts
+    that continue a request-only episode keep its card uuid and its outcome (:mod:`service.cds.handover`)."""
     open_alerts: dict[str, dict[str, Any]] = {}
     for alert in stored:
         current = open_alerts.get(alert["rule_id"])
@@ -123,12 +127,14 @@ def build_cards(
         elif decision.outcome == "not-fires" and alert is None:
             ended.append(decision.rule_id)
     records = index.episodes(patient, new, ended, now)
+    shown = {d.rule_id: open_alerts[d.rule_id] for d, alert_id, _ in chosen if alert_id}
+    linked = handover.link(store, index, patient, shown) if store is not None and shown else {}
     cards: list[dict[str, Any]] = []
     for decision, alert_id, body in chosen:
-        record = open_alerts[decision.rule_id] if alert_id else records[decision.rule_id]
+        record = shown[decision.rule_id] if alert_id else records[decision.rule_id]
         if hidden(record, now):
             continue
-        card = finish_card(body, record["id"], decision.rule_id)
+        card = finish_card(body, linked.get(record["id"], record["id"]), decision.rule_id)
         if card is not None:
             cards.append(card)
     cards.sort(key=lambda c: (ORDER[c["indicator"]], c.get("source", {}).get("topic", {}).get("code", "")))

@@ -17,12 +17,13 @@ from datetime import datetime
 from typing import Any
 
 from rules.catalog import Catalog
+from service.cds import handover
 from service.cds.cardindex import CardIndex
 from service.cds.cards import suggestion_uuid
 from service.cds.errors import CdsError
 from workers.store import Store, TransitionError
 
-RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
+RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")  # RFC 3339 §5.6
 
 
 @dataclass
@@ -69,7 +70,7 @@ def parse_feedback(data: Any) -> list[FeedbackItem]:
         if not isinstance(stamp, str) or not RFC3339.match(stamp):
             raise _bad(i, "outcomeTimestamp", "is required as an RFC 3339 date-time with a zone")
         try:
-            at = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+            at = datetime.fromisoformat(stamp.upper().replace("Z", "+00:00"))
         except ValueError:
             raise _bad(i, "outcomeTimestamp", "is not a valid date-time") from None
         item = FeedbackItem(i, card, outcome, at)
@@ -129,6 +130,24 @@ def _suggestion_ids(catalog: Catalog, rule_id: str | None, card_uuid: str) -> di
     return {suggestion_uuid(card_uuid, s.id): s.id for s in (rule.card.suggestions if rule else [])}
 
 
+def _continued_by(record: dict[str, Any], store: Store, index: CardIndex) -> dict[str, Any] | None:
+    """The stream's alert that continues a request-only card's episode (adopting it now if the stream opened
+    it since the last call), with the card's earlier feedback replayed onto it; None when there is none."""
+    if record.get("alert_id"):
+        return store.find_alert(record["alert_id"])
+    patient, rule = record.get("patient"), record.get("rule_id")
+    if not patient or not rule:
+        return None
+    alert = next((a for a in store.alerts_for_patient(patient, open_only=True) if a["rule_id"] == rule), None)
+    linked = index.adopt(patient, {rule: alert["id"]}).get(alert["id"]) if alert is not None else None
+    if alert is None or linked is None:
+        return None
+    card_uuid, adopted = linked
+    if adopted is not None:  # the rule's open episode, now continued by the alert: carry its outcome over
+        alert = handover.replay(store, alert["id"], adopted)
+    return alert if card_uuid == record["id"] else None  # else the card's episode had ended before the alert
+
+
 def apply_item(
     item: FeedbackItem, store: Store, index: CardIndex, catalog: Catalog, actor: str, service_id: str
 ) -> ItemResult:
@@ -137,6 +156,8 @@ def apply_item(
     record = None if alert is not None else index.get(item.card)
     if alert is None and record is None:
         return ItemResult(item.index, item.card, 404, "no card with this uuid (unknown or expired)")
+    if record is not None:  # a request-only card: the stream may have opened the alert of this episode since
+        alert = _continued_by(record, store, index)
     rule_id = (alert or record or {}).get("rule_id")
     known = _suggestion_ids(catalog, rule_id, item.card)
     unknown = [s for s in item.accepted if s not in known]
@@ -150,7 +171,7 @@ def apply_item(
     if alert is not None:
         try:
             updated = store.transition(
-                item.card,
+                alert["id"],
                 action,
                 actor,
                 item.at,

@@ -130,9 +130,13 @@ def _authorization(value: Any, fhir_server: str | None) -> str | None:
     token_type = _string(value, "token_type", "fhirAuthorization.")
     if (token_type or "").lower() != "bearer":
         raise CdsError(400, "fhirAuthorization.token_type must be Bearer", "fhirAuthorization.token_type")
-    expires_in = value.get("expires_in")
-    if expires_in is not None and (not isinstance(expires_in, int) or isinstance(expires_in, bool)):
+    expires_in = _need(value, "expires_in", "fhirAuthorization.")
+    if not isinstance(expires_in, int) or isinstance(expires_in, bool):
         raise CdsError(400, "fhirAuthorization.expires_in must be an integer", "fhirAuthorization.expires_in")
+    # 2.0.1 §Calling a CDS Service: scope and subject are REQUIRED, patient (CONDITIONAL) is a FHIR id.
+    _string(value, "scope", "fhirAuthorization.")
+    _string(value, "subject", "fhirAuthorization.")
+    _string(value, "patient", "fhirAuthorization.", required=False)
     return token
 
 

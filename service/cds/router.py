@@ -88,7 +88,7 @@ def _cards_for(call: HookRequest, resources: list[dict[str, Any]], now: datetime
     decisions = evaluate(get_catalog().evaluated(), facts, now, call.patient_id)
     store = get_store()
     stored = store.alerts_for_patient(call.patient_id, open_only=True)
-    return build_cards(decisions, stored, call.patient_id, CardIndex(store.client, settings), now)
+    return build_cards(decisions, stored, call.patient_id, CardIndex(store.client, settings), now, store)
 
 
 @router.get("", summary="CDS Hooks discovery")

@@ -78,7 +78,7 @@ class CdsService:
             "description": self.description,
             "id": self.id,
             "prefetch": {q.key: q.template(page_size) for q in self.prefetch},
-            "usageRequirements": USAGE,
+            "usageRequirements": USAGE.format(id=self.id),
         }
 
 

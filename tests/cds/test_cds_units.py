@@ -423,3 +423,40 @@ def test_medication_reference_to_another_resource_of_the_call_is_followed() -> N
     bundle = {"resourceType": "Bundle", "entry": [{"resource": request}, {"resource": medication}]}
     facts = facts_from([bundle], "p1", False, NormalizeCache(10))
     assert {f.concept for f in facts} == {"loop-diuretic"}
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("furosemide 40 MG Oral Tablet", "furosemide 40 MG Oral Tablet"),
+        ("KCl <b>x</b> [a](https://e.x) *y* `z` & ~s~", "KCl <b>x</b> [a](https://e.x) *y* `z` & ~s~"),
+        ("# heading\nline", "# heading line"),
+        ("- item", "- item"),
+        ("a\\b", "a\\b"),
+    ],
+)
+def test_free_text_of_the_data_renders_as_literal_markdown_text(text: str, shown: str) -> None:
+    from markdown_it import MarkdownIt
+
+    from rules.cards import markdown_text
+
+    html = MarkdownIt("commonmark", {"html": True}).enable(["strikethrough"]).render(markdown_text(text))
+    expected = shown.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    assert html == f"<p>{expected}</p>\n"
+
+
+def test_card_index_adopt_links_an_open_episode_to_the_alert_once() -> None:
+    index, patient = _index(), "p1"
+    (card,) = build_cards(_decisions(scenario(HYPOK, patient), patient), [], patient, index, NOW)
+    index.record_feedback(card["uuid"], "overridden", {"action": "override", "by": "ehr:x", "at": "t"}, "k1")
+    assert index.adopt(patient, {}) == {}
+    first = index.adopt(patient, {HYPOK: "alert-1", "other-rule": "alert-2"})
+    assert set(first) == {"alert-1"}
+    card_uuid, record = first["alert-1"]
+    assert card_uuid == card["uuid"] and record is not None
+    assert record["alert_id"] == "alert-1" and [h["action"] for h in record["history"]] == ["override"]
+    assert index.adopt(patient, {HYPOK: "alert-1"}) == {"alert-1": (card["uuid"], None)}  # kept, not re-adopted
+    assert index.get(card["uuid"])["alert_id"] == "alert-1"
+    # The episode is no longer open: the rule firing again without an alert starts a new one.
+    (again,) = build_cards(_decisions(scenario(HYPOK, patient), patient), [], patient, index, NOW)
+    assert again["uuid"] != card["uuid"]
