@@ -24,6 +24,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_engine.py
+	$(BIN)/python bench/bench_stream.py
 
 schema: $(STAMP)
 	$(BIN)/ehr-alerts rules schema > rules/rule.schema.json

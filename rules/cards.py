@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from decimal import Decimal
-from functools import cache
+from functools import cache, cached_property
 from typing import TYPE_CHECKING, Any
 
 from jinja2 import StrictUndefined, Template
@@ -59,31 +59,75 @@ def markdown_text(text: str) -> str:
 
 
 class FactView:
-    """What a template sees of one fact."""
+    """What a template sees of one fact (each field computed when a template first reads it: templates
+    read a few fields of the latest fact, and building every field of every fact was most of the cost
+    of rendering a card)."""
 
     def __init__(self, fact: Fact) -> None:
-        self.value = format_decimal(fact.value) if fact.value is not None else "?"
-        self.reported = f"{fact.comparator or ''}{_shown(fact.reported_value)}" if fact.reported_value else "?"
-        self.reported_unit = fact.reported_unit or ""
-        self.unit = fact.unit or ""
-        self.time = isoformat(fact.start) or "unknown time"
-        self.date = self.time[:16].replace("T", " ") if fact.start else "unknown time"
-        self.ref = fact.reference
-        self.display = markdown_text(fact.display or fact.concept)  # free text of the EHR's data
-        self.concept = fact.concept
-        self.notes = list(fact.notes)
+        self._fact = fact
+
+    @cached_property
+    def value(self) -> str:
+        return format_decimal(self._fact.value) if self._fact.value is not None else "?"
+
+    @cached_property
+    def reported(self) -> str:
+        fact = self._fact
+        return f"{fact.comparator or ''}{_shown(fact.reported_value)}" if fact.reported_value else "?"
+
+    @cached_property
+    def reported_unit(self) -> str:
+        return self._fact.reported_unit or ""
+
+    @cached_property
+    def unit(self) -> str:
+        return self._fact.unit or ""
+
+    @cached_property
+    def time(self) -> str:
+        return isoformat(self._fact.start) or "unknown time"
+
+    @cached_property
+    def date(self) -> str:
+        return self.time[:16].replace("T", " ") if self._fact.start else "unknown time"
+
+    @cached_property
+    def ref(self) -> str:
+        return self._fact.reference
+
+    @cached_property
+    def display(self) -> str:
+        return markdown_text(self._fact.display or self._fact.concept)  # free text of the EHR's data
+
+    @cached_property
+    def concept(self) -> str:
+        return self._fact.concept
+
+    @cached_property
+    def notes(self) -> list[str]:
+        return list(self._fact.notes)
 
 
 class InputView:
     """What a template sees of one input: ``present``, ``count``, the latest fact's fields, ``items``."""
 
     def __init__(self, selection: Selection) -> None:
-        self.items = [FactView(f) for f in selection.facts]
-        self.present = bool(self.items)
-        self.count = len(self.items)
-        self.window_start = isoformat(selection.window_start) or "the start of the record"
-        self.window_end = isoformat(selection.window_end)
-        self._latest = self.items[-1] if self.items else None
+        self._selection = selection
+        self.present = bool(selection.facts)
+        self.count = len(selection.facts)
+        self._latest = FactView(selection.facts[-1]) if selection.facts else None
+
+    @cached_property
+    def items(self) -> list[FactView]:
+        return [FactView(f) for f in self._selection.facts]
+
+    @cached_property
+    def window_start(self) -> str:
+        return isoformat(self._selection.window_start) or "the start of the record"
+
+    @cached_property
+    def window_end(self) -> str | None:
+        return isoformat(self._selection.window_end)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_") or self._latest is None:

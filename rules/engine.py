@@ -68,7 +68,7 @@ class Evidence(BaseModel):
         if fact.reported_value is not None:
             reported = f"{fact.comparator or ''}{fact.reported_value} {fact.reported_unit or ''}".strip()
         notes = [*fact.notes, *([fact.problem] if fact.problem else [])]
-        return Evidence(
+        return Evidence.model_construct(  # the fields come from a validated Fact: no second validation
             input=input_name,
             reference=fact.reference,
             resource_type=fact.resource_type,

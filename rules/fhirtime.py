@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, date, datetime, timedelta
+from functools import lru_cache
 
 _PARTIAL = re.compile(r"^(\d{4})(?:-(\d{2}))?(?:-(\d{2}))?$")
 
@@ -37,6 +38,7 @@ def parse_time(text: str) -> datetime:
     return to_utc(parsed)  # type: ignore[return-value]
 
 
+@lru_cache(maxsize=65_536)  # pure, and called for the same instants over and over while explaining decisions
 def isoformat(value: datetime | None) -> str | None:
     """Render a UTC datetime as FHIR instant text (``2024-05-01T08:00:00Z``)."""
     if value is None:

@@ -222,9 +222,10 @@ def dead_letters_command(
     redrive: Annotated[bool, typer.Option(help="Re-queue every dead-lettered batch and clear the list")] = False,
 ) -> None:
     """List events that failed after their retries (and optionally re-drive them)."""
+    from workers import inbox
     from workers.keys import dead_letters as dead_letter_key
     from workers.pipeline import get_store
-    from workers.tasks import process_events
+    from workers.settings import get_settings
 
     store = get_store()
     records = store.dead_letters()
@@ -234,7 +235,7 @@ def dead_letters_command(
     console.print(table if records else "No dead letters.")
     if redrive and records:
         for record in records:
-            process_events.delay(record["events"])
+            inbox.submit(store.client, record["events"], get_settings().redelivery_timeout)
         store.client.ltrim(dead_letter_key(), len(records), -1)
         console.print(f"re-queued {len(records)} batches")
 

@@ -13,9 +13,10 @@ from typing import Any
 
 from rules.normalize import NormalizeOptions, NormalizeResult, normalize_resource, reference_index
 from service.observability.metrics import record_event
+from workers import inbox
 from workers.events import Event, dump_batch, events_from
+from workers.redis_conn import get_redis
 from workers.settings import get_settings
-from workers.tasks import process_events
 
 
 @dataclass
@@ -42,7 +43,7 @@ class Ingested:
 
 
 class Enqueuer:
-    """Collects events and sends them to Celery in batches (one task per ``batch_size`` events)."""
+    """Collects events and submits them in batches (one inbox batch and one task per ``batch_size`` events)."""
 
     def __init__(self, batch_size: int | None = None) -> None:
         self.batch_size = batch_size or get_settings().batch_size
@@ -58,9 +59,9 @@ class Enqueuer:
             self.flush()
 
     def flush(self) -> None:
-        """Send what is pending as one task."""
+        """Submit what is pending as one batch (kept in the inbox until a worker has finished it)."""
         if self.pending:
-            process_events.delay(dump_batch(self.pending))
+            inbox.submit(get_redis(), dump_batch(self.pending), get_settings().redelivery_timeout)
             self.sent += len(self.pending)
             self.pending = []
 

@@ -11,19 +11,18 @@ from rich.progress import Progress
 from rich.table import Table
 
 from service.ingest import Enqueuer, EntryOutcome, Ingested, ingest_items
+from workers import inbox
 from workers.pipeline import get_store
 from workers.settings import get_settings
 from workers.sources import expand_paths, read_items
 
-QUEUE = "ehr-alerts"
-
 
 def _wait_for_workers(timeout: float) -> bool:
-    """Wait until the broker queue and the unacknowledged set are empty (real workers only)."""
+    """Wait until every submitted batch is finished (real workers only)."""
     client = get_store().client
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if client.llen(QUEUE) == 0 and client.hlen("unacked") == 0:
+        if inbox.size(client) == 0:
             return True
         time.sleep(0.2)
     return False

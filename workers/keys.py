@@ -40,3 +40,13 @@ def counters() -> str:
 def patients() -> str:
     """Set of patient ids seen (for alerts-per-1,000-patients figures)."""
     return f"{_prefix()}:patients"
+
+
+def inbox_batches() -> str:
+    """Hash of accepted batches not yet finished: batch id -> events json (see ``workers.inbox``)."""
+    return f"{_prefix()}:{{inbox}}:batches"
+
+
+def inbox_due() -> str:
+    """Sorted set: batch id -> epoch seconds when its delivery is repeated if it is still unfinished."""
+    return f"{_prefix()}:{{inbox}}:due"

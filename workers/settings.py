@@ -72,6 +72,14 @@ class Settings(BaseSettings):
     # --- stream pipeline ---
     include_preliminary: bool = Field(default=False, description="count preliminary lab results")
     visibility_timeout: float = Field(default=60.0, gt=0, description="seconds before an unacked task is redelivered")
+    redelivery_timeout: float = Field(
+        default=120.0,
+        gt=0,
+        le=86_400,
+        description="seconds after which a batch accepted but not yet finished is delivered again (inbox "
+        "sweep; workers sweep every quarter of it, at most every 10 s); a batch still queued then gets a "
+        "second doorbell, a no-op",
+    )
     batch_size: int = Field(default=200, ge=1, le=10_000, description="events per Celery task")
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="largest accepted request body")
     retention_lab_hours: float = Field(default=24 * 30, gt=0, description="how long lab facts are kept")

@@ -7,6 +7,7 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +15,27 @@ import redis
 
 from rules.engine import Decision
 from rules.facts import Fact
-from workers import keys
-from workers.events import CLOCK_FORMAT, Event, clock_text
+from workers import keys, schema_upgrade
+from workers.events import Event, clock_text
 from workers.schema_upgrade import upgrade_alert, upgrade_fact
 from workers.settings import Settings
 
 _LUA_DIR = Path(__file__).with_name("lua")
+FACT_CACHE_SIZE = 50_000  # resource versions; Fact is frozen, so parsed facts are shared safely
+
+
+def parse_facts(payload: str) -> tuple[Fact, ...]:
+    """The facts of one stored resource version (upgraded to the current format), parsed once per process
+    and format: every event of a patient returns the patient's whole timeline, and parsing all of it again
+    for every event was the largest cost of a worker after the rule evaluation."""
+    return _parse_facts(payload, schema_upgrade.FACT_SCHEMA_VERSION)
+
+
+@lru_cache(maxsize=FACT_CACHE_SIZE)
+def _parse_facts(payload: str, schema_version: int) -> tuple[Fact, ...]:
+    return tuple(Fact.model_validate(upgrade_fact(item)) for item in json.loads(payload))
+
+
 ALERT_SCHEMA_VERSION = 1
 #: Metric kind (``ehr_alerts_alert_transitions_total{kind}``) of each user / EHR action.
 TRANSITION_KINDS = {
@@ -38,13 +54,15 @@ def _script(client: redis.Redis, name: str) -> Any:
 
 @dataclass
 class Timeline:
-    """A patient's facts after an upsert, and the version and clock they correspond to."""
+    """A patient's facts after an upsert, and the version and clock they correspond to (``previous_clock``:
+    the clock before the upsert, None for a new patient)."""
 
     patient: str
     version: int
     clock: datetime
     statuses: list[str]
     facts: list[Fact]
+    previous_clock: datetime | None = None
 
 
 TRANSITIONS = ("acknowledge", "override", "snooze", "accept", "resolve", "reopen")
@@ -72,51 +90,119 @@ class Store:
 
     def upsert(self, patient: str, events: list[Event]) -> Timeline:
         """Store a patient's events (idempotent, version-ordered) and return the whole timeline."""
-        k = keys.patient_keys(patient)
-        args: list[str] = [clock_text(max(e.event_time for e in events))]
-        for event in events:
-            payload = json.dumps([f.model_dump(mode="json") for f in event.facts], separators=(",", ":"))
-            args += [event.resource, event.rank(), f"{event.expires(self.settings)}\t{payload}"]
-        version, clock, statuses, payloads = self._store_facts(keys=[k["facts"], k["meta"]], args=args)
-        facts = [Fact.model_validate(upgrade_fact(item)) for payload in payloads for item in json.loads(payload)]
-        when = datetime.strptime(clock, CLOCK_FORMAT).replace(tzinfo=UTC)
-        return Timeline(patient, int(version), when, list(statuses), facts)
+        result = self.upsert_many({patient: events})[patient]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def upsert_many(self, by_patient: dict[str, list[Event]]) -> dict[str, Timeline | Exception]:
+        """``upsert`` for several patients in one round trip (one atomic script per patient, pipelined).
+
+        A patient whose script failed gets the error in place of a timeline; connection errors raise."""
+        calls = []
+        for patient, events in by_patient.items():
+            k = keys.patient_keys(patient)
+            args: list[str] = [clock_text(max(e.event_time for e in events))]
+            for event in events:
+                payload = json.dumps([f.model_dump(mode="json") for f in event.facts], separators=(",", ":"))
+                args += [event.resource, event.rank(), f"{event.expires(self.settings)}\t{payload}"]
+            calls.append(([k["facts"], k["meta"]], args))
+        out: dict[str, Timeline | Exception] = {}
+        for patient, result in zip(by_patient, self._run_pipelined(self._store_facts, calls), strict=True):
+            if isinstance(result, Exception):
+                out[patient] = result
+                continue
+            version, clock, statuses, joined, previous = result
+            facts = [fact for payload in joined.split("\n") if payload for fact in parse_facts(payload)]
+            before = _clock(previous) if previous else None
+            out[patient] = Timeline(patient, int(version), _clock(clock), list(statuses), facts, before)
+        return out
+
+    def _run_pipelined(self, script: Any, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """EVALSHA ``script`` once per (keys, args) in one pipeline; loads the script if the server lost it."""
+        for attempt in (1, 2):
+            pipe = self.client.pipeline(transaction=False)
+            for script_keys, args in calls:
+                pipe.evalsha(script.sha, len(script_keys), *script_keys, *args)
+            results = pipe.execute(raise_on_error=False)
+            for result in results:
+                if isinstance(result, redis.ConnectionError | redis.TimeoutError):
+                    raise result
+            if attempt == 1 and any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
+                script.sha = self.client.script_load(script.script)  # e.g. the server restarted; retry all
+                continue  # (each script is idempotent, so re-running the ones that did run is harmless)
+            return results
+        raise AssertionError("unreachable")
 
     def timeline(self, patient: str) -> list[Fact]:
         """The facts stored for a patient (read only)."""
         values = self.client.hvals(keys.patient_keys(patient)["facts"])
-        return [
-            Fact.model_validate(upgrade_fact(item)) for value in values for item in json.loads(value.split("\t", 2)[2])
-        ]
+        return [fact for value in values for fact in parse_facts(value.split("\t", 2)[2])]
 
     # --- alerts ----------------------------------------------------------------------------------------
 
     def apply(self, timeline: Timeline, decisions: list[Decision]) -> list[tuple[str, str, str]]:
         """Apply decisions computed from ``timeline``; returns (rule id, action, alert id) per decision."""
-        k = keys.patient_keys(timeline.patient)
-        retracted = sorted({f"{f.resource_type}/{f.resource_id}" for f in timeline.facts if f.retracted})
-        body = [_decision_body(d) for d in decisions if d.rule_status == "active"]
-        if not body:
-            return []
-        results = self._apply(
-            keys=[k["alerts"], k["open"], k["applied"], k["closed"]],
-            args=[
-                timeline.version,
-                clock_text(timeline.clock),
-                json.dumps(body),
-                json.dumps(retracted),
-                clock_text(datetime.now(UTC)),
-            ],
-        )
-        touched = [(rule, action, alert_id) for rule, action, alert_id in results]
-        changed = [alert_id for _, action, alert_id in touched if action not in ("none", "stale") and alert_id]
+        result = self.apply_many([(timeline, decisions)])[0]
+        if isinstance(result, Exception):
+            raise result
+        self.record({alert_id: timeline.patient for _, action, alert_id in result if _changed(action, alert_id)})
+        return result
+
+    def apply_many(
+        self, planned: list[tuple[Timeline, list[Decision]]]
+    ) -> list[list[tuple[str, str, str]] | Exception]:
+        """Apply several decision sets in one round trip, in order (one atomic script each, pipelined);
+        ``timeline.clock`` is the time the decisions were made as of (the alert history's time).
+
+        Returns, per planned entry, (rule id, action, alert id) per decision, or the error of a failed
+        script. The caller indexes the changed alerts with ``record``."""
+        calls = []
+        positions = []
+        out: list[list[tuple[str, str, str]] | Exception] = [[] for _ in planned]
+        for position, (timeline, decisions) in enumerate(planned):
+            body = [_decision_body(d) for d in decisions if d.rule_status == "active"]
+            if not body:
+                continue
+            k = keys.patient_keys(timeline.patient)
+            retracted = sorted({f"{f.resource_type}/{f.resource_id}" for f in timeline.facts if f.retracted})
+            calls.append(
+                (
+                    [k["alerts"], k["open"], k["applied"], k["closed"]],
+                    [
+                        timeline.version,
+                        clock_text(timeline.clock),
+                        json.dumps(body),
+                        json.dumps(retracted),
+                        clock_text(datetime.now(UTC)),
+                    ],
+                )
+            )
+            positions.append(position)
+        for position, result in zip(positions, self._run_pipelined(self._apply, calls), strict=True):
+            out[position] = result if isinstance(result, Exception) else [tuple(r) for r in result]
+        return out
+
+    def record(
+        self,
+        changed: dict[str, str],
+        *,
+        patients: set[str] | frozenset[str] = frozenset(),
+        counts: dict[str, int] | None = None,
+    ) -> None:
+        """One round trip of bookkeeping: index changed alerts (alert id -> patient) by update time, add
+        the patients seen, add to the pipeline counters."""
+        pipe = self.client.pipeline(transaction=False)
         if changed:
             score = datetime.now(UTC).timestamp()
-            pipe = self.client.pipeline(transaction=False)
-            pipe.zadd(keys.alert_index(), {f"{timeline.patient}|{a}": score for a in changed})
-            pipe.hset(keys.alert_patients(), mapping=dict.fromkeys(changed, timeline.patient))
-            pipe.execute()
-        return touched
+            pipe.zadd(keys.alert_index(), {f"{patient}|{a}": score for a, patient in changed.items()})
+            pipe.hset(keys.alert_patients(), mapping=changed)
+        if patients:
+            pipe.sadd(keys.patients(), *patients)
+        for name, value in (counts or {}).items():
+            if value:
+                pipe.hincrby(keys.counters(), name, value)
+        pipe.execute()
 
     def alerts_for_patient(self, patient: str, *, open_only: bool = False) -> list[dict[str, Any]]:
         """A patient's alerts (open only: the current episode per rule, whatever a user did with it)."""
@@ -245,6 +331,14 @@ class Store:
         pipe.execute()
 
 
+def _clock(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))  # strptime is 10x slower
+
+
+def _changed(action: str, alert_id: str) -> bool:
+    return bool(alert_id) and action not in ("none", "stale", "suppressed")
+
+
 def _read_alert(raw: str) -> dict[str, Any]:
     alert = upgrade_alert(json.loads(raw))
     for key in ("evidence", "history"):  # Lua's cjson writes empty arrays as {}
@@ -262,24 +356,27 @@ def effective_status(alert: dict[str, Any], now: datetime) -> str:
 
 
 def _decision_body(decision: Decision) -> dict[str, Any]:
-    evidence = [e.model_dump(mode="json") for e in decision.evidence]
-    fingerprint_source = json.dumps([decision.severity, decision.card, evidence], sort_keys=True)
-    return {
+    body: dict[str, Any] = {
         "rule_id": decision.rule_id,
         "outcome": decision.outcome,
         "resolves": decision.resolves,
         "explanation": decision.explanation,
-        "alert": {
-            "schema_version": ALERT_SCHEMA_VERSION,
-            "id": str(uuid.uuid4()),
-            "rule_id": decision.rule_id,
-            "rule_version": decision.rule_version,
-            "patient": decision.patient,
-            "severity": decision.severity,
-            "card": decision.card,
-            "evidence": evidence,
-            "explanation": decision.explanation,
-            "as_of": decision.as_of,
-            "fingerprint": hashlib.sha256(fingerprint_source.encode()).hexdigest()[:16],
-        },
     }
+    if decision.outcome != "fires":  # the alert body is only read to open or update an alert
+        return body
+    evidence = [e.model_dump(mode="json") for e in decision.evidence]
+    fingerprint_source = json.dumps([decision.severity, decision.card, evidence], sort_keys=True)
+    body["alert"] = {
+        "schema_version": ALERT_SCHEMA_VERSION,
+        "id": str(uuid.uuid4()),
+        "rule_id": decision.rule_id,
+        "rule_version": decision.rule_version,
+        "patient": decision.patient,
+        "severity": decision.severity,
+        "card": decision.card,
+        "evidence": evidence,
+        "explanation": decision.explanation,
+        "as_of": decision.as_of,
+        "fingerprint": hashlib.sha256(fingerprint_source.encode()).hexdigest()[:16],
+    }
+    return body

@@ -157,6 +157,7 @@ class Stack:
             "REDIS_URL": url,
             "EHR_ALERTS_KEY_PREFIX": prefix,
             "EHR_ALERTS_VISIBILITY_TIMEOUT": "5",
+            "EHR_ALERTS_REDELIVERY_TIMEOUT": "5",
             "PYTHONUNBUFFERED": "1",
         }
         self.api: subprocess.Popen[bytes] | None = None
@@ -226,6 +227,10 @@ class Stack:
         self.workers.append(worker)
         return worker
 
+    def freeze_worker(self, worker: subprocess.Popen[bytes]) -> None:
+        """SIGSTOP the worker's main process and pool children: sockets stay open, nothing is read."""
+        os.killpg(worker.pid, signal.SIGSTOP)
+
     def kill_worker(self, worker: subprocess.Popen[bytes]) -> None:
         """SIGKILL the worker's main process and its pool children (its own process group)."""
         with contextlib.suppress(ProcessLookupError):
@@ -255,12 +260,15 @@ class Stack:
     # --- draining --------------------------------------------------------------------------------------
 
     def drain(self, timeout: float = 90, stable: float = 0.5) -> None:
-        """Wait until the queue and the unacked hash are empty and the counters stable for ``stable`` s."""
+        """Wait until every accepted batch is finished (inbox empty), the queue and the unacked hash are
+        empty, and the counters stable for ``stable`` s."""
+        from workers import inbox
+
         deadline = time.monotonic() + timeout
         last: Any = None
         since = time.monotonic()
         while time.monotonic() < deadline:
-            idle = self.client.llen(QUEUE) == 0 and self.client.hlen("unacked") == 0
+            idle = inbox.size(self.client) == 0 and self.client.llen(QUEUE) == 0 and self.client.hlen("unacked") == 0
             snapshot = (idle, self.store.counters())
             if snapshot != last:
                 last, since = snapshot, time.monotonic()
@@ -271,7 +279,8 @@ class Stack:
                     raise RuntimeError(f"worker exited with {worker.returncode}; logs in {self.tmp}")
             time.sleep(0.05)
         raise TimeoutError(
-            f"queue not drained in {timeout} s: queue={self.client.llen(QUEUE)} unacked={self.client.hlen('unacked')}"
+            f"queue not drained in {timeout} s: inbox={inbox.size(self.client)} queue={self.client.llen(QUEUE)} "
+            f"unacked={self.client.hlen('unacked')}"
             f"; logs in {self.tmp}"
         )
 

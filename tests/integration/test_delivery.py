@@ -136,12 +136,6 @@ def _missing(stack, per_patient: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="KNOWN DEFECT (issue 3 open): after SIGKILL of the whole Celery worker, some batches held "
-    "unacknowledged by the killed worker were not redelivered within the test's wait (about 10 of 3,000 "
-    "events lost in one run). Needs investigation of kombu's Redis unacked restore.",
-    strict=False,
-)
 def test_sigkill_workers_mid_stream(stack):
     per_patient, events = _synthetic(300, seed=3)
     assert len(events) >= 2900
@@ -175,16 +169,39 @@ def test_sigkill_workers_mid_stream(stack):
     stack.drain(timeout=120, stable=1.0)
 
     missing = _missing(stack, per_patient)
-    if missing:  # rule out a slow redelivery before calling it a loss
-        print(f"DIAG missing after drain: {len(missing)}; counters {stack.store.counters()}")
-        time.sleep(15)
-        stack.drain(timeout=60, stable=1.0)
-        missing = _missing(stack, per_patient)
     assert not missing, f"{len(missing)} events never reached the timeline (lost): {missing[:20]}"
     counters = stack.store.counters()
     assert counters.get("events_stored", 0) + counters.get("events_duplicate", 0) >= len(events), counters
     assert stack.store.dead_letters() == []
     _check_final_state(stack, per_patient)
+
+
+@pytest.mark.slow
+def test_message_popped_by_a_frozen_worker_is_not_lost(stack):
+    """The window that lost batches: kombu's BRPOP takes the message off the queue, and only the next round
+    trip records it as unacknowledged. Freeze a worker blocked in BRPOP, send an event (Redis pops it into
+    the frozen worker's socket), SIGKILL the worker: the message is in neither the queue nor ``unacked``.
+    The inbox still holds the batch and the sweep of the next worker delivers it again."""
+    stack.start_api()
+    worker = stack.start_worker()
+    db = str(stack.client.connection_pool.connection_kwargs.get("db", 0))
+    deadline = time.monotonic() + 60
+    while not any(c.get("cmd") == "brpop" and c.get("db") == db for c in stack.client.client_list()):
+        assert time.monotonic() < deadline, "the worker never blocked in BRPOP"
+        time.sleep(0.1)
+    stack.freeze_worker(worker)
+    assert stack.post_ndjson([potassium("k-frozen", "frozen-1", 2.9, T0)]).status_code == 202
+    deadline = time.monotonic() + 10
+    while stack.client.llen("ehr-alerts"):
+        assert time.monotonic() < deadline, "the frozen worker's BRPOP did not take the message"
+        time.sleep(0.05)
+    assert stack.client.hlen("unacked") == 0  # the message now exists only in the dead worker's socket
+    stack.kill_worker(worker)
+    stack.start_worker()
+    stack.drain(timeout=60)
+    assert [f.resource_id for f in stack.store.timeline("frozen-1")] == ["k-frozen"]
+    assert [a["rule_id"] for a in stack.store.alerts_for_patient("frozen-1", open_only=True)] == [HYPOK]
+    assert stack.store.dead_letters() == []
 
 
 @pytest.mark.slow

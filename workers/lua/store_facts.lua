@@ -5,8 +5,10 @@
 -- ARGV[2..] triples: field, rank, expires \t payload
 -- A lower rank (older version) never replaces a higher one; an identical value is a duplicate.
 -- Entries whose expiry is before the clock are pruned (bounded retention).
+-- Returns {version, clock, statuses, payloads joined by newlines, the clock before this call or ''}.
 local facts, meta = KEYS[1], KEYS[2]
 local clock = redis.call('HGET', meta, 'clock')
+local previous_clock = clock or ''
 if (not clock) or ARGV[1] > clock then
   clock = ARGV[1]
   redis.call('HSET', meta, 'clock', clock)
@@ -53,4 +55,6 @@ if changed then
 else
   version = tonumber(redis.call('HGET', meta, 'version') or '0')
 end
-return {version, clock, statuses, payloads}
+-- One string (payloads are compact JSON, which never holds a raw newline): a reply of one bulk string
+-- instead of one per resource is much cheaper for the client to parse.
+return {version, clock, statuses, table.concat(payloads, "\n"), previous_clock}

@@ -52,13 +52,22 @@ def _prerun(task_id: str | None = None, **_: Any) -> None:
 
 
 def _postrun(
-    task_id: str | None = None, task: Any = None, args: Any = None, state: str | None = None, **_: Any
+    task_id: str | None = None,
+    task: Any = None,
+    args: Any = None,
+    state: str | None = None,
+    retval: Any = None,
+    **_: Any,
 ) -> None:
     try:
         enqueued = getattr(getattr(task, "request", None), ENQUEUED_AT_HEADER, None)
-        if state == "SUCCESS" and enqueued is not None and args and isinstance(args[0], list):
+        # events of the batch: the task's list argument, or what an inbox batch task reports it processed
+        events = len(args[0]) if args and isinstance(args[0], list) else None
+        if events is None and isinstance(retval, dict):
+            events = retval.get("batch_events")
+        if state == "SUCCESS" and enqueued is not None and events:
             try:
-                record_latency(get_redis(), time.time() - float(enqueued), len(args[0]))
+                record_latency(get_redis(), time.time() - float(enqueued), events)
             except Exception:  # metrics must never fail a task
                 log.warning("could not record processing latency", exc_info=True)
     finally:
