@@ -46,9 +46,8 @@ install_observability(app)  # JSON logs, request ids, GET /metrics (outermost mi
 log_security_warnings()  # auth off, dev profile, nothing trusted ... said loudly at start
 
 app.include_router(cds_router)  # CDS Hooks: /cds-services (service/cds/)
-app.router.add_event_handler(
-    "startup", freeze_startup_heap
-)  # after the CDS router's catalog warm-up (registered above)
+# GC tuning once started; registered after the CDS router, so it runs after the catalog warm-up
+app.router.add_event_handler("startup", freeze_startup_heap)
 
 
 class FhirError(Exception):
