@@ -103,9 +103,12 @@ def build_cards(
     index: CardIndex,
     now: datetime,
     store: Store | None = None,
+    *,
+    trust_call: bool = True,
 ) -> list[dict[str, Any]]:
     """The cards of one call (see the module docstring for the merge policy). With ``store``, stored alerts
-    that continue a request-only episode keep its card uuid and its outcome (:mod:`service.cds.handover`)."""
+    that continue a request-only episode keep its card uuid and its outcome (:mod:`service.cds.handover`).
+    ``trust_call=False`` (the call's data is incomplete) treats every decision as indeterminate."""
     open_alerts: dict[str, dict[str, Any]] = {}
     for alert in stored:
         current = open_alerts.get(alert["rule_id"])
@@ -118,13 +121,14 @@ def build_cards(
         if decision.rule_status != "active":
             continue  # shadow rules are evaluated, never shown
         alert = open_alerts.get(decision.rule_id)
-        if decision.outcome == "fires" and decision.card:
+        outcome = decision.outcome if trust_call else "indeterminate"
+        if outcome == "fires" and decision.card:
             chosen.append((decision, alert["id"] if alert else None, decision.card))
             if alert is None:
                 new[decision.rule_id] = decision.card
-        elif decision.outcome == "indeterminate" and alert is not None and alert.get("card"):
+        elif outcome == "indeterminate" and alert is not None and alert.get("card"):
             chosen.append((decision, alert["id"], alert["card"]))
-        elif decision.outcome == "not-fires" and alert is None:
+        elif outcome == "not-fires" and alert is None:
             ended.append(decision.rule_id)
     records = index.episodes(patient, new, ended, now)
     shown = {d.rule_id: open_alerts[d.rule_id] for d, alert_id, _ in chosen if alert_id}

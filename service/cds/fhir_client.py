@@ -88,18 +88,36 @@ def _next(bundle: dict[str, Any]) -> str | None:
     return None
 
 
+def unreadable_pages(request: HookRequest, settings: Settings, data: dict[str, KeyData]) -> list[str]:
+    """Prefetch keys whose Bundle has a next page that cannot be had because there is no usable ``fhirServer``
+    (with one, :func:`plan` follows the link or runs the key's own search). The call then uses the first
+    page and says nothing new from its own data (§17 item 33: follow the link or still answer 200)."""
+    unreadable = []
+    for key, item in data.items():
+        if item.state != "continued":
+            continue
+        try:
+            check_server(request, settings, key)
+        except FhirUnavailable:
+            unreadable.append(key)
+    return unreadable
+
+
 def plan(
     request: HookRequest,
     settings: Settings,
     queries: Iterable[PrefetchQuery],
     data: dict[str, KeyData],
     as_of: datetime,
+    partial: Iterable[str] = (),
 ) -> list[_Fetch]:
-    """What to fetch: continue paginated prefetch under fhirServer, else run the key's own search."""
+    """What to fetch: continue paginated prefetch under fhirServer, else run the key's own search. Keys in
+    ``partial`` (see :func:`unreadable_pages`) are used as they are."""
+    partial = set(partial)
     fetches: list[_Fetch] = []
     for query in queries:
         item = data[query.key]
-        if item.state == "complete":
+        if item.state == "complete" or query.key in partial:
             continue
         base = check_server(request, settings, query.key)
         if item.state == "continued" and item.next_url and _under(base, item.next_url):

@@ -18,7 +18,7 @@ from service.cds.cardindex import CardIndex
 from service.cds.cards import build_cards
 from service.cds.errors import CdsError, issue
 from service.cds.feedback import apply_item, parse_feedback
-from service.cds.fhir_client import FhirUnavailable, fetch_missing, plan
+from service.cds.fhir_client import FhirUnavailable, fetch_missing, plan, unreadable_pages
 from service.cds.fhir_servers import fhir_server_refusal
 from service.cds.orders import NormalizeCache, draft_order_facts, facts_from
 from service.cds.prefetch import read_prefetch
@@ -85,15 +85,20 @@ async def _json_body(request: Request) -> Any:
         raise CdsError(400, "the body is not valid JSON", code="structure") from None
 
 
-def _cards_for(call: HookRequest, resources: list[dict[str, Any]], now: datetime) -> list[dict[str, Any]]:
-    """Facts from the call's data and draft orders -> the rule engine -> cards merged with stored alerts."""
+def _cards_for(
+    call: HookRequest, resources: list[dict[str, Any]], now: datetime, *, complete: bool = True
+) -> list[dict[str, Any]]:
+    """Facts from the call's data and draft orders -> the rule engine -> cards merged with stored alerts.
+    With incomplete data (a prefetch page that cannot be read) no decision of the call is trusted: only the
+    stored alerts' cards are shown, so a missing page can neither raise nor hide advice."""
     settings = get_settings()
     facts = facts_from(resources, call.patient_id, settings.include_preliminary, _normalize_cache())
     facts += draft_order_facts(call.draft_orders, call.patient_id)
     decisions = evaluate(get_catalog().evaluated(), facts, now, call.patient_id)
     store = get_store()
     stored = store.alerts_for_patient(call.patient_id, open_only=True)
-    return build_cards(decisions, stored, call.patient_id, CardIndex(store.client, settings), now, store)
+    index = CardIndex(store.client, settings)
+    return build_cards(decisions, stored, call.patient_id, index, now, store, trust_call=complete)
 
 
 @router.get("", summary="CDS Hooks discovery")
@@ -115,11 +120,12 @@ async def call_service(service_id: str, request: Request, client: Client) -> Res
             raise CdsError(412, refusal, "fhirServer", "forbidden")
         now = datetime.now(UTC)
         data = read_prefetch(service.prefetch, call.prefetch)
-        fetched = await fetch_missing(call, settings, plan(call, settings, service.prefetch, data, now))
+        partial = unreadable_pages(call, settings, data)
+        fetched = await fetch_missing(call, settings, plan(call, settings, service.prefetch, data, now, partial))
         resources = [r for key, item in data.items() for r in fetched.get(key, item.resources)]
         # Run inline: the work is CPU-bound with a few sub-millisecond Redis round trips, and a worker-thread
         # hop measured ~1 ms more CPU per call (bench/bench_cds.py) with no latency gain on 2 cores.
-        cards = _cards_for(call, resources, now)
+        cards = _cards_for(call, resources, now, complete=not partial)
     except CdsError as exc:
         return exc.response()
     except FhirUnavailable as exc:

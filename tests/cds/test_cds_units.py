@@ -317,6 +317,18 @@ def test_stored_alert_of_a_rule_that_does_not_fire_on_the_call_is_not_shown() ->
     assert cards == []
 
 
+def test_incomplete_call_data_shows_only_stored_alerts() -> None:
+    """A prefetch page that cannot be read: the call's own decisions are not trusted either way."""
+    patient = "p1"
+    card = {"summary": "stored", "indicator": "info", "source": {"label": "ehr-alerts"}}
+    stored = _stored(HYPOK, "active", card=card)
+    quiet = _decisions(scenario(None, patient), patient)  # would clear the stored alert if trusted
+    shown = build_cards(quiet, [stored], patient, _index(), NOW, trust_call=False)
+    assert [c["uuid"] for c in shown] == [stored["id"]]
+    firing = _decisions(scenario(HYPOK, patient), patient)  # would raise a new card if trusted
+    assert build_cards(firing, [], patient, _index(), NOW, trust_call=False) == []
+
+
 def test_draft_magnesium_lab_order_keeps_the_hypokalemia_card_away() -> None:
     patient = "p1"
     order = {
