@@ -16,7 +16,15 @@ demo: $(STAMP)
 	$(BIN)/ehr-alerts rules check
 	$(BIN)/ehr-alerts replay examples/stream
 
-test: $(STAMP)
+# The review page's browser test drives Debian's Chromium (never a Playwright browser download).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && echo sudo)
+
+$(CHROMIUM):
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/ehr-alerts rules check
