@@ -275,14 +275,36 @@ def _in_window(fact: Fact, start: datetime | None, end: datetime) -> bool:
     return began and still
 
 
+_NO_VALUE = Decimal("Infinity")
+
+
 def _sort_key(fact: Fact) -> tuple[datetime, int, Decimal]:
     """Chronological; among results at the same instant the most abnormal-low value sorts last, so
     ``latest`` takes it (a haemolysed duplicate cannot mask a low potassium)."""
-    value = fact.value if fact.value is not None else Decimal("Infinity")
+    value = fact.value if fact.value is not None else _NO_VALUE
     return (fact.start or _EPOCH, int(fact.determinate), -value)
 
 
-def select(rule: Rule, name: str, facts: Sequence[Fact], as_of: datetime, chosen: dict[str, Selection]) -> Selection:
+class FactPool:
+    """One patient's facts that can be evidence (counted, not retracted), sorted once for every input of
+    every rule: in ``_sort_key`` order (stable, so ties keep the order of ``facts``) and by concept."""
+
+    def __init__(self, facts: Iterable[Fact], patient: str) -> None:
+        self.ordered = sorted(
+            (f for f in facts if f.patient == patient and f.counts and not f.retracted), key=_sort_key
+        )
+        self.by_concept: dict[str, list[Fact]] = {}
+        for fact in self.ordered:
+            self.by_concept.setdefault(fact.concept, []).append(fact)
+
+    def of(self, concepts: tuple[str, ...]) -> list[Fact]:
+        """The facts of these concepts, in order (filtering a stably sorted list = sorting the filtered one)."""
+        if len(concepts) == 1:
+            return self.by_concept.get(concepts[0], [])
+        return [f for f in self.ordered if f.concept in concepts]
+
+
+def select(rule: Rule, name: str, pool: FactPool, as_of: datetime, chosen: dict[str, Selection]) -> Selection:
     """Pick the facts of one input as of ``as_of``."""
     spec = rule.inputs[name]
     anchor_time = as_of
@@ -292,15 +314,7 @@ def select(rule: Rule, name: str, facts: Sequence[Fact], as_of: datetime, chosen
         window_start: datetime | None = anchor_time - rule.parameters[spec.lookback].duration
     else:  # no lookback: `active` means active now; `latest` / `all` look at the whole record
         window_start = as_of if spec.select == "active" else None
-    concepts = spec.concepts
-    candidates = sorted(
-        (
-            f
-            for f in facts
-            if f.concept in concepts and f.counts and not f.retracted and _in_window(f, window_start, as_of)
-        ),
-        key=_sort_key,
-    )
+    candidates = [f for f in pool.of(spec.concepts) if _in_window(f, window_start, as_of)]
     selection = Selection(name, spec, candidates, window_start=window_start, window_end=as_of)
     if spec.select == "latest" and candidates:
         newest = candidates[-1]
@@ -510,10 +524,13 @@ def _explainer(
 
 def evaluate_rule(rule: Rule, facts: Sequence[Fact], as_of: datetime, patient: str) -> Decision:
     """Evaluate one rule for one patient's facts as of ``as_of``."""
-    visible = [f for f in facts if f.patient == patient]
+    return _evaluate_rule(rule, FactPool(facts, patient), as_of, patient)
+
+
+def _evaluate_rule(rule: Rule, pool: FactPool, as_of: datetime, patient: str) -> Decision:
     chosen: dict[str, Selection] = {}
     for name in rule.inputs:
-        chosen[name] = select(rule, name, visible, as_of, chosen)
+        chosen[name] = select(rule, name, pool, as_of, chosen)
     result = check(rule, chosen, rule.when)
     outcome = _OUTCOMES[result.value]
     decision = Decision(
@@ -549,4 +566,8 @@ def evaluate(
         raise ValueError("as_of must be timezone-aware")
     patients = [patient] if patient is not None else sorted({f.patient for f in facts})
     rule_list = list(rules)
-    return [evaluate_rule(rule, facts, as_of, p) for p in patients for rule in rule_list]
+    decisions = []
+    for p in patients:
+        pool = FactPool(facts, p)
+        decisions.extend(_evaluate_rule(rule, pool, as_of, p) for rule in rule_list)
+    return decisions
