@@ -169,6 +169,11 @@ class Decision:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Decision) and self.model_dump() == other.model_dump()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle the worded decision (the deferred wording is a closure over the engine's selections)."""
+        state = {**self.__dict__, "_explanation": self.explanation, "_evidence": self.evidence}
+        return {**state, "_explain": None, "_evidence_pairs": []}
+
     __hash__ = None  # type: ignore[assignment]  # mutable, like the pydantic model it replaced
 
 

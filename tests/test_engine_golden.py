@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import pickle
 import sys
 from collections import defaultdict
 from datetime import datetime
@@ -85,6 +86,21 @@ def test_decisions_equal_the_recorded_ones(feed: str, golden: dict[str, Any], cu
     assert "fires" in outcomes and "not-fires" in outcomes  # the feed exercises cards and explanations
     for index, (now, then) in enumerate(zip(current[feed], golden[feed], strict=True)):
         assert now == then, f"{feed} step {index}"
+
+
+def test_a_decision_reads_the_same_after_pickling_and_keeps_the_dump_shape() -> None:
+    """The wording is deferred; a pickled decision (e.g. sent to another process) carries it worded."""
+    rules = load_catalog().evaluated()
+    patient, facts, as_of = _steps(_feeds()["example"])[-1]
+    decisions = evaluate(rules, facts, as_of, patient)
+    for decision in decisions:
+        copy = pickle.loads(pickle.dumps(decision))
+        assert copy == decision
+        assert copy.explanation == decision.explanation and copy.evidence == decision.evidence
+        assert list(decision.model_dump()) == [
+            "rule_id", "rule_version", "rule_status", "patient", "as_of", "outcome", "severity", "resolves",
+            "evidence", "explanation", "card",
+        ]  # fmt: skip
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
