@@ -104,8 +104,9 @@ class _DecisionRecord(BaseModel):
 class Decision:
     """The result of one rule for one patient as of one instant.
 
-    ``explanation`` and ``evidence`` are built on first access: most decisions ("does not fire") are
-    counted and dropped, and their text was most of the cost of an evaluation.
+    ``evidence`` is built on first access: most decisions ("does not fire") are counted and dropped.
+    (The explanation is worded at once: keeping what it is worded from alive until it is read made the
+    stream's batches hold many more objects, and the garbage collector cost more than the wording saved.)
     """
 
     rule_id: str
@@ -116,22 +117,10 @@ class Decision:
     outcome: Outcome
     severity: str | None = None
     resolves: bool = False
+    explanation: str = ""
     card: dict[str, Any] | None = None
-    _explain: Callable[[], str] | None = field(default=None, repr=False)
     _evidence_pairs: list[tuple[str, Fact]] = field(default_factory=list, repr=False)
-    _explanation: str | None = field(default=None, repr=False)
     _evidence: list[Evidence] | None = field(default=None, repr=False)
-
-    @property
-    def explanation(self) -> str:
-        """Why the rule did or did not fire, in words."""
-        if self._explanation is None:
-            self._explanation = self._explain() if self._explain is not None else ""
-        return self._explanation
-
-    @explanation.setter
-    def explanation(self, text: str) -> None:
-        self._explanation = text
 
     @property
     def evidence(self) -> list[Evidence]:
@@ -170,9 +159,8 @@ class Decision:
         return isinstance(other, Decision) and self.model_dump() == other.model_dump()
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickle the worded decision (the deferred wording is a closure over the engine's selections)."""
-        state = {**self.__dict__, "_explanation": self.explanation, "_evidence": self.evidence}
-        return {**state, "_explain": None, "_evidence_pairs": []}
+        """Pickle with the evidence built."""
+        return {**self.__dict__, "_evidence": self.evidence, "_evidence_pairs": []}
 
     __hash__ = None  # type: ignore[assignment]  # mutable, like the pydantic model it replaced
 
@@ -510,21 +498,17 @@ _OUTCOMES: dict[Tri, Outcome] = {Tri.TRUE: "fires", Tri.FALSE: "not-fires", Tri.
 _PREFIXES: dict[Outcome, str] = {"fires": "Fires: ", "not-fires": "Does not fire: ", "indeterminate": "Indeterminate: "}
 
 
-def _explainer(
+def _explanation(
     outcome: Outcome, result: Result, severity: tuple[str, Result | None] | None, resolved: Result | None
-) -> Callable[[], str]:
-    """The decision's explanation, worded when first read."""
-
-    def explain() -> str:
-        text = _PREFIXES[outcome] + result.why
-        if severity is not None and severity[1] is not None:
-            text += f". Severity {severity[0]} because it cannot be ruled out: {severity[1].why}"
-        if outcome == "not-fires" and resolved is not None:
-            met = resolved.value is Tri.TRUE
-            text += (". Resolve condition met: " if met else ". Resolve condition not met: ") + resolved.why
-        return text
-
-    return explain
+) -> str:
+    """The decision's explanation: the outcome, why, and the severity or resolve condition's reason."""
+    text = _PREFIXES[outcome] + result.why
+    if severity is not None and severity[1] is not None:
+        text += f". Severity {severity[0]} because it cannot be ruled out: {severity[1].why}"
+    if outcome == "not-fires" and resolved is not None:
+        met = resolved.value is Tri.TRUE
+        text += (". Resolve condition met: " if met else ". Resolve condition not met: ") + resolved.why
+    return text
 
 
 def evaluate_rule(rule: Rule, facts: Sequence[Fact], as_of: datetime, patient: str) -> Decision:
@@ -555,7 +539,7 @@ def _evaluate_rule(rule: Rule, pool: FactPool, as_of: datetime, patient: str) ->
     else:
         resolved = check(rule, chosen, rule.resolve_when)
         decision.resolves = resolved.value is Tri.TRUE
-    decision._explain = _explainer(outcome, result, severity, resolved)
+    decision.explanation = _explanation(outcome, result, severity, resolved)
     return decision
 
 

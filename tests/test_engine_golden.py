@@ -89,7 +89,7 @@ def test_decisions_equal_the_recorded_ones(feed: str, golden: dict[str, Any], cu
 
 
 def test_a_decision_reads_the_same_after_pickling_and_keeps_the_dump_shape() -> None:
-    """The wording is deferred; a pickled decision (e.g. sent to another process) carries it worded."""
+    """The evidence is built on first read; a pickled decision (e.g. sent to another process) carries it."""
     rules = load_catalog().evaluated()
     patient, facts, as_of = _steps(_feeds()["example"])[-1]
     decisions = evaluate(rules, facts, as_of, patient)

@@ -161,11 +161,11 @@ class Store:
         positions = []
         out: list[list[tuple[str, str, str]] | Exception] = [[] for _ in planned]
         for position, (timeline, decisions) in enumerate(planned):
-            retracted = sorted({f"{f.resource_type}/{f.resource_id}" for f in timeline.facts if f.retracted})
-            body = [_decision_body(d, bool(retracted)) for d in decisions if d.rule_status == "active"]
+            body = [_decision_body(d) for d in decisions if d.rule_status == "active"]
             if not body:
                 continue
             k = keys.patient_keys(timeline.patient)
+            retracted = sorted({f"{f.resource_type}/{f.resource_id}" for f in timeline.facts if f.retracted})
             calls.append(
                 (
                     [k["alerts"], k["open"], k["applied"], k["closed"]],
@@ -355,15 +355,15 @@ def effective_status(alert: dict[str, Any], now: datetime) -> str:
     return str(alert.get("status"))
 
 
-def _decision_body(decision: Decision, any_retracted: bool) -> dict[str, Any]:
-    body: dict[str, Any] = {"rule_id": decision.rule_id, "outcome": decision.outcome, "resolves": decision.resolves}
+def _decision_body(decision: Decision) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "rule_id": decision.rule_id,
+        "outcome": decision.outcome,
+        "resolves": decision.resolves,
+        "explanation": decision.explanation,
+    }
     if decision.outcome != "fires":  # the alert body is only read to open or update an alert
-        # The script reads a "does not fire" explanation only to close an open alert (resolved, or retracted
-        # when the timeline has retracted facts); the explanation is worded on first read, so skip it otherwise.
-        if decision.outcome == "not-fires" and (decision.resolves or any_retracted):
-            body["explanation"] = decision.explanation
         return body
-    body["explanation"] = decision.explanation
     evidence = [e.model_dump(mode="json") for e in decision.evidence]
     fingerprint_source = json.dumps([decision.severity, decision.card, evidence], sort_keys=True)
     body["alert"] = {
