@@ -23,6 +23,7 @@ from service.ingest import (
 )
 from service.observability import install as install_observability
 from service.observability import readiness_response
+from service.process import freeze_startup_heap
 from service.review import install as install_review
 from service.security import install_cors, log_security_warnings
 from service.subscriptions import parse_status, record_event_numbers
@@ -45,6 +46,8 @@ install_observability(app)  # JSON logs, request ids, GET /metrics (outermost mi
 log_security_warnings()  # auth off, dev profile, nothing trusted ... said loudly at start
 
 app.include_router(cds_router)  # CDS Hooks: /cds-services (service/cds/)
+# GC tuning once started; registered after the CDS router, so it runs after the catalog warm-up
+app.router.add_event_handler("startup", freeze_startup_heap)
 
 
 class FhirError(Exception):

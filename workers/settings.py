@@ -119,6 +119,32 @@ class Settings(BaseSettings):
         "0 turns the cache off",
     )
 
+    # --- CDS Hooks: FHIR server allow-list and process tuning (helper "cdsperf") ---
+    cds_fhir_servers: Annotated[dict[str, list[str]], NoDecode] = Field(
+        default_factory=dict,
+        description="FHIR servers each CDS client may name: JSON object mapping issuer (JWT iss) to a list of "
+        "allowed fhirServer base URLs (a URL allows itself and the paths below it, same scheme, host and port). "
+        "A listed issuer's call naming another fhirServer answers 412 and that server is never contacted",
+    )
+    cds_fhir_servers_strict: bool = Field(
+        default=False,
+        description="true: an issuer not listed in EHR_ALERTS_CDS_FHIR_SERVERS may not name any fhirServer (412); "
+        "false (default, eases onboarding): unlisted issuers may name any fhirServer, and the start-up log says so",
+    )
+    gc_freeze_at_start: bool = Field(
+        default=True,
+        description="after start-up (imports, rule catalog) move the start-up heap to the interpreter's permanent "
+        "generation (gc.freeze) so full garbage collections, a pause of tens of ms each, no longer re-scan it",
+    )
+    gc_young_threshold: int = Field(
+        default=50_000,
+        ge=0,
+        le=10_000_000,
+        description="net new objects before a young garbage collection (gc.set_threshold generation 0) in the API "
+        "process; higher means fewer in-flight request objects promoted to the old generation, so fewer full "
+        "collections over the CDS normalisation cache. 0 keeps the interpreter's default (700)",
+    )
+
     # --- operations: logs, health, metrics (issue 6, helper "ops") ---
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="level of the application loggers (third-party loggers never below INFO)"
@@ -283,6 +309,28 @@ class Settings(BaseSettings):
                 )
         return value
 
+    @field_validator("cds_fhir_servers", mode="before")
+    @classmethod
+    def _fhir_servers_from_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"must be a JSON object mapping issuer to a list of FHIR base URLs ({exc})") from None
+        return value
+
+    @field_validator("cds_fhir_servers")
+    @classmethod
+    def _fhir_servers_valid(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for issuer, urls in value.items():
+            if not issuer.strip():
+                raise ValueError("issuer must be a non-empty URI")
+            for url in urls:
+                problem = fhir_base_problem(url)
+                if problem:
+                    raise ValueError(f"issuer {issuer}: FHIR server {url!r} {problem}")
+        return value
+
     @field_validator("cds_tenants", mode="before")
     @classmethod
     def _tenants_from_json(cls, value: Any) -> Any:
@@ -385,6 +433,21 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Constructor arguments, then environment, then the YAML file."""
         return init_settings, env_settings, _YamlFileSource(settings_cls)
+
+
+def fhir_base_problem(url: str) -> str | None:
+    """Why ``url`` cannot be an allowed FHIR base URL (None when it can): absolute http(s) with a host, no user
+    info, query or fragment."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        return "is not a valid URL"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an absolute http(s) URL with a host"
+    if "@" in parts.netloc or parts.query or parts.fragment:
+        return "must not carry user info, a query or a fragment"
+    return None
 
 
 def check_jwks_source(source: str, what: str) -> set[str]:

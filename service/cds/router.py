@@ -19,10 +19,12 @@ from service.cds.cards import build_cards
 from service.cds.errors import CdsError, issue
 from service.cds.feedback import apply_item, parse_feedback
 from service.cds.fhir_client import FhirUnavailable, fetch_missing, plan
+from service.cds.fhir_servers import fhir_server_refusal
 from service.cds.orders import NormalizeCache, draft_order_facts, facts_from
 from service.cds.prefetch import read_prefetch
 from service.cds.request import HookRequest, parse_request
 from service.cds.services import CdsService, services
+from service.observability.middleware import peeked_json
 from workers.pipeline import get_catalog, get_store
 from workers.settings import get_settings
 
@@ -69,6 +71,9 @@ async def _json_body(request: Request) -> Any:
     if media not in _JSON_TYPES:
         raise CdsError(415, f"Content-Type must be application/json, got {media or 'none'}", code="not-supported")
     limit = get_settings().max_body_bytes
+    parsed = peeked_json(request.scope, limit)
+    if parsed is not None:  # the observability middleware already read and parsed this body (once per call)
+        return parsed.value
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -99,12 +104,15 @@ async def discovery(_: Client) -> dict[str, Any]:
 
 
 @router.post("/{service_id}", summary="Call a CDS service")
-async def call_service(service_id: str, request: Request, _: Client) -> Response:
+async def call_service(service_id: str, request: Request, client: Client) -> Response:
     """Cards for one hook call: prefetch (or FHIR server) -> facts -> rule engine, merged with stored alerts."""
     try:
         service = _service(service_id)
         call = parse_request(await _json_body(request), service.hook)
         settings = get_settings()
+        refusal = fhir_server_refusal(client.issuer, call.fhir_server, settings)
+        if refusal:  # before anything is fetched: a refused server is never contacted
+            raise CdsError(412, refusal, "fhirServer", "forbidden")
         now = datetime.now(UTC)
         data = read_prefetch(service.prefetch, call.prefetch)
         fetched = await fetch_missing(call, settings, plan(call, settings, service.prefetch, data, now))

@@ -3,7 +3,8 @@
 - ``X-Request-ID`` is taken from the request when it is a plain id (else a new one is made) and echoed in
   the response; it is in every log line written while the request runs.
 - For ``POST /cds-services/{id}`` the body is read once here (it is small JSON) to pick up
-  ``hookInstance`` for the log context, then handed on unchanged.
+  ``hookInstance`` for the log context, then handed on unchanged; the parsed JSON is left in the ASGI scope
+  (:func:`peeked_json`) so the CDS endpoint does not parse the same body a second time.
 - One log line per request with the route *template* (``/patients/{patient_id}/alerts``), never the raw
   path or query string, which can hold patient ids.
 - Every request is timed by method, route and status; anything under ``/cds-services`` is also timed by
@@ -12,12 +13,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from service.observability import metrics
 from workers.observability import context
@@ -33,6 +36,22 @@ CDS_PREFIX = "/cds-services"
 _MAX_PEEK = 1024 * 1024
 _MAX_KNOWN_SERVICES = 64
 _QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+_PEEKED = "ehr_alerts.peeked_json"
+
+
+@dataclass(frozen=True)
+class PeekedJson:
+    """A request body the middleware read and parsed: its size in bytes and the parsed JSON value."""
+
+    size: int
+    value: Any
+
+
+def peeked_json(scope: Mapping[str, Any], limit: int) -> PeekedJson | None:
+    """The body parsed by the middleware when it was complete, valid JSON and at most ``limit`` bytes; else
+    None (the endpoint then reads the replayed body itself and answers the error)."""
+    peeked = scope.get(_PEEKED)
+    return peeked if isinstance(peeked, PeekedJson) and peeked.size <= limit else None
 
 
 class ObservabilityMiddleware:
@@ -51,7 +70,7 @@ class ObservabilityMiddleware:
         path: str = scope.get("path", "")
         hook_instance = None
         if scope.get("method") == "POST" and _cds_parts(path)[1] == "service":
-            receive, hook_instance = await _peek_hook_instance(receive)
+            receive, hook_instance = await _peek_hook_instance(scope, receive)
         status = 500
         started = time.perf_counter()
 
@@ -141,8 +160,9 @@ def _cds_parts(path: str) -> tuple[str | None, str]:
     return parts[0], "other"
 
 
-async def _peek_hook_instance(receive: Receive) -> tuple[Receive, str | None]:
-    """Read the request body, return a receive that replays it, and the body's ``hookInstance`` if safe."""
+async def _peek_hook_instance(scope: Scope, receive: Receive) -> tuple[Receive, str | None]:
+    """Read the request body, return a receive that replays it, and the body's ``hookInstance`` if safe; the
+    parsed body is left in ``scope`` for the endpoint (:func:`peeked_json`)."""
     messages: list[Message] = []
     size = 0
     while True:
@@ -157,12 +177,14 @@ async def _peek_hook_instance(receive: Receive) -> tuple[Receive, str | None]:
     complete = messages[-1]["type"] == "http.request" and not messages[-1].get("more_body")
     if complete and size <= _MAX_PEEK:
         try:
-            data = json.loads(b"".join(m.get("body", b"") for m in messages))
+            data = orjson.loads(b"".join(m.get("body", b"") for m in messages))
+        except orjson.JSONDecodeError:
+            pass
+        else:
+            scope[_PEEKED] = PeekedJson(size, data)
             candidate = data.get("hookInstance") if isinstance(data, dict) else None
             if isinstance(candidate, str) and context.SAFE_ID.match(candidate):
                 hook_instance = candidate
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            pass
 
     async def replay() -> Message:
         if messages:

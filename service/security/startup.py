@@ -31,6 +31,13 @@ def security_startup_warnings(settings: Settings) -> list[str]:
         )
     if settings.public_base_url and settings.public_base_url.startswith("http:") and settings.profile != "dev":
         warnings.append("EHR_ALERTS_PUBLIC_BASE_URL is http: CDS Hooks traffic must use TLS in production")
+    unbound = sorted(set(settings.cds_issuers) - set(settings.cds_fhir_servers))
+    if settings.cds_auth_enabled and unbound and not settings.cds_fhir_servers_strict and settings.profile != "dev":
+        warnings.append(
+            f"{len(unbound)} trusted CDS client(s) have no FHIR server allow-list (EHR_ALERTS_CDS_FHIR_SERVERS): the "
+            "service queries whatever fhirServer they name; list their servers, then set "
+            "EHR_ALERTS_CDS_FHIR_SERVERS_STRICT=true"
+        )
     if not settings.review_issuer and settings.profile != "dev":
         warnings.append(
             "no review issuer (EHR_ALERTS_REVIEW_ISSUER / EHR_ALERTS_REVIEW_JWKS): the review API refuses everyone"
