@@ -7,9 +7,9 @@ embedded tests run at load time, not in front of a clinician. The service adds t
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
-from functools import cache, cached_property
+from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from jinja2 import StrictUndefined, Template
@@ -22,20 +22,41 @@ if TYPE_CHECKING:
     from rules.engine import Decision, Selection
     from rules.model import Rule
 
-_ENV = SandboxedEnvironment(
+
+class _CardEnvironment(SandboxedEnvironment):
+    """The sandbox, with a short way to the public attributes of the template views below (plain values the
+    engine made; the sandbox's checks on every attribute read were a large share of rendering a card)."""
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if type(obj) in _VIEWS and not attribute.startswith("_"):
+            try:
+                return getattr(obj, attribute)
+            except AttributeError:
+                pass  # the sandbox's own path gives the same (strict) undefined as before
+        return super().getattr(obj, attribute)
+
+
+_ENV = _CardEnvironment(
     undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False, trim_blocks=True, lstrip_blocks=True
 )
 SUMMARY_LIMIT = 140
 
 
+_TEMPLATE_MARKERS = ("{{", "{%", "{#")
+
+
 @cache
-def _template(text: str) -> Template:
+def _template(text: str) -> Template | None:
+    """The compiled template, or None for text Jinja would give back as it is (no markup, no CR to normalise)."""
+    if "\r" not in text and not any(marker in text for marker in _TEMPLATE_MARKERS):
+        return None
     return _ENV.from_string(text)
 
 
 def render_text(text: str, context: Mapping[str, Any]) -> str:
     """Render one template string."""
-    return _template(text).render(context).strip()
+    template = _template(text)
+    return text.strip() if template is None else template.render(context).strip()
 
 
 def _shown(reported: str) -> str:
@@ -58,6 +79,22 @@ def markdown_text(text: str) -> str:
     return "\\" + line if line[:1] in ("#", "+", "-", "=") else line
 
 
+class _lazy:
+    """``functools.cached_property`` without its per-instance lock (Python 3.11 takes one on every first
+    read, a large share of rendering a card): computes on first read, then the instance attribute wins."""
+
+    def __init__(self, func: Callable[[Any], Any]) -> None:
+        self.func = func
+        self.name = func.__name__
+        self.__doc__ = func.__doc__
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        value = instance.__dict__[self.name] = self.func(instance)
+        return value
+
+
 class FactView:
     """What a template sees of one fact (each field computed when a template first reads it: templates
     read a few fields of the latest fact, and building every field of every fact was most of the cost
@@ -66,44 +103,44 @@ class FactView:
     def __init__(self, fact: Fact) -> None:
         self._fact = fact
 
-    @cached_property
+    @_lazy
     def value(self) -> str:
         return format_decimal(self._fact.value) if self._fact.value is not None else "?"
 
-    @cached_property
+    @_lazy
     def reported(self) -> str:
         fact = self._fact
         return f"{fact.comparator or ''}{_shown(fact.reported_value)}" if fact.reported_value else "?"
 
-    @cached_property
+    @_lazy
     def reported_unit(self) -> str:
         return self._fact.reported_unit or ""
 
-    @cached_property
+    @_lazy
     def unit(self) -> str:
         return self._fact.unit or ""
 
-    @cached_property
+    @_lazy
     def time(self) -> str:
         return isoformat(self._fact.start) or "unknown time"
 
-    @cached_property
+    @_lazy
     def date(self) -> str:
         return self.time[:16].replace("T", " ") if self._fact.start else "unknown time"
 
-    @cached_property
+    @_lazy
     def ref(self) -> str:
         return self._fact.reference
 
-    @cached_property
+    @_lazy
     def display(self) -> str:
         return markdown_text(self._fact.display or self._fact.concept)  # free text of the EHR's data
 
-    @cached_property
+    @_lazy
     def concept(self) -> str:
         return self._fact.concept
 
-    @cached_property
+    @_lazy
     def notes(self) -> list[str]:
         return list(self._fact.notes)
 
@@ -117,15 +154,15 @@ class InputView:
         self.count = len(selection.facts)
         self._latest = FactView(selection.facts[-1]) if selection.facts else None
 
-    @cached_property
+    @_lazy
     def items(self) -> list[FactView]:
         return [FactView(f) for f in self._selection.facts]
 
-    @cached_property
+    @_lazy
     def window_start(self) -> str:
         return isoformat(self._selection.window_start) or "the start of the record"
 
-    @cached_property
+    @_lazy
     def window_end(self) -> str | None:
         return isoformat(self._selection.window_end)
 
@@ -133,6 +170,9 @@ class InputView:
         if name.startswith("_") or self._latest is None:
             raise AttributeError(name)
         return getattr(self._latest, name)
+
+
+_VIEWS = (FactView, InputView)
 
 
 def template_context(rule: Rule, decision: Decision, chosen: Mapping[str, Selection]) -> dict[str, Any]:

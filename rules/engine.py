@@ -8,7 +8,7 @@ rule whose condition is unknown is *indeterminate*, never silently "normal".
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -84,8 +84,8 @@ class Evidence(BaseModel):
         )
 
 
-class Decision(BaseModel):
-    """The result of one rule for one patient as of one instant."""
+class _DecisionRecord(BaseModel):
+    """The serialised shape of a :class:`Decision` (``Decision.model_dump`` goes through it)."""
 
     rule_id: str
     rule_version: str
@@ -99,10 +99,70 @@ class Decision(BaseModel):
     explanation: str
     card: dict[str, Any] | None = None
 
+
+@dataclass(eq=False)
+class Decision:
+    """The result of one rule for one patient as of one instant.
+
+    ``evidence`` is built on first access: most decisions ("does not fire") are counted and dropped.
+    (The explanation is worded at once: keeping what it is worded from alive until it is read made the
+    stream's batches hold many more objects, and the garbage collector cost more than the wording saved.)
+    """
+
+    rule_id: str
+    rule_version: str
+    rule_status: str
+    patient: str
+    as_of: str
+    outcome: Outcome
+    severity: str | None = None
+    resolves: bool = False
+    explanation: str = ""
+    card: dict[str, Any] | None = None
+    _evidence_pairs: list[tuple[str, Fact]] = field(default_factory=list, repr=False)
+    _evidence: list[Evidence] | None = field(default=None, repr=False)
+
+    @property
+    def evidence(self) -> list[Evidence]:
+        """The facts the decision rests on (one entry per input and fact)."""
+        if self._evidence is None:
+            self._evidence = _evidence(self._evidence_pairs)
+        return self._evidence
+
+    @evidence.setter
+    def evidence(self, entries: list[Evidence]) -> None:
+        self._evidence = entries
+
     @property
     def fires(self) -> bool:
         """True when the rule fired."""
         return self.outcome == "fires"
+
+    def model_dump(self, **kwargs: Any) -> dict[str, Any]:
+        """The decision as a dict, with pydantic's ``model_dump`` options (``mode``, ``exclude_none``, ...)."""
+        record = _DecisionRecord.model_construct(
+            rule_id=self.rule_id,
+            rule_version=self.rule_version,
+            rule_status=self.rule_status,
+            patient=self.patient,
+            as_of=self.as_of,
+            outcome=self.outcome,
+            severity=self.severity,
+            resolves=self.resolves,
+            evidence=self.evidence,
+            explanation=self.explanation,
+            card=self.card,
+        )
+        return record.model_dump(**kwargs)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Decision) and self.model_dump() == other.model_dump()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle with the evidence built."""
+        return {**self.__dict__, "_evidence": self.evidence, "_evidence_pairs": []}
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the pydantic model it replaced
 
 
 @dataclass
@@ -131,11 +191,16 @@ class Selection:
 
 @dataclass
 class Result:
-    """A predicate's truth, why, and the facts it looked at."""
+    """A predicate's truth, why (in words, built only when read), and the facts it looked at."""
 
     value: Tri
-    why: str
+    explain: Callable[[], str]
     evidence: list[tuple[str, Fact]] = field(default_factory=list)
+
+    @property
+    def why(self) -> str:
+        """The explanation text."""
+        return self.explain()
 
 
 # --- comparisons --------------------------------------------------------------------------------------
@@ -203,14 +268,36 @@ def _in_window(fact: Fact, start: datetime | None, end: datetime) -> bool:
     return began and still
 
 
+_NO_VALUE = Decimal("Infinity")
+
+
 def _sort_key(fact: Fact) -> tuple[datetime, int, Decimal]:
     """Chronological; among results at the same instant the most abnormal-low value sorts last, so
     ``latest`` takes it (a haemolysed duplicate cannot mask a low potassium)."""
-    value = fact.value if fact.value is not None else Decimal("Infinity")
+    value = fact.value if fact.value is not None else _NO_VALUE
     return (fact.start or _EPOCH, int(fact.determinate), -value)
 
 
-def select(rule: Rule, name: str, facts: Sequence[Fact], as_of: datetime, chosen: dict[str, Selection]) -> Selection:
+class FactPool:
+    """One patient's facts that can be evidence (counted, not retracted), sorted once for every input of
+    every rule: in ``_sort_key`` order (stable, so ties keep the order of ``facts``) and by concept."""
+
+    def __init__(self, facts: Iterable[Fact], patient: str) -> None:
+        self.ordered = sorted(
+            (f for f in facts if f.patient == patient and f.counts and not f.retracted), key=_sort_key
+        )
+        self.by_concept: dict[str, list[Fact]] = {}
+        for fact in self.ordered:
+            self.by_concept.setdefault(fact.concept, []).append(fact)
+
+    def of(self, concepts: tuple[str, ...]) -> list[Fact]:
+        """The facts of these concepts, in order (filtering a stably sorted list = sorting the filtered one)."""
+        if len(concepts) == 1:
+            return self.by_concept.get(concepts[0], [])
+        return [f for f in self.ordered if f.concept in concepts]
+
+
+def select(rule: Rule, name: str, pool: FactPool, as_of: datetime, chosen: dict[str, Selection]) -> Selection:
     """Pick the facts of one input as of ``as_of``."""
     spec = rule.inputs[name]
     anchor_time = as_of
@@ -220,15 +307,7 @@ def select(rule: Rule, name: str, facts: Sequence[Fact], as_of: datetime, chosen
         window_start: datetime | None = anchor_time - rule.parameters[spec.lookback].duration
     else:  # no lookback: `active` means active now; `latest` / `all` look at the whole record
         window_start = as_of if spec.select == "active" else None
-    concepts = spec.concepts
-    candidates = sorted(
-        (
-            f
-            for f in facts
-            if f.concept in concepts and f.counts and not f.retracted and _in_window(f, window_start, as_of)
-        ),
-        key=_sort_key,
-    )
+    candidates = [f for f in pool.of(spec.concepts) if _in_window(f, window_start, as_of)]
     selection = Selection(name, spec, candidates, window_start=window_start, window_end=as_of)
     if spec.select == "latest" and candidates:
         newest = candidates[-1]
@@ -243,51 +322,65 @@ def select(rule: Rule, name: str, facts: Sequence[Fact], as_of: datetime, chosen
 
 
 # --- predicates ---------------------------------------------------------------------------------------
+# Each predicate decides its truth and evidence now and words its explanation only when it is read.
 
 
 def _label(selection: Selection) -> str:
     return selection.name.replace("_", " ")
 
 
+_COMPARE_WORDS = {"below": "below", "at_least": "at or above", "above": "above"}
+
+
 def _compare(rule: Rule, chosen: dict[str, Selection], compare: Compare, op: str) -> Result:
     selection = chosen[compare.input]
     param = rule.parameters[compare.threshold]
     fact = selection.latest
-    threshold = _threshold_text(param)
     if fact is None:
-        return Result(Tri.FALSE, f"no {_label(selection)} result {selection.describe_window()}")
+        return Result(Tri.FALSE, lambda: f"no {_label(selection)} result {selection.describe_window()}")
     evidence = [(selection.name, fact)]
     if not fact.determinate:
-        return Result(Tri.UNKNOWN, f"{fact.describe()} cannot be compared with {threshold}: {fact.problem}", evidence)
-    below = compare_below(fact, param)
-    truth = {"below": below, "at_least": below.negate(), "above": compare_above(fact, param)}[op]
-    words = {"below": "below", "at_least": "at or above", "above": "above"}[op]
-    if truth is Tri.TRUE:
-        why = f"{fact.describe()} is {words} {threshold}"
-    elif truth is Tri.FALSE:
-        why = f"{fact.describe()} is not {words} {threshold}"
+        return Result(
+            Tri.UNKNOWN,
+            lambda: f"{fact.describe()} cannot be compared with {_threshold_text(param)}: {fact.problem}",
+            evidence,
+        )
+    if op == "above":
+        truth = compare_above(fact, param)
     else:
-        why = f"{fact.describe()} may or may not be {words} {threshold} (reported with a comparator)"
-    if selection.same_time_count > 1:
-        why += f" ({selection.same_time_count} results at that time; the lowest is used)"
+        below = compare_below(fact, param)
+        truth = below if op == "below" else below.negate()
+
+    def why() -> str:
+        words, threshold = _COMPARE_WORDS[op], _threshold_text(param)
+        if truth is Tri.TRUE:
+            text = f"{fact.describe()} is {words} {threshold}"
+        elif truth is Tri.FALSE:
+            text = f"{fact.describe()} is not {words} {threshold}"
+        else:
+            text = f"{fact.describe()} may or may not be {words} {threshold} (reported with a comparator)"
+        if selection.same_time_count > 1:
+            text += f" ({selection.same_time_count} results at that time; the lowest is used)"
+        return text
+
     return Result(truth, why, evidence)
 
 
 def _presence(chosen: dict[str, Selection], name: str, want_present: bool) -> Result:
     selection = chosen[name]
-    label = _label(selection)
-    evidence = [(name, f) for f in selection.facts]
     if selection.facts:
-        shown = "; ".join(f.describe() for f in selection.facts[-3:])
-        truth = Tri.of(want_present)
-        return Result(truth, f"{label}: {shown}", evidence)
+        return Result(
+            Tri.of(want_present),
+            lambda: f"{_label(selection)}: " + "; ".join(f.describe() for f in selection.facts[-3:]),
+            [(name, f) for f in selection.facts],
+        )
     if selection.uncertain:
         return Result(
             Tri.UNKNOWN,
-            f"{label}: only results that cannot be judged {selection.describe_window()}",
+            lambda: f"{_label(selection)}: only results that cannot be judged {selection.describe_window()}",
             [(name, f) for f in selection.uncertain],
         )
-    return Result(Tri.of(not want_present), f"no {label} {selection.describe_window()}")
+    return Result(Tri.of(not want_present), lambda: f"no {_label(selection)} {selection.describe_window()}")
 
 
 def _spaced_count(facts: Iterable[Fact], gap_seconds: float) -> int:
@@ -306,25 +399,35 @@ def _spaced(rule: Rule, chosen: dict[str, Selection], condition: Condition) -> R
     selection = chosen[spaced.input]
     needed = rule.parameters[spaced.count].count or 0
     gap = rule.parameters[spaced.min_gap].duration
-    gap_hours = format_decimal(Decimal(str(gap.total_seconds() / 3600)))
     certain = _spaced_count(selection.facts, gap.total_seconds())
     evidence = [(selection.name, f) for f in selection.facts]
-    label = _label(selection)
+
+    def gap_hours() -> str:
+        return format_decimal(Decimal(str(gap.total_seconds() / 3600)))
+
     if certain >= needed:
         return Result(
-            Tri.TRUE, f"{certain} {label} at least {gap_hours} h apart {selection.describe_window()}", evidence
+            Tri.TRUE,
+            lambda: f"{certain} {_label(selection)} at least {gap_hours()} h apart {selection.describe_window()}",
+            evidence,
         )
-    combined = sorted([*selection.facts, *selection.uncertain], key=_sort_key)
-    if _spaced_count(combined, gap.total_seconds()) >= needed:
-        return Result(
-            Tri.UNKNOWN,
-            f"{label}: some results cannot be judged; {needed} at least {gap_hours} h apart cannot be ruled out",
-            [(selection.name, f) for f in combined],
-        )
+    if selection.uncertain:
+        combined = sorted([*selection.facts, *selection.uncertain], key=_sort_key)
+        if _spaced_count(combined, gap.total_seconds()) >= needed:
+            return Result(
+                Tri.UNKNOWN,
+                lambda: (
+                    f"{_label(selection)}: some results cannot be judged; {needed} at least {gap_hours()} h "
+                    "apart cannot be ruled out"
+                ),
+                [(selection.name, f) for f in combined],
+            )
     return Result(
         Tri.FALSE,
-        f"only {len(selection.facts)} {label} {selection.describe_window()}, "
-        f"{certain} of them at least {gap_hours} h apart ({needed} needed)",
+        lambda: (
+            f"only {len(selection.facts)} {_label(selection)} {selection.describe_window()}, "
+            f"{certain} of them at least {gap_hours()} h apart ({needed} needed)"
+        ),
         evidence,
     )
 
@@ -339,7 +442,7 @@ def _combine(results: list[Result], mode: Literal["all", "any"]) -> Result:
     deciding = [r for r in results if r.value is truth] or results
     evidence = [e for r in results for e in r.evidence]
     joiner = "; and " if mode == "all" else "; or "
-    return Result(truth, joiner.join(r.why for r in deciding), evidence)
+    return Result(truth, lambda: joiner.join(r.why for r in deciding), evidence)
 
 
 def check(rule: Rule, chosen: dict[str, Selection], condition: Condition) -> Result:
@@ -350,7 +453,7 @@ def check(rule: Rule, chosen: dict[str, Selection], condition: Condition) -> Res
         return _combine([check(rule, chosen, c) for c in condition.any], "any")
     if condition.not_ is not None:
         inner = check(rule, chosen, condition.not_)
-        return Result(inner.value.negate(), f"not ({inner.why})", inner.evidence)
+        return Result(inner.value.negate(), lambda: f"not ({inner.why})", inner.evidence)
     if condition.present is not None:
         return _presence(chosen, condition.present, want_present=True)
     if condition.absent is not None:
@@ -367,7 +470,9 @@ def check(rule: Rule, chosen: dict[str, Selection], condition: Condition) -> Res
 # --- decisions ----------------------------------------------------------------------------------------
 
 
-def _severity(rule: Rule, chosen: dict[str, Selection]) -> tuple[str, str | None]:
+def _severity(rule: Rule, chosen: dict[str, Selection]) -> tuple[str, Result | None]:
+    """The first tier that applies, and the condition result when it applies only because it cannot be
+    ruled out (unknown)."""
     for tier in rule.severity:
         if tier.when is None:
             return tier.level, None
@@ -375,7 +480,7 @@ def _severity(rule: Rule, chosen: dict[str, Selection]) -> tuple[str, str | None
         if result.value is Tri.TRUE:
             return tier.level, None
         if result.value is Tri.UNKNOWN:
-            return tier.level, f"{tier.level} because it cannot be ruled out: {result.why}"
+            return tier.level, result
     raise AssertionError("unreachable: the last tier has no condition")
 
 
@@ -389,14 +494,34 @@ def _evidence(pairs: Iterable[tuple[str, Fact]]) -> list[Evidence]:
     return out
 
 
+_OUTCOMES: dict[Tri, Outcome] = {Tri.TRUE: "fires", Tri.FALSE: "not-fires", Tri.UNKNOWN: "indeterminate"}
+_PREFIXES: dict[Outcome, str] = {"fires": "Fires: ", "not-fires": "Does not fire: ", "indeterminate": "Indeterminate: "}
+
+
+def _explanation(
+    outcome: Outcome, result: Result, severity: tuple[str, Result | None] | None, resolved: Result | None
+) -> str:
+    """The decision's explanation: the outcome, why, and the severity or resolve condition's reason."""
+    text = _PREFIXES[outcome] + result.why
+    if severity is not None and severity[1] is not None:
+        text += f". Severity {severity[0]} because it cannot be ruled out: {severity[1].why}"
+    if outcome == "not-fires" and resolved is not None:
+        met = resolved.value is Tri.TRUE
+        text += (". Resolve condition met: " if met else ". Resolve condition not met: ") + resolved.why
+    return text
+
+
 def evaluate_rule(rule: Rule, facts: Sequence[Fact], as_of: datetime, patient: str) -> Decision:
     """Evaluate one rule for one patient's facts as of ``as_of``."""
-    visible = [f for f in facts if f.patient == patient]
+    return _evaluate_rule(rule, FactPool(facts, patient), as_of, patient)
+
+
+def _evaluate_rule(rule: Rule, pool: FactPool, as_of: datetime, patient: str) -> Decision:
     chosen: dict[str, Selection] = {}
     for name in rule.inputs:
-        chosen[name] = select(rule, name, visible, as_of, chosen)
+        chosen[name] = select(rule, name, pool, as_of, chosen)
     result = check(rule, chosen, rule.when)
-    outcome: Outcome = {Tri.TRUE: "fires", Tri.FALSE: "not-fires", Tri.UNKNOWN: "indeterminate"}[result.value]
+    outcome = _OUTCOMES[result.value]
     decision = Decision(
         rule_id=rule.id,
         rule_version=rule.version,
@@ -404,24 +529,17 @@ def evaluate_rule(rule: Rule, facts: Sequence[Fact], as_of: datetime, patient: s
         patient=patient,
         as_of=isoformat(as_of) or "",
         outcome=outcome,
-        evidence=_evidence(result.evidence),
-        explanation=(
-            "Fires: " if outcome == "fires" else "Does not fire: " if outcome == "not-fires" else "Indeterminate: "
-        )
-        + result.why,
+        _evidence_pairs=result.evidence,
     )
+    severity = resolved = None
     if outcome == "fires":
-        decision.severity, note = _severity(rule, chosen)
-        if note:
-            decision.explanation += f". Severity {note}"
+        severity = _severity(rule, chosen)
+        decision.severity = severity[0]
         decision.card = render_card(rule, decision, chosen)
     else:
         resolved = check(rule, chosen, rule.resolve_when)
         decision.resolves = resolved.value is Tri.TRUE
-        if outcome == "not-fires":
-            decision.explanation += (
-                ". Resolve condition met: " if decision.resolves else ". Resolve condition not met: "
-            ) + resolved.why
+    decision.explanation = _explanation(outcome, result, severity, resolved)
     return decision
 
 
@@ -437,4 +555,8 @@ def evaluate(
         raise ValueError("as_of must be timezone-aware")
     patients = [patient] if patient is not None else sorted({f.patient for f in facts})
     rule_list = list(rules)
-    return [evaluate_rule(rule, facts, as_of, p) for p in patients for rule in rule_list]
+    decisions = []
+    for p in patients:
+        pool = FactPool(facts, p)
+        decisions.extend(_evaluate_rule(rule, pool, as_of, p) for rule in rule_list)
+    return decisions
