@@ -33,6 +33,8 @@ test: $(STAMP) $(CHROMIUM)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_engine.py
 	$(BIN)/python bench/bench_stream.py
+	$(BIN)/python bench/bench_cds.py
+	$(BIN)/python bench/bench_review.py
 
 schema: $(STAMP)
 	$(BIN)/ehr-alerts rules schema > rules/rule.schema.json
