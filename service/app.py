@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 
 from service.cds.router import router as cds_router
 from service.ingest import (
+    DELETE_NOT_APPLIED,
     Enqueuer,
     EntryOutcome,
     Ingested,
@@ -23,6 +24,7 @@ from service.ingest import (
 )
 from service.observability import install as install_observability
 from service.observability import readiness_response
+from service.observability.metrics import record_event
 from service.process import freeze_startup_heap
 from service.review import install as install_review
 from service.security import install_cors, log_security_warnings
@@ -164,6 +166,13 @@ async def put_resource(resource_type: str, resource_id: str, request: Request) -
     if not _ID.match(resource_id):
         raise FhirError(400, f"invalid id {resource_id!r}", "id")
     return await _single(request, resource_type, resource_id)
+
+
+@app.delete("/fhir/{resource_type}/{resource_id}", status_code=405, tags=["ingestion"])
+async def delete_resource(resource_type: str, resource_id: str) -> JSONResponse:
+    """Deletes are not applied (a subscription may send them): answered 405 with the way to retract a result."""
+    record_event("delete", "ignored")
+    return JSONResponse(error_outcome(DELETE_NOT_APPLIED, None, "not-supported"), 405, media_type=FHIR_JSON)
 
 
 @app.post("/fhir/$import", status_code=202, tags=["ingestion"])

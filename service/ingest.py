@@ -110,6 +110,13 @@ def _expression(location: str, resource_type: str, path: str) -> str:
     return f"{location}.{path}" if path and path != resource_type else location
 
 
+_DELETE = "__delete__"
+DELETE_NOT_APPLIED = (
+    "a delete is not applied: to withdraw a result, send it again with status entered-in-error (FHIR's way to "
+    "retract a result; the alert it opened is then retracted)"
+)
+
+
 def ingest_bundle_entries(bundle: Mapping[str, Any], enqueuer: Enqueuer, answer: Ingested) -> None:
     """Every entry of a transaction / batch / collection / history Bundle (nested Bundles walked)."""
     entries = bundle.get("entry")
@@ -121,6 +128,11 @@ def ingest_bundle_entries(bundle: Mapping[str, Any], enqueuer: Enqueuer, answer:
     index = reference_index((full_url, resource) for _, full_url, resource in pairs)
     received = datetime.now(UTC)
     for location, _, resource in pairs:
+        if isinstance(resource, Mapping) and _DELETE in resource:
+            issue = ("warning", location, DELETE_NOT_APPLIED)
+            answer.entries.append(EntryOutcome(location, "ignored", f"DELETE {resource[_DELETE]}"[:100], [issue]))
+            record_event("delete", "ignored")
+            continue
         if isinstance(resource, Mapping) and resource.get("resourceType") in (
             "Parameters",
             "SubscriptionStatus",
@@ -142,8 +154,9 @@ def _walk(bundle: Mapping[str, Any], prefix: str, out: list[tuple[str, str | Non
         resource = entry.get("resource")
         if resource is None:
             request = entry.get("request") if isinstance(entry.get("request"), Mapping) else {}
-            if request.get("method") == "DELETE":
-                continue  # a delete without a body: nothing to evaluate (entered-in-error is the FHIR way)
+            if request.get("method") == "DELETE":  # reported, not applied (see DELETE_NOT_APPLIED)
+                out.append((f"{location}.request", None, {_DELETE: str(request.get("url") or "?")}))
+                continue
             out.append((location, None, {"resourceType": None}))
             continue
         if isinstance(resource, Mapping) and resource.get("resourceType") == "Bundle":

@@ -94,6 +94,28 @@ def test_put_single_resource_and_transaction_bundle(stack):
     assert "id" in json.dumps(response.json())
 
 
+def test_deletes_are_reported_not_applied_and_never_silently_dropped(stack):
+    stack.start_api()
+    stack.start_worker()
+    tx = bundle("transaction", [potassium("k-del-1", "del-1", 3.1, T0)])
+    tx["entry"].insert(0, {"request": {"method": "DELETE", "url": "Observation/k-del-0"}})
+    response = stack.post_json("/fhir", tx)
+    assert response.status_code == 202, response.text
+    issues = response.json()["issue"]
+    assert "1 accepted, 1 ignored" in issues[0]["diagnostics"]
+    [warning] = [i for i in issues if i["severity"] == "warning"]
+    assert warning["expression"] == ["Bundle.entry[0].request"]
+    assert "DELETE Observation/k-del-0" in warning["diagnostics"]
+    assert "entered-in-error" in warning["diagnostics"]
+    response = stack.post_json("/fhir/Observation/k-del-1", {}, method="DELETE")
+    assert response.status_code == 405
+    body = response.json()
+    assert body["resourceType"] == "OperationOutcome"
+    assert body["issue"][0]["code"] == "not-supported"
+    stack.drain()
+    assert _open(stack, "del-1") == {HYPOK: "info"}  # the valid entry of the Bundle was processed
+
+
 def test_bad_input(stack):
     stack.start_api(EHR_ALERTS_MAX_BODY_BYTES="100000")
     stack.start_worker()

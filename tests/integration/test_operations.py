@@ -169,6 +169,9 @@ ROUTE_SAMPLES: dict[tuple[str, str], Sample] = {
         ("/fhir/Observation/wrong-id", _json(_first("Observation"))),
         ("/fhir/Patient/ex-alpha", _json(_first("Patient"))),
     ],
+    ("DELETE", "/fhir/{resource_type}/{resource_id}"): lambda c: [
+        (f"/fhir/Observation/{_first('Observation')['id']}", {})
+    ],
     ("POST", "/fhir/{resource_type}"): lambda c: [
         *[(f"/fhir/{json.loads(p.read_text())['resourceType']}", _json(json.loads(p.read_text()))) for p in EXAMPLES],
         ("/fhir/Observation", _json({**_first("Observation"), "status": "bogus"})),
