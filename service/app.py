@@ -13,18 +13,17 @@ from fastapi.responses import JSONResponse
 
 from service.cds.router import router as cds_router
 from service.ingest import (
-    DELETE_NOT_APPLIED,
     Enqueuer,
     EntryOutcome,
     Ingested,
     error_outcome,
     ingest_bundle_entries,
+    ingest_delete,
     ingest_one,
     operation_outcome,
 )
 from service.observability import install as install_observability
 from service.observability import readiness_response
-from service.observability.metrics import record_event
 from service.process import freeze_startup_heap
 from service.review import install as install_review
 from service.security import install_cors, log_security_warnings
@@ -168,11 +167,13 @@ async def put_resource(resource_type: str, resource_id: str, request: Request) -
     return await _single(request, resource_type, resource_id)
 
 
-@app.delete("/fhir/{resource_type}/{resource_id}", status_code=405, tags=["ingestion"])
-async def delete_resource(resource_type: str, resource_id: str) -> JSONResponse:
-    """Deletes are not applied (a subscription may send them): answered 405 with the way to retract a result."""
-    record_event("delete", "ignored")
-    return JSONResponse(error_outcome(DELETE_NOT_APPLIED, None, "not-supported"), 405, media_type=FHIR_JSON)
+@app.delete("/fhir/{resource_type}/{resource_id}", status_code=202, tags=["ingestion"])
+def delete_resource(resource_type: str, resource_id: str) -> JSONResponse:
+    """A delete (HAPI rest-hook subscriptions send one when a resource is deleted): the resource's facts are
+    retracted, as for entered-in-error, and so are the alerts they supported."""
+    answer, enqueuer = Ingested(), Enqueuer()
+    ingest_delete(f"{resource_type}/{resource_id}", resource_type, enqueuer, answer)
+    return _accepted(answer, enqueuer)
 
 
 @app.post("/fhir/$import", status_code=202, tags=["ingestion"])

@@ -5,6 +5,7 @@ Used by the HTTP endpoints and by ``ehr-alerts replay`` (same code path).
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -111,10 +112,29 @@ def _expression(location: str, resource_type: str, path: str) -> str:
 
 
 _DELETE = "__delete__"
-DELETE_NOT_APPLIED = (
-    "a delete is not applied: to withdraw a result, send it again with status entered-in-error (FHIR's way to "
-    "retract a result; the alert it opened is then retracted)"
-)
+_DELETABLE = re.compile(r"^(Observation|MedicationStatement|MedicationRequest|Condition)/([A-Za-z0-9\-.]{1,64})$")
+
+
+def ingest_delete(reference: str, location: str, enqueuer: Enqueuer, answer: Ingested) -> None:
+    """A delete of ``Type/id``: its facts leave the patient's timeline and the alerts they supported are
+    retracted (as for entered-in-error). Unknown resources and conditional deletes are reported, not applied."""
+    from workers.events import tombstone
+    from workers.pipeline import get_store
+
+    record_event("delete", "received")
+    if not _DELETABLE.match(reference):
+        message = "only a delete of Observation, MedicationStatement, MedicationRequest or Condition by id applies"
+        answer.entries.append(EntryOutcome(location, "ignored", "DELETE", [("warning", location, message)]))
+        return
+    patient = get_store().patient_of(reference)
+    if patient is None:
+        message = "not in any timeline (never received, or already expired): nothing to retract"
+        answer.entries.append(EntryOutcome(location, "ignored", reference, [("information", location, message)]))
+        return
+    enqueuer.add(tombstone(patient, reference))
+    answer.events += 1
+    message = "deleted: its facts are retracted, and so are the alerts they supported"
+    answer.entries.append(EntryOutcome(location, "accepted", reference, [("information", location, message)]))
 
 
 def ingest_bundle_entries(bundle: Mapping[str, Any], enqueuer: Enqueuer, answer: Ingested) -> None:
@@ -129,9 +149,7 @@ def ingest_bundle_entries(bundle: Mapping[str, Any], enqueuer: Enqueuer, answer:
     received = datetime.now(UTC)
     for location, _, resource in pairs:
         if isinstance(resource, Mapping) and _DELETE in resource:
-            issue = ("warning", location, DELETE_NOT_APPLIED)
-            answer.entries.append(EntryOutcome(location, "ignored", f"DELETE {resource[_DELETE]}"[:100], [issue]))
-            record_event("delete", "ignored")
+            ingest_delete(str(resource[_DELETE]).split("/_history/")[0], location, enqueuer, answer)
             continue
         if isinstance(resource, Mapping) and resource.get("resourceType") in (
             "Parameters",
@@ -154,7 +172,7 @@ def _walk(bundle: Mapping[str, Any], prefix: str, out: list[tuple[str, str | Non
         resource = entry.get("resource")
         if resource is None:
             request = entry.get("request") if isinstance(entry.get("request"), Mapping) else {}
-            if request.get("method") == "DELETE":  # reported, not applied (see DELETE_NOT_APPLIED)
+            if request.get("method") == "DELETE":  # applied as a retraction (ingest_delete)
                 out.append((f"{location}.request", None, {_DELETE: str(request.get("url") or "?")}))
                 continue
             out.append((location, None, {"resourceType": None}))

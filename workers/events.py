@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
@@ -13,6 +13,7 @@ from workers.settings import Settings
 
 CLOCK_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 _FOREVER = "9999-12-31T23:59:59.999999Z"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def clock_text(value: datetime) -> str:
@@ -28,8 +29,12 @@ class Event(BaseModel):
     facts: list[Fact]
     event_time: datetime  # when it happened clinically (effective time), else when it was received
 
+    tombstone: bool = False  # a delete: outranks every version of the resource
+
     def rank(self) -> str:
         """Sortable text of the version order (numeric versionId, lastUpdated, retraction)."""
+        if self.tombstone:
+            return "2"
         if not self.facts:
             return "0"
         numeric, number, updated, retracted = version_rank(self.facts[0])
@@ -62,6 +67,23 @@ def events_from(result: NormalizeResult, received: datetime) -> Event | None:
         facts=result.facts,
         event_time=event_time,
     )
+
+
+def tombstone(patient: str, resource: str) -> Event:
+    """The event of a delete: one retracted fact for the resource, so its facts leave the timeline and the
+    alerts they supported are retracted. Its time is the epoch, so it never moves the patient's clock."""
+    resource_type, _, resource_id = resource.partition("/")
+    fact = Fact(
+        patient=patient,
+        concept="deleted",
+        kind="lab",
+        resource_type=resource_type,
+        resource_id=resource_id,
+        status="deleted",
+        counts=False,
+        retracted=True,
+    )
+    return Event(patient=patient, resource=resource, facts=[fact], event_time=_EPOCH, tombstone=True)
 
 
 def dump_batch(events: list[Event]) -> list[dict[str, Any]]:

@@ -27,6 +27,12 @@ def alert_patients() -> str:
     return f"{_prefix()}:alerts:patient"
 
 
+def resource_patients() -> str:
+    """Hash of "Type/id" -> patient id of every resource stored, so a delete (which names no patient) can be
+    applied to the right timeline."""
+    return f"{_prefix()}:resources:patient"
+
+
 def dead_letters() -> str:
     """List of events that failed after their retries."""
     return f"{_prefix()}:deadletters"

@@ -118,5 +118,6 @@ def process_batch(raw_events: Iterable[dict[str, Any]], store: Store | None = No
                 counts["decisions_stale"] += 1
             if alert_id and action not in ("none", "stale", "suppressed"):
                 changed[alert_id] = patient
-    store.record(changed, patients=set(by_patient), counts=counts)
+    stored = {e.resource: p for p, events in by_patient.items() if p not in failed for e in events if not e.tombstone}
+    store.record(changed, patients=set(by_patient), counts=counts, resources=stored)
     return counts

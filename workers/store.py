@@ -189,9 +189,10 @@ class Store:
         *,
         patients: set[str] | frozenset[str] = frozenset(),
         counts: dict[str, int] | None = None,
+        resources: dict[str, str] | None = None,
     ) -> None:
         """One round trip of bookkeeping: index changed alerts (alert id -> patient) by update time, add
-        the patients seen, add to the pipeline counters."""
+        the patients seen and the resources stored ("Type/id" -> patient, for deletes), add to the counters."""
         pipe = self.client.pipeline(transaction=False)
         if changed:
             score = datetime.now(UTC).timestamp()
@@ -199,10 +200,16 @@ class Store:
             pipe.hset(keys.alert_patients(), mapping=changed)
         if patients:
             pipe.sadd(keys.patients(), *patients)
+        if resources:
+            pipe.hset(keys.resource_patients(), mapping=resources)
         for name, value in (counts or {}).items():
             if value:
                 pipe.hincrby(keys.counters(), name, value)
         pipe.execute()
+
+    def patient_of(self, resource: str) -> str | None:
+        """The patient whose timeline holds ``Type/id`` (None: never stored here)."""
+        return self.client.hget(keys.resource_patients(), resource)
 
     def alerts_for_patient(self, patient: str, *, open_only: bool = False) -> list[dict[str, Any]]:
         """A patient's alerts (open only: the current episode per rule, whatever a user did with it)."""

@@ -94,26 +94,40 @@ def test_put_single_resource_and_transaction_bundle(stack):
     assert "id" in json.dumps(response.json())
 
 
-def test_deletes_are_reported_not_applied_and_never_silently_dropped(stack):
+def test_deletes_retract_the_resource_and_its_alerts(stack):
     stack.start_api()
     stack.start_worker()
-    tx = bundle("transaction", [potassium("k-del-1", "del-1", 3.1, T0)])
-    tx["entry"].insert(0, {"request": {"method": "DELETE", "url": "Observation/k-del-0"}})
+    for patient in ("del-1", "del-2"):
+        response = stack.post_json(f"/fhir/Observation/k-{patient}", potassium(f"k-{patient}", patient, 3.1, T0), "PUT")
+        assert response.status_code == 202, response.text
+    stack.drain()
+    assert _open(stack, "del-1") == _open(stack, "del-2") == {HYPOK: "info"}
+    # A rest-hook style DELETE, and a DELETE entry in a transaction Bundle (with a conditional delete and an
+    # unknown resource, which are reported, not applied).
+    response = stack.post_json("/fhir/Observation/k-del-1", {}, method="DELETE")
+    assert response.status_code == 202, response.text
+    assert "k-del-1: deleted" in json.dumps(response.json())
+    tx = bundle("transaction", [])
+    tx["entry"] = [
+        {"request": {"method": "DELETE", "url": "Observation/k-del-2"}},
+        {"request": {"method": "DELETE", "url": "Observation?code=2823-3"}},
+        {"request": {"method": "DELETE", "url": "Observation/never-seen"}},
+    ]
     response = stack.post_json("/fhir", tx)
     assert response.status_code == 202, response.text
     issues = response.json()["issue"]
-    assert "1 accepted, 1 ignored" in issues[0]["diagnostics"]
-    [warning] = [i for i in issues if i["severity"] == "warning"]
-    assert warning["expression"] == ["Bundle.entry[0].request"]
-    assert "DELETE Observation/k-del-0" in warning["diagnostics"]
-    assert "entered-in-error" in warning["diagnostics"]
-    response = stack.post_json("/fhir/Observation/k-del-1", {}, method="DELETE")
-    assert response.status_code == 405
-    body = response.json()
-    assert body["resourceType"] == "OperationOutcome"
-    assert body["issue"][0]["code"] == "not-supported"
+    assert "1 accepted, 2 ignored" in issues[0]["diagnostics"]
+    assert any(i["severity"] == "warning" and i["expression"] == ["Bundle.entry[1].request"] for i in issues)
     stack.drain()
-    assert _open(stack, "del-1") == {HYPOK: "info"}  # the valid entry of the Bundle was processed
+    for patient in ("del-1", "del-2"):
+        assert _open(stack, patient) == {}
+        [alert] = stack.request("GET", f"/patients/{patient}/alerts?open_only=false").json()["alerts"]
+        assert alert["status"] == "retracted"
+    # A repeated delete changes nothing.
+    assert stack.post_json("/fhir/Observation/k-del-1", {}, method="DELETE").status_code == 202
+    stack.drain()
+    [alert] = stack.request("GET", "/patients/del-1/alerts?open_only=false").json()["alerts"]
+    assert alert["status"] == "retracted"
 
 
 def test_bad_input(stack):
