@@ -56,6 +56,16 @@ class _YamlFileSource(PydanticBaseSettingsSource):
         return data
 
 
+def _json_mapping(value: Any, what: str) -> Any:
+    """A mapping setting given as JSON text (environment variable): parsed; empty text is an empty mapping."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value) if value.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"must be a JSON object mapping {what} ({exc})") from None
+
+
 class Settings(BaseSettings):
     """Every setting the workers and the service read; documented in the README."""
 
@@ -282,12 +292,7 @@ class Settings(BaseSettings):
     @field_validator("cds_issuers", mode="before")
     @classmethod
     def _issuers_from_json(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                value = json.loads(value) if value.strip() else {}
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"must be a JSON object mapping issuer to JWKS file or https URL ({exc})") from None
-        return value
+        return _json_mapping(value, "issuer to JWKS file or https URL")
 
     @field_validator("cds_issuers")
     @classmethod
@@ -312,12 +317,7 @@ class Settings(BaseSettings):
     @field_validator("cds_fhir_servers", mode="before")
     @classmethod
     def _fhir_servers_from_json(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                value = json.loads(value) if value.strip() else {}
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"must be a JSON object mapping issuer to a list of FHIR base URLs ({exc})") from None
-        return value
+        return _json_mapping(value, "issuer to a list of FHIR base URLs")
 
     @field_validator("cds_fhir_servers")
     @classmethod
@@ -334,12 +334,7 @@ class Settings(BaseSettings):
     @field_validator("cds_tenants", mode="before")
     @classmethod
     def _tenants_from_json(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                value = json.loads(value) if value.strip() else {}
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"must be a JSON object mapping issuer to a list of tenant ids ({exc})") from None
-        return value
+        return _json_mapping(value, "issuer to a list of tenant ids")
 
     @field_validator("cds_tenants")
     @classmethod
