@@ -62,34 +62,25 @@ class PageForbidden(Exception):
     """The session's roles do not allow this page action."""
 
 
-async def page_reader(request: Request) -> Principal:
-    """``reader`` for pages: a missing or refused token sends the browser to the login form."""
-    try:
-        return await call(reader, request)
-    except HTTPException as exc:
-        if exc.status_code == 401:
-            raise LoginRequired from exc
-        raise PageForbidden(str(exc.detail)) from exc
+def _page_guard(dependency: Any, forbidden: str | None, doc: str) -> Any:
+    """A page dependency around an API role dependency: a missing or refused token sends the browser to the
+    login form (LoginRequired); a missing role shows ``forbidden`` (the API's own message when None)."""
+
+    async def guard(request: Request) -> Principal:
+        try:
+            return await call(dependency, request)
+        except HTTPException as exc:
+            if exc.status_code == 401:
+                raise LoginRequired from exc
+            raise PageForbidden(forbidden or str(exc.detail)) from exc
+
+    guard.__doc__ = doc
+    return guard
 
 
-async def page_pharmacist(request: Request) -> Principal:
-    """``pharmacist`` for page forms."""
-    try:
-        return await call(pharmacist, request)
-    except HTTPException as exc:
-        if exc.status_code == 401:
-            raise LoginRequired from exc
-        raise PageForbidden("only pharmacists may act on alerts") from exc
-
-
-async def page_admin(request: Request) -> Principal:
-    """``admin`` for the analytics page."""
-    try:
-        return await call(admin, request)
-    except HTTPException as exc:
-        if exc.status_code == 401:
-            raise LoginRequired from exc
-        raise PageForbidden("rule analytics are for administrators") from exc
+page_reader = _page_guard(reader, None, "``reader`` for pages.")
+page_pharmacist = _page_guard(pharmacist, "only pharmacists may act on alerts", "``pharmacist`` for page forms.")
+page_admin = _page_guard(admin, "rule analytics are for administrators", "``admin`` for the analytics page.")
 
 
 def _secure() -> bool:
