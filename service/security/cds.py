@@ -18,7 +18,7 @@ import redis
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.security.jwks import KeySet, key_set
+from service.security.jwks import KeySet, configured_key_set
 from service.security.tokens import AuthFailure, bearer_token, unauthorized, unverified_header_and_claims, verify_signed
 from workers.settings import SANDBOX_ISSUER, Settings, get_settings
 
@@ -69,13 +69,7 @@ def _keys_for(settings: Settings, issuer: str) -> KeySet | None:
     source = issuers.get(issuer)
     if source is None:
         return None
-    return key_set(
-        source,
-        timeout=settings.jwks_timeout_seconds,
-        min_refresh=settings.jwks_min_refresh_seconds,
-        max_age=settings.jwks_max_age_seconds,
-        ca_file=settings.jwks_ca_file,
-    )
+    return configured_key_set(source, settings)
 
 
 def endpoint_url(request: Request, settings: Settings) -> str:

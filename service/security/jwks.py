@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt import PyJWK
 from jwt.exceptions import PyJWTError
 
+from workers.settings import Settings
+
 logger = logging.getLogger("ehr_alerts.security")
 
 MAX_JWKS_BYTES = 1024 * 1024
@@ -220,3 +222,14 @@ def key_set(source: str, *, timeout: float, min_refresh: float, max_age: float, 
 def clear_key_sets() -> None:
     """Forget every cached key set (tests)."""
     _registry.clear()
+
+
+def configured_key_set(source: str, settings: Settings) -> KeySet:
+    """:func:`key_set` for ``source`` with the JWKS fetch options from the settings."""
+    return key_set(
+        source,
+        timeout=settings.jwks_timeout_seconds,
+        min_refresh=settings.jwks_min_refresh_seconds,
+        max_age=settings.jwks_max_age_seconds,
+        ca_file=settings.jwks_ca_file,
+    )

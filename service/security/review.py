@@ -18,7 +18,7 @@ from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBea
 
 from service.security.dev import DEV_ISSUER, ROLES, dev_key_set
 from service.security.failures import record_failure
-from service.security.jwks import key_set
+from service.security.jwks import configured_key_set
 from service.security.tokens import AuthFailure, bearer_token, unauthorized, unverified_header_and_claims, verify_signed
 from workers.settings import Settings, get_settings
 
@@ -94,13 +94,7 @@ async def verify_review_token(token: str, settings: Settings) -> Principal:
         keys: Any = dev_key_set(settings)
         roles_claim = "roles"  # what mint_token writes
     elif settings.review_issuer and settings.review_jwks and issuer == settings.review_issuer:
-        keys = key_set(
-            settings.review_jwks,
-            timeout=settings.jwks_timeout_seconds,
-            min_refresh=settings.jwks_min_refresh_seconds,
-            max_age=settings.jwks_max_age_seconds,
-            ca_file=settings.jwks_ca_file,
-        )
+        keys = configured_key_set(settings.review_jwks, settings)
     else:
         raise AuthFailure("issuer")
     claims = await verify_signed(
