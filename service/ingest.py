@@ -15,7 +15,8 @@ from typing import Any
 from rules.normalize import NormalizeOptions, NormalizeResult, normalize_resource, reference_index
 from service.observability.metrics import record_event
 from workers import inbox
-from workers.events import Event, dump_batch, events_from
+from workers.events import Event, dump_batch, events_from, tombstone
+from workers.pipeline import get_store
 from workers.redis_conn import get_redis
 from workers.settings import get_settings
 
@@ -118,9 +119,6 @@ _DELETABLE = re.compile(r"^(Observation|MedicationStatement|MedicationRequest|Co
 def ingest_delete(reference: str, location: str, enqueuer: Enqueuer, answer: Ingested) -> None:
     """A delete of ``Type/id``: its facts leave the patient's timeline and the alerts they supported are
     retracted (as for entered-in-error). Unknown resources and conditional deletes are reported, not applied."""
-    from workers.events import tombstone
-    from workers.pipeline import get_store
-
     record_event("delete", "received")
     if not _DELETABLE.match(reference):
         message = "only a delete of Observation, MedicationStatement, MedicationRequest or Condition by id applies"
