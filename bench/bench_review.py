@@ -47,7 +47,7 @@ def _free_port() -> int:
 
 
 def _seed(client, n: int) -> None:
-    from workers import keys
+    from workers.state import keys
 
     rng = random.Random(7)
     rules = ["hypokalemia-without-magnesium", "refractory-hypokalemia-on-diuretic", "arrhythmia-with-low-magnesium"]
@@ -93,9 +93,9 @@ def main() -> None:
     try:
         import redis
 
-        from workers.review_queries import Query, ReviewIndex, order_key, summary_key
-        from workers.settings import get_settings
-        from workers.store import Store
+        from config.settings import get_settings
+        from workers.state.review_index import Query, ReviewIndex, order_key, summary_key
+        from workers.state.store import Store
 
         client = redis.Redis.from_url(os.environ["REDIS_URL"], decode_responses=True)
         for _ in range(50):

@@ -388,8 +388,8 @@ def run_paced(bench: Bench, resources: list[dict[str, Any]], rate: float, second
     import httpx
     from stream_data import T0, probe
 
-    from workers import keys
     from workers.pipeline import get_store
+    from workers.state import keys
 
     per_second = 50  # requests per second
     per_request = max(1, round(rate / per_second) - 1)

@@ -11,6 +11,7 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from config.settings import get_settings
 from service.cds.router import router as cds_router
 from service.ingest import (
     Enqueuer,
@@ -29,7 +30,6 @@ from service.review import install as install_review
 from service.security import install_cors, log_security_warnings
 from service.subscriptions import parse_status, record_event_numbers
 from workers.pipeline import get_store
-from workers.settings import get_settings
 
 FHIR_JSON = "application/fhir+json"
 JSON_TYPES = ("application/fhir+json", "application/json")

@@ -189,8 +189,8 @@ def worker_command(
 
     Logging follows EHR_ALERTS_LOG_LEVEL / EHR_ALERTS_LOG_FORMAT (JSON lines on stderr by default).
     """
+    from config.settings import get_settings
     from workers.celery_app import app as celery_app
-    from workers.settings import get_settings
 
     if get_settings().redis_url is None:
         err.print("REDIS_URL is not set: workers need a real Redis broker (the embedded mode runs tasks inline).")
@@ -222,10 +222,10 @@ def dead_letters_command(
     redrive: Annotated[bool, typer.Option(help="Re-queue every dead-lettered batch and clear the list")] = False,
 ) -> None:
     """List events that failed after their retries (and optionally re-drive them)."""
+    from config.settings import get_settings
     from workers import inbox
-    from workers.keys import dead_letters as dead_letter_key
     from workers.pipeline import get_store
-    from workers.settings import get_settings
+    from workers.state.keys import dead_letters as dead_letter_key
 
     store = get_store()
     records = store.dead_letters()
@@ -248,8 +248,8 @@ def token_mint(
     name: Annotated[str | None, typer.Option("--name", help="Display name")] = None,
 ) -> None:
     """Print a review token signed by the local dev issuer (EHR_ALERTS_PROFILE=dev only)."""
+    from config.settings import SettingsError, get_settings
     from service.security.dev import DevProfileRequired, mint_token
-    from workers.settings import SettingsError, get_settings
 
     try:
         profile = get_settings().profile
@@ -274,7 +274,7 @@ def token_mint(
 @app.command("config")
 def config_command() -> None:
     """Print the effective configuration (environment, then EHR_ALERTS_CONFIG_FILE, then defaults); secrets masked."""
-    from workers.settings import get_settings
+    from config.settings import get_settings
 
     table = Table("setting", "environment variable", "value")
     for name, value in get_settings().model_dump().items():
@@ -290,7 +290,7 @@ def config_command() -> None:
 
 def main() -> None:
     """Console-script entry point: invalid configuration stops here, naming the setting."""
-    from workers.settings import SettingsError, get_settings
+    from config.settings import SettingsError, get_settings
 
     try:
         get_settings()

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from config.settings import get_settings
 from rules.normalize import NormalizeOptions, NormalizeResult, normalize_resource, reference_index
 from service.observability.metrics import record_event
 from workers import inbox
 from workers.events import Event, dump_batch, events_from, tombstone
 from workers.pipeline import get_store
-from workers.redis_conn import get_redis
-from workers.settings import get_settings
+from workers.state.connection import get_redis
 
 
 @dataclass

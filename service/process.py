@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 
-from workers.settings import get_settings
+from config.settings import get_settings
 
 log = logging.getLogger("ehr_alerts.process")
 

@@ -10,10 +10,10 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from config.settings import get_settings
 from service.ingest import Enqueuer, EntryOutcome, Ingested, ingest_items
 from workers import inbox
 from workers.pipeline import get_store
-from workers.settings import get_settings
 from workers.sources import expand_paths, read_items
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from workers.settings import get_settings
+from config.settings import get_settings
 
 
 @dataclass

@@ -10,9 +10,9 @@ from typing import Annotated, Any
 import pytest
 from fastapi import Depends, FastAPI
 
+from config.settings import get_settings
 from service.security import CdsClient, Principal, cds_client, install_cors, require_role
 from service.security.jwks import clear_key_sets
-from workers.settings import get_settings
 
 SECURITY_ENV_PREFIXES = ("EHR_ALERTS_",)
 

@@ -194,7 +194,7 @@ def test_bad_values_are_refused_with_the_reason(values: dict[str, Any], message:
 
 
 def test_config_map_settings_are_known_settings():
-    from workers.settings import ENV_PREFIX, Settings
+    from config.settings import ENV_PREFIX, Settings
 
     config = _kinds(render())[("ConfigMap", "ehr-ehr-alerts-config")]["data"]
     known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}

@@ -14,13 +14,13 @@ from fastapi import FastAPI, HTTPException
 from fastapi.testclient import TestClient
 from prometheus_client.core import Metric
 
+from config.settings import Settings, get_settings
 from service.observability import health, metrics
 from service.observability.middleware import ObservabilityMiddleware
-from workers import keys
 from workers.observability import context, heartbeat
 from workers.observability.logging import JsonFormatter, RedactionFilter, patient_ref, redact
 from workers.observability.metrics import PipelineCollector, oldest_enqueued_at, record_latency
-from workers.settings import Settings, get_settings
+from workers.state import keys
 
 JWT = "eyJhbGciOiJFUzM4NCJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXNpZ25hdHVyZQ"
 
@@ -358,7 +358,7 @@ def test_readiness_when_the_rule_catalog_is_refused(fake: fakeredis.FakeRedis, m
 
 
 def test_heartbeat_max_age_must_cover_two_beats():
-    from workers.settings import SettingsError, load_settings
+    from config.settings import SettingsError, load_settings
 
     with pytest.raises(SettingsError, match=r"EHR_ALERTS_WORKER_HEARTBEAT_MAX_AGE: .*twice"):
         load_settings(worker_heartbeat_interval=30, worker_heartbeat_max_age=45)

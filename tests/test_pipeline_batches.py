@@ -9,11 +9,11 @@ import fakeredis
 import pytest
 from fhir_builders import NOW, PATIENT, ago, magnesium, potassium
 
+from config.settings import Settings
 from rules.normalize import normalize_resource
 from workers.events import dump_batch, events_from
 from workers.pipeline import process_batch
-from workers.settings import Settings
-from workers.store import Store
+from workers.state.store import Store
 
 RULE = "hypokalemia-without-magnesium"
 

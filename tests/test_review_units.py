@@ -10,7 +10,7 @@ from service.review.api import _cell
 from service.review.core import ReviewError, parse_if_match
 from service.review.trend import sparkline
 from workers.analytics import first_action_seconds, outcome, rule_analytics
-from workers.review_queries import CursorError, Query, decode_cursor, effective_status, encode_cursor, sort_score
+from workers.state.review_index import CursorError, Query, decode_cursor, effective_status, encode_cursor, sort_score
 
 NOW = datetime(2024, 5, 2, 12, 0, tzinfo=UTC)
 DAY = timedelta(hours=24)

@@ -12,13 +12,13 @@ import fakeredis
 import pytest
 from fhir_builders import magnesium
 
-import workers.schema_upgrade as upgrade
+import workers.state.schema_upgrade as upgrade
+from config.settings import Settings, get_settings
 from rules.facts import FACT_SCHEMA_VERSION
 from rules.normalize import NormalizeOptions, normalize_resource
 from workers.events import events_from
 from workers.pipeline import process_batch
-from workers.settings import Settings, get_settings
-from workers.store import ALERT_SCHEMA_VERSION, Store
+from workers.state.store import ALERT_SCHEMA_VERSION, Store
 
 FIXTURES = Path(__file__).parent / "fixtures"
 V1 = json.loads((FIXTURES / "stored-v1-f1.json").read_text())

@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives import serialization
 from fastapi.testclient import TestClient
 from security_testapp import configure, make_app, settings_reset
 
+from config.settings import load_settings
 from service.security import failure_counts, security_startup_warnings
 from service.security.cds import _replay_key
-from workers.redis_conn import get_redis
-from workers.settings import load_settings
+from workers.state.connection import get_redis
 
 BASE = "http://testserver"
 DISCOVERY = f"{BASE}/cds-services"

@@ -14,9 +14,9 @@ from auth_helpers import TestIssuer
 from fastapi.testclient import TestClient
 from security_testapp import configure, make_app, settings_reset
 
+from config.settings import SANDBOX_ISSUER, SANDBOX_KID, SettingsError, load_settings
 from service.security import security_startup_warnings, trusted_issuers
 from service.security.cds import sandbox_jwks_path
-from workers.settings import SANDBOX_ISSUER, SANDBOX_KID, SettingsError, load_settings
 
 
 @pytest.fixture(autouse=True)

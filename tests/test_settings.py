@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers.settings import SettingsError, load_settings
+from config.settings import SettingsError, load_settings
 
 
 def test_defaults_and_environment(monkeypatch):
@@ -69,7 +69,7 @@ def test_cli_refuses_to_start_with_invalid_configuration_and_names_the_setting()
 def test_readme_documents_every_setting():
     from pathlib import Path
 
-    from workers.settings import Settings
+    from config.settings import Settings
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     missing = [

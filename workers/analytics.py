@@ -25,8 +25,8 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
-from workers import keys
-from workers.review_queries import ReviewIndex, epoch, order_key
+from workers.state import keys
+from workers.state.review_index import ReviewIndex, epoch, order_key
 
 ACTION_NAMES = {
     "acknowledged": "acknowledge",

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 from celery import Celery, bootsteps
 
-from workers.settings import get_settings
+from config.settings import get_settings
 
 log = logging.getLogger("ehr_alerts.celery")
 
@@ -85,7 +85,7 @@ class InboxSweep(bootsteps.StartStopStep):
 
 def _sweep() -> None:
     from workers import inbox
-    from workers.redis_conn import get_redis
+    from workers.state.connection import get_redis
 
     try:
         republished = inbox.sweep(get_redis(), settings.redelivery_timeout)

@@ -7,9 +7,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from config.settings import Settings
 from rules.facts import Fact, version_rank
 from rules.normalize import NormalizeResult
-from workers.settings import Settings
 
 CLOCK_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 _FOREVER = "9999-12-31T23:59:59.999999Z"

@@ -32,9 +32,9 @@ from typing import Any
 
 import redis
 
-from workers import keys
+from workers.state import keys
 
-_SWEEP_LUA = (Path(__file__).with_name("lua") / "inbox_due.lua").read_text(encoding="utf-8")
+_SWEEP_LUA = (Path(__file__).parent / "state" / "lua" / "inbox_due.lua").read_text(encoding="utf-8")
 
 
 def submit(client: redis.Redis, events: list[dict[str, Any]], redelivery_timeout: float) -> str:

@@ -13,13 +13,13 @@ from typing import Any
 
 import redis
 
+from config.settings import get_settings
 from rules.catalog import Catalog, load_catalog
 from rules.engine import Decision, evaluate
 from workers.events import Event
 from workers.observability.logging import patient_ref
-from workers.redis_conn import get_redis
-from workers.settings import get_settings
-from workers.store import Store, Timeline
+from workers.state.connection import get_redis
+from workers.state.store import Store, Timeline
 
 log = logging.getLogger("ehr_alerts.pipeline")
 

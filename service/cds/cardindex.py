@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 import redis
 
-from workers.settings import Settings
+from config.settings import Settings
 
 # KEYS: episodes hash, cards hash. ARGV: now, ttl seconds, json [[rule, fresh uuid, card json], ...],
 # json [ended rule, ...], patient. Returns a flat list: uuid, status, created (1/0) per item.

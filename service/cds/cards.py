@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from rules.engine import Decision
 from service.cds import handover
 from service.cds.cardindex import CardIndex
-from workers.store import Store, effective_status
+from workers.state.store import Store, effective_status
 
 log = logging.getLogger("ehr_alerts.cds")
 ORDER = {"critical": 0, "warning": 1, "info": 2}

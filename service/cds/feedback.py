@@ -21,7 +21,7 @@ from service.cds import handover
 from service.cds.cardindex import CardIndex
 from service.cds.cards import suggestion_uuid
 from service.cds.errors import CdsError
-from workers.store import Store, TransitionError
+from workers.state.store import Store, TransitionError
 
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")  # RFC 3339 §5.6
 

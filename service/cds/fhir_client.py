@@ -16,10 +16,10 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from config.settings import Settings
 from service.cds.prefetch import KeyData, collect_bundle
 from service.cds.request import HookRequest
 from service.cds.services import PrefetchQuery
-from workers.settings import Settings
 
 FHIR_ACCEPT = "application/fhir+json, application/json;q=0.9"
 

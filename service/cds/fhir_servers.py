@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from urllib.parse import SplitResult, urlsplit
 
-from workers.settings import Settings
+from config.settings import Settings
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 

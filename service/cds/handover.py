@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from service.cds.cardindex import CardIndex
-from workers.store import Store, TransitionError
+from workers.state.store import Store, TransitionError
 
 log = logging.getLogger("ehr_alerts.cds")
 

@@ -11,6 +11,7 @@ import redis
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from config.settings import get_settings
 from rules.catalog import Catalog
 from rules.engine import evaluate
 from service.cds.auth import CdsClient, cds_client
@@ -26,7 +27,6 @@ from service.cds.request import HookRequest, parse_request
 from service.cds.services import CdsService, services
 from service.observability.middleware import peeked_json
 from workers.pipeline import get_catalog, get_store
-from workers.settings import get_settings
 
 log = logging.getLogger("ehr_alerts.cds")
 router = APIRouter(prefix="/cds-services", tags=["cds-hooks"])

@@ -7,9 +7,9 @@ from typing import Any
 
 import redis
 
+from config.settings import get_settings
 from workers.observability.heartbeat import workers_seen
-from workers.redis_conn import get_redis
-from workers.settings import get_settings
+from workers.state.connection import get_redis
 
 #: Seconds a health or metrics probe waits for Redis (the main client has no timeout).
 PROBE_TIMEOUT = 2.0

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import StreamingResponse
 
+from config.settings import get_settings
 from service.review import core
 from service.review.auth import Principal, admin, pharmacist, reader
 from service.review.models import (
@@ -25,10 +26,9 @@ from service.review.models import (
     Sort,
     TransitionRequest,
 )
-from workers import keys
-from workers import review_queries as rq
 from workers.analytics import AUDIT_COLUMNS, audit_rows, iter_alerts, rule_analytics
-from workers.settings import get_settings
+from workers.state import keys
+from workers.state import review_index as rq
 
 PROBLEMS: dict[int | str, dict[str, Any]] = {
     400: {"model": Problem, "description": "bad input (the issue names the field)"},

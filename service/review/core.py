@@ -6,16 +6,16 @@ import re
 from datetime import datetime, timedelta
 from typing import Any
 
+from config.settings import get_settings
 from rules.fhirtime import parse_time
-from workers import review_queries as rq
 from workers.pipeline import get_catalog, get_store
-from workers.review_queries import CursorError, Query, ReviewIndex, epoch, lab_trend, latest_labs, summarize
-from workers.settings import get_settings
-from workers.store import TransitionError
+from workers.state import review_index as rq
+from workers.state.review_index import CursorError, Query, ReviewIndex, epoch, lab_trend, latest_labs, summarize
+from workers.state.store import TransitionError
 
 _IF_MATCH = re.compile(r'^\s*(?:W/)?"?(\d{1,12})"?\s*$')
 ACTIONS_BY_STATUS = {
-    # what the page offers for each status (mirrors workers/lua/transition_alert.lua, which has the last word)
+    # what the page offers for each status (mirrors workers/state/lua/transition_alert.lua, which has the last word)
     "active": ("acknowledge", "override", "snooze", "resolve"),
     "acknowledged": ("override", "snooze", "resolve", "reopen"),
     "snoozed": ("override", "snooze", "resolve", "reopen"),

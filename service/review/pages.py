@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from config.settings import get_settings
 from service.review import core
 from service.review.auth import (
     CSRF_COOKIE,
@@ -34,9 +35,8 @@ from service.review.auth import (
     verify_review_token,
 )
 from service.review.trend import sparkline
-from workers import review_queries as rq
 from workers.pipeline import get_catalog
-from workers.settings import get_settings
+from workers.state import review_index as rq
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")

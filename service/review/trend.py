@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from html import escape
 from typing import Any
 
-from workers.review_queries import epoch
+from workers.state.review_index import epoch
 
 WIDTH, HEIGHT, PAD = 300, 90, 24
 

@@ -18,9 +18,9 @@ import redis
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from config.settings import SANDBOX_ISSUER, Settings, get_settings
 from service.security.jwks import KeySet, configured_key_set
 from service.security.tokens import AuthFailure, bearer_token, unauthorized, unverified_header_and_claims, verify_signed
-from workers.settings import SANDBOX_ISSUER, Settings, get_settings
 
 REALM = "cds"
 ALGORITHMS = frozenset({"ES384", "RS384"})
@@ -91,7 +91,7 @@ def _replay_key(settings: Settings, issuer: str, jti: str) -> str:
 
 def _first_use(settings: Settings, issuer: str, jti: str, expires: float) -> bool:
     """Record the jti until the token expires (plus leeway); False when it was seen before."""
-    from workers.redis_conn import get_redis
+    from workers.state.connection import get_redis
 
     ttl = max(1, int(expires - time.time()) + settings.jwt_leeway_seconds + 1)
     return bool(get_redis().set(_replay_key(settings, issuer, jti), "1", nx=True, ex=ttl))

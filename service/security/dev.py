@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
+from config.settings import Settings, get_settings
 from service.security.jwks import Key, StaticKeySet
-from workers.settings import Settings, get_settings
 
 DEV_ISSUER = "urn:ehr-alerts:dev"
 DEV_ALGORITHM = "ES384"

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt import PyJWK
 from jwt.exceptions import PyJWTError
 
-from workers.settings import Settings
+from config.settings import Settings
 
 logger = logging.getLogger("ehr_alerts.security")
 

@@ -16,11 +16,11 @@ from urllib.parse import urlsplit
 from fastapi import Depends, HTTPException, Request, Response
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 
+from config.settings import Settings, get_settings
 from service.security.dev import DEV_ISSUER, ROLES, dev_key_set
 from service.security.failures import record_failure
 from service.security.jwks import configured_key_set
 from service.security.tokens import AuthFailure, bearer_token, unauthorized, unverified_header_and_claims, verify_signed
-from workers.settings import Settings, get_settings
 
 REALM = "review"
 SESSION_COOKIE = "ehr_alerts_session"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from workers.settings import SANDBOX_ISSUER, Settings, get_settings
+from config.settings import SANDBOX_ISSUER, Settings, get_settings
 
 logger = logging.getLogger("ehr_alerts.security")
 

@@ -17,9 +17,9 @@ from fastapi.testclient import TestClient
 from loopback_fhir import LoopbackFhir, LoopbackServer
 from pydantic import ValidationError
 
+from config.settings import Settings, get_settings
 from service.app import app
 from service.cds.fhir_servers import fhir_server_refusal
-from workers.settings import Settings, get_settings
 
 PATH = f"/cds-services/{SERVICE['patient-view']}"
 

@@ -17,10 +17,10 @@ from auth_helpers import TestIssuer
 from cds_support import HYPOK, SERVICE, hook_request, prefetch_for, scenario
 from fastapi.testclient import TestClient
 
+from config.settings import get_settings
 from service.app import app
 from service.process import freeze_startup_heap
 from workers.observability import context
-from workers.settings import get_settings
 
 PATH = f"/cds-services/{SERVICE['patient-view']}"
 

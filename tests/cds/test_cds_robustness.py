@@ -16,8 +16,8 @@ from cds_support import HYPOK, SERVICE, hook_request, prefetch_for, queries, sce
 from fastapi.testclient import TestClient
 from fhir_builders import shared_data_dir
 
+from config.settings import get_settings
 from service.app import app
-from workers.settings import get_settings
 
 ODD_VALUES: list[Any] = [None, "", [], {}, 0, -1.5, True, "x" * 300, [None], {"resourceType": "Bundle", "entry": "x"}]
 

@@ -11,6 +11,7 @@ import fakeredis
 import pytest
 from cds_support import HYPOK, REFRACTORY, draft_kcl, hook_request, prefetch_for, queries, scenario
 
+from config.settings import Settings
 from rules.engine import evaluate
 from service.cds.cardindex import CardIndex
 from service.cds.cards import build_cards, finish_card, strip_empty, suggestion_uuid
@@ -21,7 +22,6 @@ from service.cds.prefetch import read_key
 from service.cds.request import parse_request
 from service.cds.services import prefetch_queries, substitute
 from workers.pipeline import get_catalog
-from workers.settings import Settings
 
 NOW = datetime.now(UTC)
 

@@ -7,9 +7,9 @@ Isolation: every test module gets its own Redis database number (1..15) and ever
 uses a unique key prefix ``test-<uuid>``. The Celery queue name is fixed ("ehr-alerts"), hence the
 per-module database.
 
-Settings are read once per process (``workers.settings.get_settings`` is cached), so the API and the
+Settings are read once per process (``config.settings.get_settings`` is cached), so the API and the
 workers run as subprocesses with the environment set. In this (pytest) process the tests read results
-through ``workers.store.Store`` built directly on a ``redis.Redis`` client; because ``workers.keys``
+through ``workers.state.store.Store`` built directly on a ``redis.Redis`` client; because ``workers.state.keys``
 takes the prefix from ``get_settings()``, the ``store`` fixture sets ``EHR_ALERTS_KEY_PREFIX`` (with
 monkeypatch) and calls ``get_settings.cache_clear()`` before and after the test.
 """
@@ -137,8 +137,8 @@ def key_prefix() -> str:
 @pytest.fixture
 def store(redis_client: redis.Redis, module_redis_url: str, key_prefix: str, monkeypatch: pytest.MonkeyPatch) -> Any:
     """A ``Store`` on the module database, reading keys under this test's prefix (see module docstring)."""
-    from workers.settings import Settings, get_settings
-    from workers.store import Store
+    from config.settings import Settings, get_settings
+    from workers.state.store import Store
 
     monkeypatch.setenv("EHR_ALERTS_KEY_PREFIX", key_prefix)
     get_settings.cache_clear()

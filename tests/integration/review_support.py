@@ -14,11 +14,11 @@ from auth_helpers import review_env, review_headers
 from fastapi.testclient import TestClient
 from itest_builders import furosemide, potassium
 
+from config.settings import get_settings
 from service.ingest import Enqueuer, Ingested, ingest_items
 from workers.events import dump_batch
 from workers.pipeline import get_store, process_batch
-from workers.redis_conn import get_redis
-from workers.settings import get_settings
+from workers.state.connection import get_redis
 
 T0 = datetime(2024, 4, 1, 6, 0, tzinfo=UTC)
 HYPOK = "hypokalemia-without-magnesium"

@@ -37,10 +37,10 @@ from fhir_builders import potassium
 from loopback_fhir import LoopbackFhir, LoopbackServer, matches
 from markdown_it import MarkdownIt
 
+from config.settings import Settings, get_settings
 from rules.normalize import normalize_resource
 from workers.events import dump_batch, events_from
-from workers.settings import Settings, get_settings
-from workers.store import Store
+from workers.state.store import Store
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

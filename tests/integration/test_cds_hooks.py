@@ -44,10 +44,10 @@ from cds_support import (
 from fhir_builders import med_request, potassium, shared_data_dir
 from loopback_fhir import LoopbackFhir, LoopbackServer
 
+from config.settings import Settings, get_settings
 from rules.normalize import normalize_resource
 from workers.events import dump_batch, events_from
-from workers.settings import Settings, get_settings
-from workers.store import Store
+from workers.state.store import Store
 
 pytestmark = pytest.mark.slow
 TOKENS = re.compile(r"\{\{([^}]*)\}\}")

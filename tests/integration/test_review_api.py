@@ -12,7 +12,7 @@ import pytest
 from itest_builders import potassium
 from review_support import HYPOK, REFRACTORY, T0, as_user, review_client, seed, ward
 
-from workers import review_queries as rq
+from workers.state import review_index as rq
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 from review_support import seed, ward
 
-from workers.review_queries import Query, ReviewIndex, summary_key
+from workers.state.review_index import Query, ReviewIndex, summary_key
 
 pytestmark = pytest.mark.slow
 

@@ -128,7 +128,7 @@ def test_logout_clears_the_session(web):
 
 
 def test_next_page_link_walks_the_worklist(web, monkeypatch):
-    from workers.settings import get_settings
+    from config.settings import get_settings
 
     monkeypatch.setenv("EHR_ALERTS_REVIEW_PAGE_SIZE", "4")
     get_settings.cache_clear()

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import sys
 
+from config.settings import get_settings
 from workers.observability.heartbeat import file_alive
-from workers.settings import get_settings
 
 
 def check(max_age: float | None = None) -> tuple[bool, str]:

@@ -27,11 +27,11 @@ from celery import Celery, bootsteps
 from celery.apps import worker as celery_worker_app
 from celery.signals import before_task_publish, setup_logging, task_postrun, task_prerun
 
+from config.settings import get_settings
 from workers.observability import context, heartbeat
 from workers.observability.logging import configure_logging
 from workers.observability.metrics import ENQUEUED_AT_HEADER, record_latency
-from workers.redis_conn import get_redis
-from workers.settings import get_settings
+from workers.state.connection import get_redis
 
 log = logging.getLogger("ehr_alerts.worker")
 _task_tokens: dict[str, Any] = {}

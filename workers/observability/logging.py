@@ -27,8 +27,8 @@ import threading
 from datetime import UTC, datetime
 from typing import Any
 
+from config.settings import Settings, get_settings
 from workers.observability import context
-from workers.settings import Settings, get_settings
 
 #: Extra fields allowed into a log line (all hold ids, counts, durations or fixed vocabulary).
 SAFE_FIELDS = frozenset(

@@ -26,8 +26,8 @@ import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from workers import keys
-from workers.settings import get_settings
+from config.settings import get_settings
+from workers.state import keys
 
 QUEUE = "ehr-alerts"
 ENQUEUED_AT_HEADER = "ehr_enqueued_at"

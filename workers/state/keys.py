@@ -3,7 +3,7 @@ atomically, also on Redis Cluster."""
 
 from __future__ import annotations
 
-from workers.settings import get_settings
+from config.settings import get_settings
 
 
 def _prefix() -> str:

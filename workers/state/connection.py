@@ -6,7 +6,7 @@ from functools import cache
 
 import redis
 
-from workers.settings import get_settings
+from config.settings import get_settings
 
 
 @cache

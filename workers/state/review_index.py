@@ -38,11 +38,11 @@ from typing import Any
 
 import redis
 
+from config.settings import get_settings
 from rules.facts import Fact
 from rules.fhirtime import parse_time
-from workers import keys
-from workers.settings import get_settings
-from workers.store import Store
+from workers.state import keys
+from workers.state.store import Store
 
 _LUA_DIR = Path(__file__).with_name("lua")
 STATUSES = ("active", "acknowledged", "snoozed", "overridden", "accepted", "resolved", "retracted")

@@ -13,12 +13,12 @@ from typing import Any
 
 import redis
 
+from config.settings import Settings
 from rules.engine import Decision
 from rules.facts import Fact
-from workers import keys, schema_upgrade
 from workers.events import Event, clock_text
-from workers.schema_upgrade import upgrade_alert, upgrade_fact
-from workers.settings import Settings
+from workers.state import keys, schema_upgrade
+from workers.state.schema_upgrade import upgrade_alert, upgrade_fact
 
 _LUA_DIR = Path(__file__).with_name("lua")
 FACT_CACHE_SIZE = 50_000  # resource versions; Fact is frozen, so parsed facts are shared safely

@@ -1,4 +1,4 @@
--- Put one alert summary into the review worklist index (see workers/review_queries.py).
+-- Put one alert summary into the review worklist index (see workers/state/review_index.py).
 -- KEYS[1] summary key of the alert, KEYS[2] snoozed sorted set, KEYS[3] seen hash (alert id -> alert_index score
 -- the summary was built from)
 -- ARGV[1] new summary json (has id, rule_id, status, revision, seen), ARGV[2] prefix of the order sets

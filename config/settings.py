@@ -261,7 +261,7 @@ class Settings(BaseSettings):
         description="dev profile: private key signing local review tokens (created with mode 0600 on first use)",
     )
 
-    # --- pharmacist review worklist, page, analytics (service/review, workers/review_queries.py) ---
+    # --- pharmacist review worklist, page, analytics (service/review, workers/state/review_index.py) ---
     review_page_size: int = Field(default=50, ge=1, le=500, description="worklist rows per page when not asked")
     review_scan_budget: int = Field(
         default=5000,

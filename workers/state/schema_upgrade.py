@@ -2,7 +2,7 @@
 every stored record through :func:`upgrade_fact` / :func:`upgrade_alert` before using it.
 
 When a release changes the stored shape of a fact or an alert it must:
-1. bump ``rules.facts.FACT_SCHEMA_VERSION`` or ``workers.store.ALERT_SCHEMA_VERSION``;
+1. bump ``rules.facts.FACT_SCHEMA_VERSION`` or ``workers.state.store.ALERT_SCHEMA_VERSION``;
 2. register a step here that turns version N into N+1 (``_FACT_STEPS[N]`` / ``_ALERT_STEPS[N]``);
 3. keep the older fixtures under ``tests/fixtures/`` readable (``tests/test_schema_upgrade.py``).
 
@@ -35,7 +35,7 @@ class SchemaTooNewError(ValueError):
 
 def alert_schema_version() -> int:
     """The alert format this release writes."""
-    from workers.store import ALERT_SCHEMA_VERSION
+    from workers.state.store import ALERT_SCHEMA_VERSION
 
     return ALERT_SCHEMA_VERSION
 
