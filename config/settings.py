@@ -95,6 +95,26 @@ class Settings(BaseSettings):
     retention_lab_hours: float = Field(default=24 * 30, gt=0, description="how long lab facts are kept")
     retention_medication_hours: float = Field(default=24 * 30, gt=0, description="kept this long after a med ends")
     retention_condition_hours: float = Field(default=24 * 365, gt=0, description="kept this long after abatement")
+    retention_open_medication_hours: float = Field(
+        default=24 * 365,
+        gt=0,
+        description="a medication without an end date is kept this long after its start or its last update, "
+        "whichever is later (a medication list entry nobody touched for that long is no longer evidence)",
+    )
+    future_tolerance_hours: float = Field(
+        default=24.0,
+        ge=0,
+        le=24 * 30,
+        description="an event dated more than this after its receipt never moves a patient's clock: it is stored, "
+        "flagged in the answer and counted, and counts only once the patient's time reaches it",
+    )
+    due_sweep_interval: float = Field(
+        default=15.0,
+        gt=0,
+        le=3600,
+        description="seconds between the workers' sweeps for patients whose alerts are due for re-evaluation by "
+        "time alone (evidence leaving a look-back, a future-dated result coming due)",
+    )
 
     # --- CDS Hooks service (service/cds/) ---
     cds_fhir_timeout_seconds: float = Field(

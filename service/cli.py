@@ -147,14 +147,23 @@ def _print_table(decisions: list[Decision]) -> None:
 def replay_command(
     paths: Annotated[list[Path], typer.Argument(help="Bundles, resources, ndjson files or folders", exists=True)],
     timeout: Annotated[float, typer.Option(help="Seconds to wait for real workers to drain the queue")] = 600,
+    shift_to_now: Annotated[
+        bool | None,
+        typer.Option(
+            "--shift-to-now/--no-shift-to-now",
+            help="Move every time of the extract so its newest event is now (default: on for examples/stream only)",
+        ),
+    ] = None,
 ) -> None:
     """Push FHIR files through the real pipeline (ingestion -> Celery -> timeline -> alerts) and summarise.
 
-    Without REDIS_URL this runs embedded: in-process Redis (fakeredis) and eager Celery, same code paths.
+    The extract's own clock is declared: events are delivered in the order they were recorded, each received
+    at that time, and time runs to the end of the feed. Without REDIS_URL this runs embedded: in-process Redis
+    (fakeredis) and eager Celery, same code paths.
     """
     from service.replay import replay
 
-    replay(paths, console, timeout=timeout)
+    replay(paths, console, timeout=timeout, shift_to_now=shift_to_now)
 
 
 @app.command("serve")

@@ -14,10 +14,11 @@ from typing import Any
 
 from config.settings import get_settings
 from rules.normalize import NormalizeOptions, NormalizeResult, normalize_resource, reference_index
-from service.observability.metrics import record_event
+from service.observability.metrics import record_event, record_future_dated
 from workers import inbox
 from workers.events import Event, dump_batch, events_from, tombstone
 from workers.pipeline import get_store
+from workers.state import keys
 from workers.state.connection import get_redis
 
 
@@ -52,18 +53,38 @@ class Enqueuer:
         self.pending: list[Event] = []
         self.sent = 0
         self.patients: set[str] = set()
+        self.received: dict[str, str] = {}  # "Type/id" -> patient of every resource this request queued
 
     def add(self, event: Event) -> None:
         """Queue one event, flushing a full batch."""
         self.pending.append(event)
         self.patients.add(event.patient)
+        if event.kind == "resource":
+            self.received[event.resource] = event.patient
         if len(self.pending) >= self.batch_size:
             self.flush()
 
+    def accept(self, event: Event) -> str | None:
+        """Queue an event received now; returns a warning for the answer when it is dated in the future."""
+        self.add(event)
+        if event.clock_time(get_settings().future_tolerance_hours) is None:
+            record_future_dated(event.resource.split("/")[0])
+            return _future_message(event)
+        return None
+
+    def patient_of(self, resource: str) -> str | None:
+        """The patient of a resource queued by this request or received before (for a delete)."""
+        return self.received.get(resource) or get_store().patient_of(resource)
+
     def flush(self) -> None:
-        """Submit what is pending as one batch (kept in the inbox until a worker has finished it)."""
+        """Submit what is pending as one batch (kept in the inbox until a worker has finished it). The resources'
+        patients are indexed first, so a DELETE that follows at once finds them before any worker ran."""
         if self.pending:
-            inbox.submit(get_redis(), dump_batch(self.pending), get_settings().redelivery_timeout)
+            client = get_redis()
+            resources = {e.resource: e.patient for e in self.pending if e.kind == "resource"}
+            if resources:
+                client.hset(keys.resource_patients(), mapping=resources)
+            inbox.submit(client, dump_batch(self.pending), get_settings().redelivery_timeout)
             self.sent += len(self.pending)
             self.pending = []
 
@@ -84,6 +105,7 @@ def ingest_one(
 ) -> NormalizeResult:
     """Validate + normalise one resource, record its outcome, queue its event."""
     result = normalize_resource(data, options(), resolve=resolve)
+    received = received or datetime.now(UTC)
     entry = EntryOutcome(location, result.outcome, f"{result.resource_type}/{result.resource_id}")
     for issue in result.issues:
         entry.issues.append((issue.severity, _expression(location, result.resource_type, issue.path), issue.message))
@@ -96,11 +118,21 @@ def ingest_one(
         entry.issues.append(("information", location, result.reason))
     answer.entries.append(entry)
     record_event(result.resource_type, result.outcome)
-    event = events_from(result, received or datetime.now(UTC))
+    event = events_from(result, received)
     if event is not None:
-        enqueuer.add(event)
+        warning = enqueuer.accept(event)
+        if warning:
+            entry.issues.append(("warning", location, warning))
         answer.events += 1
     return result
+
+
+def _future_message(event: Event) -> str:
+    hours = get_settings().future_tolerance_hours
+    return (
+        f"dated {event.event_time.isoformat().replace('+00:00', 'Z')}, more than {hours:g} h after it was received: "
+        "stored, but it does not move the patient's clock and counts only once the patient's time reaches it"
+    )
 
 
 def _expression(location: str, resource_type: str, path: str) -> str:
@@ -116,7 +148,9 @@ _DELETE = "__delete__"
 _DELETABLE = re.compile(r"^(Observation|MedicationStatement|MedicationRequest|Condition)/([A-Za-z0-9\-.]{1,64})$")
 
 
-def ingest_delete(reference: str, location: str, enqueuer: Enqueuer, answer: Ingested) -> None:
+def ingest_delete(
+    reference: str, location: str, enqueuer: Enqueuer, answer: Ingested, received: datetime | None = None
+) -> None:
     """A delete of ``Type/id``: its facts leave the patient's timeline and the alerts they supported are
     retracted (as for entered-in-error). Unknown resources and conditional deletes are reported, not applied."""
     record_event("delete", "received")
@@ -124,18 +158,20 @@ def ingest_delete(reference: str, location: str, enqueuer: Enqueuer, answer: Ing
         message = "only a delete of Observation, MedicationStatement, MedicationRequest or Condition by id applies"
         answer.entries.append(EntryOutcome(location, "ignored", "DELETE", [("warning", location, message)]))
         return
-    patient = get_store().patient_of(reference)
+    patient = enqueuer.patient_of(reference)
     if patient is None:
         message = "not in any timeline (never received, or already expired): nothing to retract"
         answer.entries.append(EntryOutcome(location, "ignored", reference, [("information", location, message)]))
         return
-    enqueuer.add(tombstone(patient, reference))
+    enqueuer.add(tombstone(patient, reference, received))
     answer.events += 1
     message = "deleted: its facts are retracted, and so are the alerts they supported"
     answer.entries.append(EntryOutcome(location, "accepted", reference, [("information", location, message)]))
 
 
-def ingest_bundle_entries(bundle: Mapping[str, Any], enqueuer: Enqueuer, answer: Ingested) -> None:
+def ingest_bundle_entries(
+    bundle: Mapping[str, Any], enqueuer: Enqueuer, answer: Ingested, received: datetime | None = None
+) -> None:
     """Every entry of a transaction / batch / collection / history Bundle (nested Bundles walked)."""
     entries = bundle.get("entry")
     if entries is not None and not isinstance(entries, list):
@@ -144,10 +180,10 @@ def ingest_bundle_entries(bundle: Mapping[str, Any], enqueuer: Enqueuer, answer:
     pairs: list[tuple[str, str | None, Any]] = []
     _walk(bundle, "Bundle", pairs)
     index = reference_index((full_url, resource) for _, full_url, resource in pairs)
-    received = datetime.now(UTC)
+    received = received or datetime.now(UTC)
     for location, _, resource in pairs:
         if isinstance(resource, Mapping) and _DELETE in resource:
-            ingest_delete(str(resource[_DELETE]).split("/_history/")[0], location, enqueuer, answer)
+            ingest_delete(str(resource[_DELETE]).split("/_history/")[0], location, enqueuer, answer, received)
             continue
         if isinstance(resource, Mapping) and resource.get("resourceType") in (
             "Parameters",
@@ -181,19 +217,22 @@ def _walk(bundle: Mapping[str, Any], prefix: str, out: list[tuple[str, str | Non
             out.append((f"{location}.resource", entry.get("fullUrl"), resource))
 
 
-def ingest_items(items: Iterable[tuple[str, Any]], enqueuer: Enqueuer, answer: Ingested) -> None:
-    """Resources or Bundles one after another (ndjson lines, files): each validated on its own."""
+def ingest_items(
+    items: Iterable[tuple[str, Any]], enqueuer: Enqueuer, answer: Ingested, received: datetime | None = None
+) -> None:
+    """Resources or Bundles one after another (ndjson lines, files): each validated on its own. ``received``:
+    the receipt time to record (default: now; a replay declares its feed's own clock)."""
     for location, data in items:
         if isinstance(data, Mapping) and data.get("resourceType") == "Bundle":
             sub = Ingested()
-            ingest_bundle_entries(data, enqueuer, sub)
+            ingest_bundle_entries(data, enqueuer, sub, received)
             for entry in sub.entries:
                 entry.location = f"{location}: {entry.location}"
             answer.entries.extend(sub.entries)
             answer.notes.extend(sub.notes)
             answer.events += sub.events
         else:
-            ingest_one(data, location, enqueuer, answer)
+            ingest_one(data, location, enqueuer, answer, received=received)
 
 
 def operation_outcome(answer: Ingested) -> dict[str, Any]:

@@ -124,13 +124,18 @@ def test_snooze_runs_out_and_then_counts_as_active(store):
     assert effective_status(snoozed, NOW + timedelta(hours=5)) == "active"
 
 
-def test_new_evidence_wakes_a_snoozed_alert(store):
-    alert = open_alert(store)
-    store.transition(alert["id"], "snooze", "user:alice", NOW, until=NOW + timedelta(days=30))
-    feed(store, potassium(2.7, at=ago(1)))
+def test_only_escalation_wakes_a_snoozed_alert(store):
+    alert = open_alert(store, potassium(3.3, at=ago(3)))
+    assert alert["severity"] == "info"
+    store.transition(alert["id"], "snooze", "user:alice", NOW, until=NOW + timedelta(days=2))
+    feed(store, potassium(3.2, at=ago(2)))  # a repeat of the same severity: new evidence, still snoozed
+    repeat = store.find_alert(alert["id"])
+    assert repeat["status"] == "snoozed" and repeat["history"][-1]["action"] == "updated"
+    feed(store, potassium(2.8, at=ago(1)))  # info -> warning: escalation wakes it, visibly
     woken = store.find_alert(alert["id"])
-    assert woken["status"] == "active"
-    assert woken["history"][-1]["action"] == "updated"
+    assert woken["status"] == "active" and woken["severity"] == "warning"
+    last = woken["history"][-1]
+    assert last["action"] == "escalated" and last["from"] == "snoozed" and "info -> warning" in last["why"]
 
 
 def test_manual_resolve_is_not_refired_on_the_same_evidence_but_is_on_new(store):

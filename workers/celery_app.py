@@ -98,6 +98,42 @@ def _sweep() -> None:
 
 app.steps["worker"].add(InboxSweep)
 
+
+class DueSweep(bootsteps.StartStopStep):
+    """Every worker ticks the patients whose alerts are due for re-evaluation by time alone (``workers.due``)."""
+
+    requires: ClassVar[set[str]] = {"celery.worker.components:Timer"}
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.timer_ref: Any = None
+
+    def start(self, worker: Any) -> None:
+        """Start the periodic sweep."""
+        self.timer_ref = worker.timer.call_repeatedly(settings.due_sweep_interval, _due_sweep, priority=10)
+
+    def stop(self, worker: Any) -> None:
+        """Stop sweeping."""
+        if self.timer_ref is not None:
+            self.timer_ref.cancel()
+            self.timer_ref = None
+
+
+def _due_sweep() -> None:
+    from workers import due
+    from workers.state.connection import get_redis
+
+    try:
+        ticked = due.sweep(get_redis(), settings)
+    except Exception:  # a broker hiccup must not stop the worker; the next sweep tries again
+        log.warning("due sweep failed", exc_info=True)
+        return
+    if ticked:
+        log.info("due sweep ticked %d patients", ticked)
+
+
+app.steps["worker"].add(DueSweep)
+
 # Operations: JSON logs, enqueue timestamps, latency metrics, heartbeats (signals and a bootstep).
 from workers.observability.celery_hooks import install as _install_observability  # noqa: E402
 

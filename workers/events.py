@@ -1,9 +1,10 @@
-"""The unit of work on the queue: one FHIR resource version, already validated and normalised at the edge."""
+"""The unit of work on the queue: one FHIR resource version (or a delete, or a clock tick) for one patient,
+already validated and normalised at the edge."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -12,7 +13,7 @@ from rules.facts import Fact, version_rank
 from rules.normalize import NormalizeResult
 
 CLOCK_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
-_FOREVER = "9999-12-31T23:59:59.999999Z"
+FOREVER = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -21,57 +22,110 @@ def clock_text(value: datetime) -> str:
     return value.strftime(CLOCK_FORMAT)
 
 
+def parse_clock(text: str) -> datetime:
+    """The instant of a :func:`clock_text` (or any ISO 8601 UTC text)."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))  # strptime is 10x slower
+
+
+def later(start: datetime | None, hours: float) -> datetime:
+    """``start + hours``, saturating at :data:`FOREVER` (an open-ended 9999-12-31 never overflows)."""
+    if start is None:
+        return FOREVER
+    try:
+        return min(start + timedelta(hours=hours), FOREVER)
+    except OverflowError:
+        return FOREVER
+
+
 class Event(BaseModel):
-    """One resource version for one patient, with the facts it yields."""
+    """One resource version for one patient, with the facts it yields.
+
+    ``event_time`` is when it happened clinically (effective time, else receipt); ``received`` when the
+    service accepted it (for a replay: the time the extract's own clock declares). A tick carries no
+    resource: it asks the worker to let the patient's time run up to ``received`` (see ``workers.due``).
+    """
 
     patient: str
-    resource: str  # "Type/id"
+    resource: str  # "Type/id" ("" for a tick)
     facts: list[Fact]
-    event_time: datetime  # when it happened clinically (effective time), else when it was received
+    event_time: datetime
+    received: datetime | None = None  # None in batches written by older releases: taken as event_time
+    kind: Literal["resource", "delete", "tick"] = "resource"
+    tombstone: bool = False  # kept for batches written by older releases (kind "delete")
 
-    tombstone: bool = False  # a delete: outranks every version of the resource
+    @property
+    def is_delete(self) -> bool:
+        """A delete: outranks every version of the resource."""
+        return self.kind == "delete" or self.tombstone
+
+    def clock_time(self, future_tolerance_hours: float) -> datetime | None:
+        """The time this event moves the patient's clock to, or None: a delete, a tick, or a result dated more
+        than the tolerance after its receipt (a future date never moves the clock; the fact still counts once
+        the patient's time reaches it)."""
+        if self.kind != "resource" or self.is_delete:
+            return None
+        received = self.received or self.event_time
+        if self.event_time > later(received, future_tolerance_hours):
+            return None
+        return self.event_time
 
     def rank(self) -> str:
         """Sortable text of the version order (numeric versionId, lastUpdated, retraction)."""
-        if self.tombstone:
+        if self.is_delete:
             return "2"
         if not self.facts:
             return "0"
         numeric, number, updated, retracted = version_rank(self.facts[0])
         return f"{numeric}|{number:020d}|{clock_text(updated)}|{retracted}"
 
-    def expires(self, settings: Settings) -> str:
-        """When this resource may leave the timeline (retention per fact kind)."""
-        ends: list[str] = []
-        for fact in self.facts:
-            if fact.kind in ("lab", "finding") or fact.kind == "order":
-                hours, anchor = settings.retention_lab_hours, fact.start
-            elif fact.kind == "medication":
-                hours, anchor = settings.retention_medication_hours, fact.end
-            else:
-                hours, anchor = settings.retention_condition_hours, fact.end
-            ends.append(_FOREVER if anchor is None else clock_text(anchor + timedelta(hours=hours)))
-        return max(ends) if ends else _FOREVER
+    def expires(self, settings: Settings) -> datetime:
+        """When this resource may leave the timeline: the latest expiry of its facts (retention per kind).
+
+        A medication without an end is kept ``retention_open_medication_hours`` after its start or its last
+        update, whichever is later (a medication list entry nobody has touched for that long is no longer
+        evidence of exposure); a delete is kept as long as a lab result, so a late copy of the deleted version
+        is still recognised as stale."""
+        received = self.received or self.event_time
+        if self.is_delete:
+            return later(received, settings.retention_lab_hours)
+        ends = [_fact_expiry(fact, received, settings) for fact in self.facts]
+        return max(ends) if ends else later(received, settings.retention_lab_hours)
+
+
+def _fact_expiry(fact: Fact, received: datetime, settings: Settings) -> datetime:
+    if fact.kind == "medication":
+        if fact.end is not None:
+            return later(fact.end, settings.retention_medication_hours)
+        touched = max(t for t in (fact.start, fact.updated, received) if t is not None)
+        return later(touched, settings.retention_open_medication_hours)
+    if fact.kind == "condition":
+        if fact.end is not None:
+            return later(fact.end, settings.retention_condition_hours)
+        return FOREVER  # an active problem stays until it abates or is retracted
+    anchor = fact.start or received  # lab, finding, order
+    return later(anchor, settings.retention_lab_hours)
 
 
 def events_from(result: NormalizeResult, received: datetime) -> Event | None:
     """The queue event for an accepted normalisation result (None if it produced no facts)."""
     if result.outcome != "accepted" or not result.facts or result.patient is None:
         return None
-    times = [f.start for f in result.facts if f.kind in ("lab", "finding") and f.start is not None]
-    times += [t for f in result.facts if f.kind not in ("lab", "finding") for t in (f.start,) if t is not None]
+    # when it happened: its start, or an end that has already come (a completion), never a planned end
+    times = [f.start for f in result.facts if f.start is not None]
+    times += [f.end for f in result.facts if f.end is not None and f.end <= received]
     event_time = max(times) if times else received
     return Event(
         patient=result.patient,
         resource=f"{result.resource_type}/{result.resource_id}",
         facts=result.facts,
         event_time=event_time,
+        received=received,
     )
 
 
-def tombstone(patient: str, resource: str) -> Event:
-    """The event of a delete: one retracted fact for the resource, so its facts leave the timeline and the
-    alerts they supported are retracted. Its time is the epoch, so it never moves the patient's clock."""
+def tombstone(patient: str, resource: str, received: datetime | None = None) -> Event:
+    """The event of a delete: one retracted fact for the resource, so its facts leave the patient's timeline
+    and the alerts they supported are retracted. It never moves the patient's clock."""
     resource_type, _, resource_id = resource.partition("/")
     fact = Fact(
         patient=patient,
@@ -83,9 +137,15 @@ def tombstone(patient: str, resource: str) -> Event:
         counts=False,
         retracted=True,
     )
-    return Event(patient=patient, resource=resource, facts=[fact], event_time=_EPOCH, tombstone=True)
+    now = received or datetime.now(UTC)
+    return Event(patient=patient, resource=resource, facts=[fact], event_time=_EPOCH, received=now, kind="delete")
+
+
+def tick(patient: str, until: datetime) -> Event:
+    """A clock tick: let the patient's time run up to ``until`` (evaluating at every due time on the way)."""
+    return Event(patient=patient, resource="", facts=[], event_time=until, received=until, kind="tick")
 
 
 def dump_batch(events: list[Event]) -> list[dict[str, Any]]:
     """JSON-ready batch for a Celery task."""
-    return [e.model_dump(mode="json") for e in events]
+    return [e.model_dump(mode="json", exclude_defaults=False) for e in events]

@@ -1,12 +1,13 @@
-"""Processing one batch of events: upsert each patient's timeline, evaluate as of the patient's clock,
-apply the decisions. Called by the Celery task; the same function runs in embedded (eager) mode."""
+"""Processing one batch of events: store each patient's events, replay them one by one on the patient's
+timeline (``workers.steps``), apply the decisions. Called by the Celery task; the same function runs in
+embedded (eager) mode."""
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable
-from dataclasses import replace
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from functools import cache
 from typing import Any
@@ -15,13 +16,16 @@ import redis
 
 from config.settings import get_settings
 from rules.catalog import Catalog, load_catalog
-from rules.engine import Decision, evaluate
-from workers.events import Event
+from rules.model import Rule
+from workers.events import Event, clock_text
 from workers.observability.logging import patient_ref
+from workers.state.alerts import decision_body
 from workers.state.connection import get_redis
-from workers.state.store import Store, Timeline
+from workers.state.store import Store
+from workers.steps import PatientPlan, plan_patient
 
 log = logging.getLogger("ehr_alerts.pipeline")
+_TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 
 @cache
@@ -36,27 +40,31 @@ def get_store() -> Store:
     return Store(get_redis(), get_settings())
 
 
-def evaluation_times(timeline: Timeline, events: list[Event]) -> list[datetime]:
-    """The instants to evaluate a patient at after an upsert, in order: each new event time after the
-    clock the patient had before this batch, then the patient's clock. So a batch gives the alerts (and
-    their history) that one event at a time would: an alert that opens and resolves within one batch
-    (a backfill brings a whole stay at once) is still recorded. Late events (before the old clock) are
-    only seen as of the clock, as they would be one at a time."""
-    before = timeline.previous_clock
-    times = sorted({e.event_time for e in events if (before is None or e.event_time > before)} - {timeline.clock})
-    return [t for t in times if t < timeline.clock] + [timeline.clock]
-
-
-_TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+def window_pad_hours(rules: Sequence[Rule]) -> float:
+    """How far before the earliest evaluation time a batch must read the timeline: the longest look-back of
+    any input, its anchor's included (inf when an input reads a whole record of results)."""
+    longest = 0.0
+    for rule in rules:
+        for spec in rule.inputs.values():
+            if spec.lookback is None:
+                if spec.select != "active":
+                    return math.inf
+                continue
+            hours = rule.parameters[spec.lookback].hours or 0.0
+            for other in (getattr(spec, "anchor", None), getattr(spec, "since", None)):
+                if other and rule.inputs[other].lookback:
+                    hours += rule.parameters[rule.inputs[other].lookback].hours or 0.0
+            longest = max(longest, hours)
+    return longest
 
 
 def process_batch(raw_events: Iterable[dict[str, Any]], store: Store | None = None) -> Counter[str]:
-    """Process a batch; returns counters (stored, duplicate, stale, alerts_opened, ...).
+    """Process a batch; returns counters (events stored / duplicate / stale, decisions, alerts opened, ...).
 
-    Three round trips to Redis per batch whatever the number of patients: every patient's timeline
-    upsert (one atomic script each, pipelined), then every patient's decisions (idem), then the
-    bookkeeping. A patient whose events fail (a poison event) is dead-lettered without blocking the
-    others; transient Redis errors raise, and the task retries the whole batch (idempotent).
+    Three round trips to Redis per batch whatever the number of patients: every patient's store (one atomic
+    script each, pipelined), then every patient's decisions (idem), then the bookkeeping. A patient whose
+    events fail at any stage (a poison event) is dead-lettered without taking the others along; transient
+    Redis errors raise, and the task retries the whole batch (idempotent).
     """
     store = store or get_store()
     rules = get_catalog().evaluated()
@@ -67,8 +75,6 @@ def process_batch(raw_events: Iterable[dict[str, Any]], store: Store | None = No
     counts: Counter[str] = Counter()
     if not by_patient:
         return counts
-
-    failed: set[str] = set()
 
     def poison(patient: str, exc: BaseException) -> None:
         if isinstance(exc, _TRANSIENT):
@@ -81,43 +87,88 @@ def process_batch(raw_events: Iterable[dict[str, Any]], store: Store | None = No
         store.dead_letter(f"{type(exc).__name__}: {exc}", [e.model_dump(mode="json") for e in by_patient[patient]])
         counts["events_dead_lettered"] += len(by_patient[patient])
 
-    planned: list[tuple[Timeline, list[Decision]]] = []
-    for patient, timeline in store.upsert_many(by_patient).items():
-        if isinstance(timeline, Exception):
-            poison(patient, timeline)
+    settings = store.settings
+    plans: dict[str, PatientPlan] = {}
+    pruned: list[str] = []
+    for patient, window in store.timelines.store_many(by_patient, window_pad_hours(rules)).items():
+        if isinstance(window, Exception):
+            poison(patient, window)
             continue
-        counts.update(f"events_{s}" for s in timeline.statuses)
-        # by resource type, for the metrics (workers.observability.metrics)
         events = by_patient[patient]
-        counts.update(f"events_{s}:{e.resource.split('/')[0]}" for e, s in zip(events, timeline.statuses, strict=False))
-        # Evaluate even when every event was a duplicate: a worker may have died between storing the facts
-        # and applying the decisions, and the redelivered task must finish that work (apply is idempotent).
+        for event, status in zip(events, window.statuses, strict=True):
+            if event.kind != "tick":
+                counts[f"events_{status}"] += 1
+                counts[f"events_{status}:{event.resource.split('/')[0]}"] += 1  # for the metrics
+        pruned.extend(window.pruned)
         try:
-            for as_of in evaluation_times(timeline, by_patient[patient]):
-                decisions = evaluate(rules, timeline.facts, as_of, patient)
-                counts.update(f"decisions_{d.outcome}" for d in decisions)
-                counts.update(f"decisions_{d.outcome}:{d.rule_id}" for d in decisions)
-                planned.append((replace(timeline, clock=as_of), decisions))
+            plans[patient] = plan_patient(
+                window,
+                events,
+                rules,
+                tolerance_hours=settings.future_tolerance_hours,
+                expires=lambda e: e.expires(settings),
+            )
         except Exception as exc:  # a poison event must not block the patients after it
             poison(patient, exc)
-            planned = [p for p in planned if p[0].patient != patient]
             continue
-    changed: dict[str, str] = {}
-    for (timeline, _), results in zip(planned, store.apply_many(planned), strict=True):
-        patient = timeline.patient
-        if isinstance(results, Exception):
-            if patient not in failed:
-                failed.add(patient)
-                poison(patient, results)
-            continue
-        for rule_id, action, alert_id in results:
-            if action not in ("none", "stale"):
-                counts[f"alerts_{action}"] += 1
-                counts[f"alerts_{action}:{rule_id}"] += 1
-            elif action == "stale":
-                counts["decisions_stale"] += 1
-            if alert_id and action not in ("none", "stale", "suppressed"):
-                changed[alert_id] = patient
-    stored = {e.resource: p for p, events in by_patient.items() if p not in failed for e in events if not e.tombstone}
-    store.record(changed, patients=set(by_patient), counts=counts, resources=stored)
+        counts.update(plans[patient].counts)
+
+    changed, due, failed = _apply(store, plans, counts, poison)
+    received = {
+        e.resource: p for p, events in by_patient.items() if p not in failed for e in events if e.kind == "resource"
+    }
+    store.record(
+        changed,
+        patients={p for p, events in by_patient.items() if any(e.kind != "tick" for e in events)},
+        counts=counts,
+        resources=received,
+        forgotten=[r for r in pruned if r not in received],
+        due=due,
+    )
     return counts
+
+
+def _apply(
+    store: Store, plans: dict[str, PatientPlan], counts: Counter[str], poison: Any
+) -> tuple[dict[str, str], dict[str, datetime | None], set[str]]:
+    """Apply every patient's steps in one round trip; returns (changed alert id -> patient, due times of the
+    patients whose steps were applied, patients that failed)."""
+    calls = []
+    for patient, plan in plans.items():
+        if not plan.steps:
+            continue
+        steps = [_step_body(step) for step in plan.steps]
+        meta = {"clock": clock_text(plan.clock), "clock_s": repr(plan.clock.timestamp())} if plan.clock else {}
+        meta["due"] = clock_text(plan.due) if plan.due else ""
+        calls.append((patient, plan.version, steps, meta))
+    changed: dict[str, str] = {}
+    due: dict[str, datetime | None] = {p: plan.due for p, plan in plans.items() if not plan.steps}
+    failed: set[str] = set()
+    for (patient, *_), results in zip(calls, store.alerts.apply_many(calls), strict=True):
+        if isinstance(results, Exception):
+            failed.add(patient)
+            poison(patient, results)
+            continue
+        if results and results[0][1] == "stale":
+            counts["decisions_stale"] += 1
+            continue  # a newer timeline version was applied: its worker sets the due time
+        due[patient] = plans[patient].due
+        for rule_id, action, alert_id in results:
+            if action in ("none", "suppressed"):
+                continue
+            counts[f"alerts_{action}"] += 1
+            counts[f"alerts_{action}:{rule_id}"] += 1
+            if alert_id:
+                changed[alert_id] = patient
+    return changed, due, failed
+
+
+def _step_body(step: Any) -> dict[str, Any]:
+    """One step as the apply script reads it: the decisions of the active rules (shadow rules are evaluated
+    and counted, never shown), each not-firing one with the reason an open alert of its rule would close."""
+    decisions = []
+    for decision in step.decisions:
+        if decision.rule_status == "active":
+            close = step.closes.get(decision.rule_id, "resolved" if decision.resolves else "withdrawn")
+            decisions.append(decision_body(decision, close if decision.outcome == "not-fires" else None))
+    return {"as_of": clock_text(step.as_of), "retracted": step.retracted, "decisions": decisions}

@@ -25,7 +25,17 @@ from service.security.failures import REASONS as SECURITY_REASONS
 from workers.observability.metrics import PipelineCollector
 
 RESOURCE_TYPES = frozenset(
-    {"Observation", "MedicationStatement", "MedicationRequest", "Condition", "Patient", "Bundle", "Parameters"}
+    {
+        "Observation",
+        "MedicationStatement",
+        "MedicationRequest",
+        "MedicationAdministration",
+        "Condition",
+        "Patient",
+        "Encounter",
+        "Bundle",
+        "Parameters",
+    }
 )
 #: Reasons ``record_auth_failure`` keeps as labels (anything else is counted as ``other``): the security
 #: module's vocabulary (``service.security.failures.REASONS``).
@@ -43,6 +53,12 @@ EVENTS_RECEIVED = Counter(
     "ehr_alerts_events_received",
     "FHIR resources received at the edge, by resource type and outcome (accepted, ignored, rejected)",
     ["resource_type", "outcome"],
+    registry=registry,
+)
+FUTURE_DATED = Counter(
+    "ehr_alerts_future_dated_events",
+    "Events dated more than EHR_ALERTS_FUTURE_TOLERANCE_HOURS after their receipt (stored; they move no clock)",
+    ["resource_type"],
     registry=registry,
 )
 HTTP_DURATION = Histogram(
@@ -74,6 +90,11 @@ def record_event(resource_type: str | None, outcome: str) -> None:
     """Count one received resource (resource types outside the known set are ``other``)."""
     kind = resource_type if resource_type in RESOURCE_TYPES else "other"
     EVENTS_RECEIVED.labels(kind, outcome if outcome in ("accepted", "ignored", "rejected") else "other").inc()
+
+
+def record_future_dated(resource_type: str | None) -> None:
+    """Count one event dated beyond the future tolerance after its receipt (stored, not moving any clock)."""
+    FUTURE_DATED.labels(resource_type if resource_type in RESOURCE_TYPES else "other").inc()
 
 
 def record_auth_failure(scheme: str, reason: str) -> None:

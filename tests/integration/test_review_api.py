@@ -301,14 +301,18 @@ def test_snooze_ends_when_its_time_passes(api, monkeypatch):
     assert _act(api, alert["id"], "acknowledge", detail["revision"]).status_code == 200
 
 
-def test_new_evidence_ends_a_snooze(store, api):
+def test_only_escalation_ends_a_snooze(store, api):
     alert = _alert_of(api, "p5")
     until = (rq.utcnow() + timedelta(hours=4)).isoformat()
     assert _act(api, alert["id"], "snooze", alert["revision"], until=until).status_code == 200
-    seed(store, [potassium("k-p5-2", "p5", 3.0, T0 + timedelta(hours=8))])
+    seed(store, [potassium("k-p5-2", "p5", 3.0, T0 + timedelta(hours=8))])  # same severity: still snoozed
+    detail = api.get(f"/api/review/alerts/{alert['id']}", headers=PHARMACIST).json()
+    assert detail["status"] == "snoozed"
+    assert detail["history"][-1]["action"] == "updated"
+    seed(store, [potassium("k-p5-3", "p5", 2.7, T0 + timedelta(hours=9))])  # below 3.0: escalates
     detail = api.get(f"/api/review/alerts/{alert['id']}", headers=PHARMACIST).json()
     assert detail["status"] == "active"
-    assert detail["history"][-1]["action"] == "updated"
+    assert detail["history"][-1]["action"] == "escalated"
     assert "p5" in [a["patient"] for a in _list(api)["items"]]
 
 

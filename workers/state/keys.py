@@ -10,11 +10,32 @@ def _prefix() -> str:
     return get_settings().key_prefix
 
 
+_PATIENT_KEYS = ("facts", "meta", "tl", "exp", "alerts", "open", "applied", "closed")
+
+
 def patient_keys(patient: str) -> dict[str, str]:
-    """Keys of one patient: facts, meta (version, clock), alerts, open (rule -> alert), applied versions,
-    closed (rule -> fingerprint of an alert resolved by hand)."""
+    """Keys of one patient: facts (resource -> newest version), meta (version, clock, due), tl (resource ->
+    time up to which a window can read it), exp (resource -> retention expiry), alerts, open (rule -> alert),
+    applied (versions, releases before the timeline index), closed (rule -> fingerprint of an alert resolved
+    by hand)."""
     tag = f"{_prefix()}:{{p:{patient}}}"
-    return {name: f"{tag}:{name}" for name in ("facts", "meta", "alerts", "open", "applied", "closed")}
+    return {name: f"{tag}:{name}" for name in _PATIENT_KEYS}
+
+
+def alert_history(patient: str, alert_id: str) -> str:
+    """List of every history entry of one alert (the alert record keeps only the latest ones)."""
+    return f"{_prefix()}:{{p:{patient}}}:history:{alert_id}"
+
+
+def due_patients() -> str:
+    """Sorted set: patient -> epoch when the patient's alerts are due for re-evaluation by time alone."""
+    return f"{_prefix()}:{{due}}:patients"
+
+
+def feed_clock() -> str:
+    """Set while ``ehr-alerts replay`` declares the feed's own clock: the workers' due sweep then waits (the
+    replay lets time run itself at the end), so a historical extract is not closed by today's wall clock."""
+    return f"{_prefix()}:{{due}}:feed"
 
 
 def alert_index() -> str:
