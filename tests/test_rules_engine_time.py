@@ -303,3 +303,105 @@ def test_a_medication_statement_ending_gives_a_next_change():
         potassium(3.3, at=ago(2)),
     )
     assert decision.next_change is not None and decision.next_change > NOW
+
+
+# --- input windows: since, kind, started_in_window; conditional suggestions ---------------------------------
+
+
+def _mg(value: str, at: datetime) -> Fact:
+    return fact(
+        "magnesium", "lab", at, id=f"mg-{value}", value=Decimal(value), unit="mmol/L", reported_value=value,
+        reported_unit="mmol/L",
+    )  # fmt: skip
+
+
+SINCE_INPUTS = {
+    "potassium": {"concept": "potassium", "select": "latest", "lookback": "window"},
+    "magnesium": {"concept": "magnesium", "select": "latest", "lookback": "window"},
+    "mg_therapy": {"concept": "magnesium-product", "select": "active", "since": "magnesium", "started_in_window": True},
+}
+NO_THERAPY_SINCE = {"all": [{"below": {"input": "potassium", "threshold": "k_low"}}, {"absent": "mg_therapy"}]}
+
+
+def test_since_counts_from_the_chosen_fact_of_another_input():
+    rule = make_rule(inputs=SINCE_INPUTS, when=NO_THERAPY_SINCE)
+    mg_at = NOW - timedelta(hours=20)
+    low_k = k("3.1", NOW - timedelta(hours=1))
+    before = fact("magnesium-product", "medication", mg_at - timedelta(hours=5), None, id="before")
+    after = fact("magnesium-product", "medication", mg_at + timedelta(hours=2), mg_at + timedelta(hours=2), id="after")
+    assert evaluate_rule(rule, [low_k, _mg("0.6", mg_at), before], NOW, PATIENT).fires  # started before the result
+    quiet = evaluate_rule(rule, [low_k, _mg("0.6", mg_at), after], NOW, PATIENT)
+    assert quiet.outcome == "not-fires"
+    assert [(e.input, e.resource_id) for e in quiet.evidence if e.input == "mg_therapy"] == [("mg_therapy", "after")]
+    nothing_to_count_from = evaluate_rule(rule, [low_k, after], NOW, PATIENT)
+    assert nothing_to_count_from.fires  # no Mg result: nothing is "since" it
+
+
+def test_without_started_in_window_an_ongoing_therapy_counts_since():
+    inputs = {**SINCE_INPUTS, "mg_therapy": {**SINCE_INPUTS["mg_therapy"], "started_in_window": False}}
+    rule = make_rule(inputs=inputs, when=NO_THERAPY_SINCE)
+    mg_at = NOW - timedelta(hours=20)
+    ongoing = fact("magnesium-product", "medication", mg_at - timedelta(days=5), None, id="ongoing")
+    assert not evaluate_rule(rule, [k("3.1", NOW - timedelta(hours=1)), _mg("0.6", mg_at), ongoing], NOW, PATIENT).fires
+
+
+def test_kind_keeps_only_facts_of_that_kind():
+    inputs = {
+        "potassium": {"concept": "potassium", "select": "latest", "lookback": "window"},
+        "ecg": {"concept": "arrhythmia", "kind": "finding", "select": "all", "lookback": "window"},
+    }
+    when = {"all": [{"below": {"input": "potassium", "threshold": "k_low"}}, {"present": "ecg"}]}
+    rule = make_rule(inputs=inputs, when=when)
+    low_k = k("3.1", NOW - timedelta(hours=1))
+    diagnosis = fact("arrhythmia", "condition", NOW - timedelta(hours=3), None, resource_type="Condition")
+    finding = fact("arrhythmia", "finding", NOW - timedelta(hours=3))
+    assert not evaluate_rule(rule, [low_k, diagnosis], NOW, PATIENT).fires
+    assert evaluate_rule(rule, [low_k, finding], NOW, PATIENT).fires
+
+
+def test_started_in_window_keeps_interval_facts_that_began_inside_it_and_they_leave_when_their_start_does():
+    inputs = {
+        "potassium": {"concept": "potassium", "select": "latest", "lookback": "window"},
+        "diagnosis": {"concept": "arrhythmia", "select": "active", "lookback": "window", "started_in_window": True},
+    }
+    when = {"all": [{"below": {"input": "potassium", "threshold": "k_low"}}, {"present": "diagnosis"}]}
+    rule = make_rule(inputs=inputs, when=when)
+    low_k = k("3.1", NOW - timedelta(hours=1))
+    old = fact("arrhythmia", "condition", NOW - timedelta(days=400), None, resource_type="Condition", id="old")
+    recent = fact("arrhythmia", "condition", NOW - timedelta(hours=10), None, resource_type="Condition", id="new")
+    assert not evaluate_rule(rule, [low_k, old], NOW, PATIENT).fires
+    decision = evaluate_rule(rule, [low_k, recent], NOW, PATIENT)
+    assert decision.fires
+    assert decision.next_change == NOW - timedelta(hours=10) + timedelta(hours=72) + TICK  # the diagnosis ages out
+
+
+def test_window_options_are_validated():
+    k_input = {"concept": "potassium", "select": "latest", "lookback": "window"}
+    with pytest.raises(ValidationError, match="since replaces lookback"):
+        make_rule(inputs={"potassium": k_input, "x": {**k_input, "since": "potassium"}})
+    with pytest.raises(ValidationError, match="must be an input declared before"):
+        make_rule(inputs={"x": {"concept": "magnesium", "select": "all", "since": "potassium"}, "potassium": k_input})
+    with pytest.raises(ValidationError, match="started_in_window needs a window"):
+        make_rule(
+            inputs={"potassium": k_input, "x": {"concept": "arrhythmia", "select": "active", "started_in_window": True}}
+        )
+    with pytest.raises(ValidationError, match="kind"):
+        make_rule(inputs={"potassium": {**k_input, "kind": "vital-sign"}})
+
+
+def _suggestion(when: dict[str, Any] | None) -> dict[str, Any]:
+    action = {"type": "create", "description": "Order a serum magnesium"}
+    return {"id": "order-mg", "label": "Order Mg", **({"when": when} if when else {}), "actions": [action]}
+
+
+def test_a_suggestion_is_offered_only_when_its_condition_holds():
+    card = make_rule().card.model_dump(by_alias=True, exclude_none=True)
+    card |= {"suggestions": [_suggestion({"below": {"input": "potassium", "threshold": "k_very_low"}})]}
+    card["selection_behavior"] = "at-most-one"
+    rule = make_rule(card=card)
+    severe = evaluate_rule(rule, [k("2.8", NOW - timedelta(hours=1))], NOW, PATIENT)
+    assert [s["id"] for s in severe.card["suggestions"]] == ["order-mg"] and severe.card["selectionBehavior"]
+    mild = evaluate_rule(rule, [k("3.2", NOW - timedelta(hours=1))], NOW, PATIENT)
+    assert "suggestions" not in mild.card and "selectionBehavior" not in mild.card
+    with pytest.raises(ValidationError, match="unknown input"):
+        make_rule(card={**card, "suggestions": [_suggestion({"present": "nope"})]})
