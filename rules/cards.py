@@ -7,7 +7,7 @@ embedded tests run at load time, not in front of a clinician. The service adds t
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from decimal import Decimal
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -206,9 +206,14 @@ def _render_value(value: Any, context: Mapping[str, Any]) -> Any:
     return value
 
 
-def render_card(rule: Rule, decision: Decision, chosen: Mapping[str, Selection]) -> dict[str, Any]:
-    """The card for a firing decision, as a CDS Hooks card dict without ``uuid``. Empty members are omitted."""
+def render_card(
+    rule: Rule, decision: Decision, chosen: Mapping[str, Selection], offered: Collection[str] | None = None
+) -> dict[str, Any]:
+    """The card for a firing decision, as a CDS Hooks card dict without ``uuid``. Empty members are omitted.
+
+    ``offered``: the ids of the suggestions whose ``when`` holds (default: every suggestion)."""
     spec = rule.card
+    suggestions = [s for s in spec.suggestions if offered is None or s.id in offered]
     context = template_context(rule, decision, chosen)
     summary = render_text(spec.summary, context)
     if len(summary) >= SUMMARY_LIMIT:  # odd data (a very long value) must not abort the evaluation
@@ -222,7 +227,7 @@ def render_card(rule: Rule, decision: Decision, chosen: Mapping[str, Selection])
         "indicator": decision.severity,
         "source": source,
     }
-    if spec.suggestions:
+    if suggestions:
         card["suggestions"] = [
             {
                 "id": s.id,
@@ -237,7 +242,7 @@ def render_card(rule: Rule, decision: Decision, chosen: Mapping[str, Selection])
                     for a in s.actions
                 ],
             }
-            for s in spec.suggestions
+            for s in suggestions
         ]
         card["selectionBehavior"] = spec.selection_behavior
     if spec.override_reasons:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import Enum
 from typing import Any, Literal
@@ -26,6 +26,7 @@ from rules.units import unit_key
 Outcome = Literal["fires", "not-fires", "indeterminate"]
 _POINT_KINDS = frozenset({"lab", "finding"})
 _EPOCH = datetime.min.replace(tzinfo=UTC)
+_TICK = timedelta(microseconds=1)  # the first instant after a window boundary
 
 
 class Tri(Enum):
@@ -95,6 +96,8 @@ class _DecisionRecord(BaseModel):
     outcome: Outcome
     severity: str | None = None
     resolves: bool = False
+    escalators: list[dict[str, str]] = []
+    next_change: str | None = None
     evidence: list[Evidence] = []
     explanation: str
     card: dict[str, Any] | None = None
@@ -103,6 +106,10 @@ class _DecisionRecord(BaseModel):
 @dataclass(eq=False)
 class Decision:
     """The result of one rule for one patient as of one instant.
+
+    ``escalators`` lists the rule's named escalating evidence that holds (``[{"id", "label"}]``; only when it
+    fires). ``next_change`` is the earliest instant after ``as_of`` at which the decision could change with
+    no new data (a fact leaves or enters one of the rule's input windows), or None: the store's due time.
 
     ``evidence`` is built on first access: most decisions ("does not fire") are counted and dropped.
     (The explanation is worded at once: keeping what it is worded from alive until it is read made the
@@ -117,6 +124,8 @@ class Decision:
     outcome: Outcome
     severity: str | None = None
     resolves: bool = False
+    escalators: list[dict[str, str]] = field(default_factory=list)
+    next_change: datetime | None = None
     explanation: str = ""
     card: dict[str, Any] | None = None
     _evidence_pairs: list[tuple[str, Fact]] = field(default_factory=list, repr=False)
@@ -149,6 +158,8 @@ class Decision:
             outcome=self.outcome,
             severity=self.severity,
             resolves=self.resolves,
+            escalators=self.escalators,
+            next_change=isoformat(self.next_change),
             evidence=self.evidence,
             explanation=self.explanation,
             card=self.card,
@@ -176,6 +187,8 @@ class Selection:
     window_start: datetime | None = None
     window_end: datetime | None = None
     same_time_count: int = 1
+    next_change: datetime | None = None  # when the choice could change by time alone
+    since: Selection | None = None  # the input a `since` window counts from
 
     @property
     def latest(self) -> Fact | None:
@@ -184,6 +197,11 @@ class Selection:
 
     def describe_window(self) -> str:
         """``between <start> and <end>`` text for explanations."""
+        if self.since is not None:
+            origin = self.since.latest
+            if origin is None:
+                return f"(no {_label(self.since)} to count from)"
+            return f"since {origin.describe()}"
         if self.window_start is None:
             return f"up to {isoformat(self.window_end)}"
         return f"between {isoformat(self.window_start)} and {isoformat(self.window_end)}"
@@ -258,29 +276,67 @@ def _threshold_text(param: Parameter) -> str:
 # --- selection ----------------------------------------------------------------------------------------
 
 
-def _in_window(fact: Fact, start: datetime | None, end: datetime) -> bool:
+def _in_window(fact: Fact, start: datetime | None, end: datetime, started: bool = False) -> bool:
+    """Is the fact visible in the window [start, end]? Point facts (results, findings, orders) by their time;
+    interval facts (medications, conditions) when active at some point in it, and with ``started`` only
+    when they began inside it."""
     if fact.kind == "order":  # placed at authoredOn; a draft (no time yet) is being written now
         return fact.start is None or ((start is None or fact.start >= start) and fact.start <= end)
     if fact.kind in _POINT_KINDS:
         return fact.start is not None and (start is None or fact.start >= start) and fact.start <= end
-    began = fact.start is None or fact.start <= end
+    if started:
+        began = fact.start is not None and (start is None or fact.start >= start) and fact.start <= end
+    else:
+        began = fact.start is None or fact.start <= end
     still = fact.end is None or start is None or fact.end >= start
     return began and still
+
+
+def _fact_change(fact: Fact, as_of: datetime, sliding: timedelta | None, started: bool) -> datetime | None:
+    """The earliest instant after ``as_of`` at which ``fact`` enters or leaves a window ending at the
+    evaluation instant T; ``sliding`` is the look-back when the window starts at T - sliding (None: a fixed
+    start). A fact dated after ``as_of`` enters at its time; a visible one leaves the first microsecond its
+    time (point facts, or the start with ``started``) or its end (interval facts) is before the window."""
+    if fact.start is not None and fact.start > as_of:
+        return fact.start
+    if sliding is None:
+        return None
+    if fact.kind in _POINT_KINDS or fact.kind == "order":
+        edges = [fact.start]
+    else:
+        edges = [fact.end, fact.start if started else None]
+    leaves = [edge + sliding + _TICK for edge in edges if edge is not None]
+    first = min(leaves, default=None)
+    return first if first is not None and first > as_of else None
 
 
 _NO_VALUE = Decimal("Infinity")
 
 
-def _sort_key(fact: Fact) -> tuple[datetime, int, Decimal]:
+def _sort_key(fact: Fact) -> tuple[Any, ...]:
     """Chronological; among results at the same instant the most abnormal-low value sorts last, so
-    ``latest`` takes it (a haemolysed duplicate cannot mask a low potassium)."""
+    ``latest`` takes it (a haemolysed duplicate cannot mask a low potassium). The order is total (then by
+    source resource, concept and version), so it never depends on the order the facts were given in."""
     value = fact.value if fact.value is not None else _NO_VALUE
-    return (fact.start or _EPOCH, int(fact.determinate), -value)
+    return (
+        fact.start or _EPOCH,
+        int(fact.determinate),
+        -value,
+        fact.resource_type,
+        fact.resource_id,
+        fact.concept,
+        fact.version or "",
+        fact.updated or _EPOCH,
+        fact.end or _EPOCH,
+        fact.kind,
+        fact.status or "",
+        fact.reported_unit or "",
+    )
 
 
 class FactPool:
     """One patient's facts that can be evidence (counted, not retracted), sorted once for every input of
-    every rule: in ``_sort_key`` order (stable, so ties keep the order of ``facts``) and by concept."""
+    every rule (in ``_sort_key`` order, a total order) and by concept."""
 
     def __init__(self, facts: Iterable[Fact], patient: str) -> None:
         self.ordered = sorted(
@@ -290,25 +346,53 @@ class FactPool:
         for fact in self.ordered:
             self.by_concept.setdefault(fact.concept, []).append(fact)
 
-    def of(self, concepts: tuple[str, ...]) -> list[Fact]:
-        """The facts of these concepts, in order (filtering a stably sorted list = sorting the filtered one)."""
+    def of(self, concepts: tuple[str, ...], kinds: frozenset[str] | None = None) -> list[Fact]:
+        """The facts of these concepts (and kinds), in order (filtering a sorted list keeps it sorted)."""
         if len(concepts) == 1:
-            return self.by_concept.get(concepts[0], [])
-        return [f for f in self.ordered if f.concept in concepts]
+            found = self.by_concept.get(concepts[0], [])
+        else:
+            found = [f for f in self.ordered if f.concept in concepts]
+        return found if kinds is None else [f for f in found if f.kind in kinds]
+
+
+def _window(
+    rule: Rule, spec: InputSpec, as_of: datetime, chosen: dict[str, Selection]
+) -> tuple[datetime | None, timedelta | None, bool]:
+    """(window start, sliding look-back or None when the start does not move with as_of, usable)."""
+    if spec.since:
+        origin = chosen[spec.since].latest
+        if origin is None or origin.start is None:
+            return None, None, False  # nothing happened to count from
+        return origin.start, None, True
+    if spec.lookback:
+        lookback = rule.parameters[spec.lookback].duration
+        anchor = chosen[spec.anchor].latest if spec.anchor else None
+        if anchor is not None and anchor.start is not None:
+            return anchor.start - lookback, None, True
+        return as_of - lookback, lookback, True
+    if spec.select == "active":  # no lookback: active now
+        return as_of, timedelta(0), True
+    return None, None, True  # `latest` / `all` read the whole record
 
 
 def select(rule: Rule, name: str, pool: FactPool, as_of: datetime, chosen: dict[str, Selection]) -> Selection:
-    """Pick the facts of one input as of ``as_of``."""
+    """Pick the facts of one input as of ``as_of`` (and when that choice could next change by time alone)."""
     spec = rule.inputs[name]
-    anchor_time = as_of
-    if spec.anchor and chosen[spec.anchor].latest is not None:
-        anchor_time = chosen[spec.anchor].latest.start or as_of  # type: ignore[union-attr]
-    if spec.lookback:
-        window_start: datetime | None = anchor_time - rule.parameters[spec.lookback].duration
-    else:  # no lookback: `active` means active now; `latest` / `all` look at the whole record
-        window_start = as_of if spec.select == "active" else None
-    candidates = [f for f in pool.of(spec.concepts) if _in_window(f, window_start, as_of)]
+    window_start, sliding, usable = _window(rule, spec, as_of, chosen)
+    started = spec.started_in_window
+    candidates: list[Fact] = []
+    next_change: datetime | None = None
+    if usable:
+        for fact in pool.of(spec.concepts, spec.kinds):
+            if _in_window(fact, window_start, as_of, started):
+                candidates.append(fact)
+            change = _fact_change(fact, as_of, sliding, started)
+            if change is not None and (next_change is None or change < next_change):
+                next_change = change
     selection = Selection(name, spec, candidates, window_start=window_start, window_end=as_of)
+    selection.next_change = next_change
+    if spec.since:
+        selection.since = chosen[spec.since]
     if spec.select == "latest" and candidates:
         newest = candidates[-1]
         selection.same_time_count = sum(1 for f in candidates if f.start == newest.start)
@@ -484,6 +568,11 @@ def _severity(rule: Rule, chosen: dict[str, Selection]) -> tuple[str, Result | N
     raise AssertionError("unreachable: the last tier has no condition")
 
 
+def _holds(rule: Rule, chosen: dict[str, Selection], condition: Condition) -> bool:
+    """True when the condition is certainly true (unknown does not escalate or offer a suggestion)."""
+    return check(rule, chosen, condition).value is Tri.TRUE
+
+
 def _evidence(pairs: Iterable[tuple[str, Fact]]) -> list[Evidence]:
     seen: set[tuple[str, str]] = set()
     out: list[Evidence] = []
@@ -520,6 +609,7 @@ def _evaluate_rule(rule: Rule, pool: FactPool, as_of: datetime, patient: str) ->
     chosen: dict[str, Selection] = {}
     for name in rule.inputs:
         chosen[name] = select(rule, name, pool, as_of, chosen)
+    changes = [c.next_change for c in chosen.values() if c.next_change is not None]
     result = check(rule, chosen, rule.when)
     outcome = _OUTCOMES[result.value]
     decision = Decision(
@@ -529,13 +619,16 @@ def _evaluate_rule(rule: Rule, pool: FactPool, as_of: datetime, patient: str) ->
         patient=patient,
         as_of=isoformat(as_of) or "",
         outcome=outcome,
+        next_change=min(changes, default=None),
         _evidence_pairs=result.evidence,
     )
     severity = resolved = None
     if outcome == "fires":
         severity = _severity(rule, chosen)
         decision.severity = severity[0]
-        decision.card = render_card(rule, decision, chosen)
+        decision.escalators = [{"id": e.id, "label": e.label} for e in rule.escalation if _holds(rule, chosen, e.when)]
+        offered = [s.id for s in rule.card.suggestions if s.when is None or _holds(rule, chosen, s.when)]
+        decision.card = render_card(rule, decision, chosen, offered)
     else:
         resolved = check(rule, chosen, rule.resolve_when)
         decision.resolves = resolved.value is Tri.TRUE

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from rules.facts import FactKind
 from rules.units import analyte_units, unit_key
 
 SEMVER = r"^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?$"
@@ -83,6 +84,19 @@ class InputSpec(_Strict):
         "as_of and `latest` / `all` read the whole record",
     )
     anchor: str | None = Field(default=None, description="an earlier input whose time the window counts back from")
+    since: str | None = Field(
+        default=None,
+        description="an earlier input: the window runs from that input's chosen fact up to as_of (instead of a "
+        "look-back); empty when that input chose nothing",
+    )
+    kind: FactKind | list[FactKind] | None = Field(
+        default=None, description="keep only facts of this kind (e.g. finding: ECG; condition: a diagnosis)"
+    )
+    started_in_window: bool = Field(
+        default=False,
+        description="interval facts (medications, conditions) count only when they started inside the window "
+        "(onset / recorded / first given); needs a lookback or since",
+    )
     where_below: str | None = Field(
         default=None, description="threshold parameter: keep only results below it (select: all)"
     )
@@ -91,6 +105,13 @@ class InputSpec(_Strict):
     def concepts(self) -> tuple[str, ...]:
         """The concepts as a tuple."""
         return (self.concept,) if isinstance(self.concept, str) else tuple(self.concept)
+
+    @property
+    def kinds(self) -> frozenset[str] | None:
+        """The fact kinds kept (None: every kind)."""
+        if self.kind is None:
+            return None
+        return frozenset([self.kind] if isinstance(self.kind, str) else self.kind)
 
 
 class Compare(_Strict):
@@ -139,6 +160,15 @@ class Condition(_Strict):
         return found
 
 
+class Escalator(_Strict):
+    """Named escalating evidence: when the rule fires and ``when`` holds, the decision lists it in
+    ``escalators`` (an alert whose escalators gain an id is re-opened by the store, like a higher severity)."""
+
+    id: str = Field(pattern=SLUG, description="stable id, compared between decisions")
+    label: str = Field(min_length=3, description="what escalated, in clinical words (shown in the alert history)")
+    when: Condition
+
+
 class SeverityTier(_Strict):
     """A card indicator and when it applies; tiers are tried in order, a tier without ``when`` always applies."""
 
@@ -176,6 +206,7 @@ class SuggestionSpec(_Strict):
     id: str = Field(pattern=SLUG, description="stable id, used to derive the suggestion uuid")
     label: str
     is_recommended: bool = False
+    when: Condition | None = Field(default=None, description="offered only when this holds (default: always)")
     actions: list[ActionSpec] = Field(min_length=1)
 
 
@@ -246,6 +277,9 @@ class Rule(_Strict):
     when: Condition
     severity: list[SeverityTier] = Field(min_length=1)
     resolve_when: Condition
+    escalation: list[Escalator] = Field(
+        default_factory=list, description="escalating evidence beyond a higher severity (torsades, K < 3.0, ...)"
+    )
     card: CardSpec
     tests: list[RuleTest] = Field(min_length=1)
 
@@ -254,6 +288,8 @@ class Rule(_Strict):
         _check_inputs(self)
         roots = [("when", self.when), ("resolve_when", self.resolve_when)]
         roots += [(f"severity[{i}].when", t.when) for i, t in enumerate(self.severity) if t.when]
+        roots += [(f"escalation[{i}].when", e.when) for i, e in enumerate(self.escalation)]
+        roots += [(f"card.suggestions[{i}].when", s.when) for i, s in enumerate(self.card.suggestions) if s.when]
         for where, root in roots:
             for condition in root.walk():
                 try:
@@ -262,6 +298,9 @@ class Rule(_Strict):
                     raise ValueError(f"{where}: {exc}") from exc
         if self.severity[-1].when is not None:
             raise ValueError("severity: the last tier must have no `when` (the default)")
+        ids = [e.id for e in self.escalation]
+        if len(ids) != len(set(ids)):
+            raise ValueError(f"escalation: ids must be unique (got {ids})")
         return self
 
 
@@ -297,8 +336,14 @@ def _check_inputs(rule: Rule) -> None:
         where = f"inputs.{name}"
         if spec.lookback:
             _param(rule, spec.lookback, "hours", f"{where}.lookback")
-        if spec.anchor and spec.anchor not in seen:
-            raise ValueError(f"{where}.anchor: {spec.anchor!r} must be an input declared before {name!r}")
+        for link in ("anchor", "since"):
+            target = getattr(spec, link)
+            if target and target not in seen:
+                raise ValueError(f"{where}.{link}: {target!r} must be an input declared before {name!r}")
+        if spec.since and (spec.lookback or spec.anchor):
+            raise ValueError(f"{where}: since replaces lookback / anchor; give one or the other")
+        if spec.started_in_window and not (spec.lookback or spec.since):
+            raise ValueError(f"{where}.started_in_window needs a window (lookback or since)")
         if spec.where_below:
             if spec.select != "all":
                 raise ValueError(f"{where}.where_below only applies to select: all")
@@ -329,6 +374,7 @@ def _check_condition(rule: Rule, condition: Condition) -> None:
 
 
 Condition.model_rebuild()
+SuggestionSpec.model_rebuild()
 
 
 def rule_json_schema() -> dict[str, Any]:
