@@ -305,9 +305,17 @@ def _fact_change(fact: Fact, as_of: datetime, sliding: timedelta | None, started
         edges = [fact.start]
     else:
         edges = [fact.end, fact.start if started else None]
-    leaves = [edge + sliding + _TICK for edge in edges if edge is not None]
-    first = min(leaves, default=None)
+    leaves = [_after(edge, sliding + _TICK) for edge in edges if edge is not None]
+    first = min((t for t in leaves if t is not None), default=None)
     return first if first is not None and first > as_of else None
+
+
+def _after(edge: datetime, span: timedelta) -> datetime | None:
+    """``edge + span``, or None when that is beyond the calendar (an open-ended 9999-12-31 never leaves)."""
+    try:
+        return edge + span
+    except OverflowError:
+        return None
 
 
 _NO_VALUE = Decimal("Infinity")
