@@ -280,3 +280,49 @@ def test_an_open_ended_medication_is_stored_and_other_patients_are_processed():
     assert counts["events_stored"] == 4
     assert all(store.alerts_for_patient(f"other-{i}") for i in range(3))
     assert [f.resource_id for f in store.timeline(PATIENT)] == ["furo-forever"]
+
+
+# --- cost independent of history (issue 15) ----------------------------------------------------------
+
+
+def _hourly_potassium(n: int, patient: str = PATIENT) -> list[Event]:
+    start = NOW - timedelta(hours=n)
+    out = []
+    for i in range(n):
+        at = (start + timedelta(hours=i)).isoformat().replace("+00:00", "Z")
+        out.extend(events(potassium(3.8, at=at, id=f"k-h{i}", patient=patient), received=NOW + timedelta(days=1)))
+    return out
+
+
+def test_an_event_reads_only_its_window_of_a_long_history():
+    """5,000 hourly K results stored (retention long enough to keep them all): a new event reads only the
+    resources its rules can see (the longest look-back of any input), not the whole timeline."""
+    from workers.pipeline import get_catalog, window_pad_hours
+
+    store = make_store(retention_lab_hours=24 * 365)
+    pad = window_pad_hours(get_catalog().evaluated())
+    history_events = _hourly_potassium(5000)
+    for start in range(0, len(history_events), 1000):  # stored only (evaluating each one is not the point)
+        store.timelines.store_many({PATIENT: history_events[start : start + 1000]}, pad)
+    assert len(store.timeline(PATIENT)) == 5000
+    [new] = events(potassium(3.1, at=ago(0), id="k-new"))
+    window = store.timelines.store_many({PATIENT: [new]}, pad)[PATIENT]
+    assert len(window.resources) <= pad + 2, (len(window.resources), pad)
+    assert len(window.resources) >= 72  # the last 72 h at least
+
+
+def test_retention_prunes_with_bounded_work_per_call():
+    from workers.state.timeline import PRUNE_LIMIT
+
+    store = make_store(retention_lab_hours=100)
+    old = _hourly_potassium(2 * PRUNE_LIMIT + 50)  # hours -250 .. -1: most are older than 100 h
+    process_batch(dump_batch(old), store)
+    stored = store.client.hlen(f"ehr:{{p:{PATIENT}}}:facts")
+    assert stored == len(old) - PRUNE_LIMIT  # one call prunes at most PRUNE_LIMIT
+    for i in range(3):
+        feed(store, potassium(3.9, at=ago(-i * 0.1), id=f"k-next-{i}"))
+    remaining = store.client.hlen(f"ehr:{{p:{PATIENT}}}:facts")
+    assert remaining == len(store.timeline(PATIENT)) < 110  # only what retention keeps, after a few more calls
+    assert store.client.zcard(f"ehr:{{p:{PATIENT}}}:tl") == remaining
+    assert store.client.zcard(f"ehr:{{p:{PATIENT}}}:exp") == remaining
+    assert all(store.patient_of(f"Observation/k-h{i}") is None for i in range(50))  # global index pruned too

@@ -122,7 +122,7 @@ def process_batch(raw_events: Iterable[dict[str, Any]], store: Store | None = No
         patients={p for p, events in by_patient.items() if any(e.kind != "tick" for e in events)},
         counts=counts,
         resources=received,
-        forgotten=[r for r in pruned if r not in received],
+        forgotten=pruned,  # after the resources received: one stored and pruned in the same call is gone
         due=due,
     )
     return counts

@@ -158,6 +158,9 @@ class Stack:
             "EHR_ALERTS_KEY_PREFIX": prefix,
             "EHR_ALERTS_VISIBILITY_TIMEOUT": "5",
             "EHR_ALERTS_REDELIVERY_TIMEOUT": "5",
+            # Most tests replay historical data; today's wall clock would close their alerts by time alone.
+            # Tests of time-based closing start workers with a short interval.
+            "EHR_ALERTS_DUE_SWEEP_INTERVAL": "3600",
             "PYTHONUNBUFFERED": "1",
         }
         self.api: subprocess.Popen[bytes] | None = None
