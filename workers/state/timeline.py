@@ -30,9 +30,19 @@ def parse_facts(payload: str) -> tuple[Fact, ...]:
     return _parse_facts(payload, schema_upgrade.FACT_SCHEMA_VERSION)
 
 
+_TIMES = ("start", "end", "updated")
+
+
 @lru_cache(maxsize=FACT_CACHE_SIZE)
 def _parse_facts(payload: str, schema_version: int) -> tuple[Fact, ...]:
-    return tuple(Fact.model_validate(schema_upgrade.upgrade_fact(item)) for item in json.loads(payload))
+    facts = []
+    for item in json.loads(payload):
+        record = schema_upgrade.upgrade_fact(item)
+        for name in _TIMES:  # datetime.timezone.utc, not pydantic's TzInfo: the engine compares many times
+            if isinstance(record.get(name), str):
+                record[name] = parse_clock(record[name])
+        facts.append(Fact.model_validate(record))
+    return tuple(facts)
 
 
 def epoch(value: datetime) -> float:
