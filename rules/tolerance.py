@@ -47,7 +47,7 @@ READ_MEMBERS: dict[str, frozenset[str]] = {
 #: Modifier elements: a reader that does not understand them must not use the resource, so they are never
 #: dropped (an invalid one keeps the resource rejected).
 NEVER_DROPPED = frozenset({"modifierExtension", "implicitRules"})
-_MEMBER = re.compile(r"^_?[A-Za-z][A-Za-z0-9]{0,63}$")
+_MEMBER = re.compile(r"^_?[A-Za-z][A-Za-z0-9_]{0,63}$")
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|`[^`]*`|\{[^}]*\}|\[[^\]]*\]")
 _AT_PATH = re.compile(r"\s*\(at [^)]*\)\s*$")
 _SAFE_SEGMENT = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]{0,63}|\d{1,6})$")
