@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from functools import cache
 from pathlib import Path
@@ -230,3 +232,48 @@ def capture_shift() -> timedelta:
     captured = sandbox("sandbox-b-01-patient-view.json")["body"]["prefetch"]["potassium"]["entry"][0]["resource"]
     then = datetime.fromisoformat(stream[captured["id"]]["effectiveDateTime"].replace("Z", "+00:00"))
     return datetime.fromisoformat(captured["effectiveDateTime"].replace("Z", "+00:00")) - then
+
+
+# --- an API subprocess ---------------------------------------------------------------------------------------
+
+
+@contextmanager
+def api_process(env: dict[str, str], log: Path) -> Iterator[str]:
+    """``uvicorn service.app:app`` on a free loopback port with ``env`` over this process's environment; yields
+    its base URL once ``/healthz`` answers and stops it afterwards."""
+    import contextlib
+    import os
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    import httpx
+
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with open(log, "wb") as out:
+        api = subprocess.Popen(
+            [str(root / ".venv/bin/uvicorn"), "service.app:app", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=root,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                assert api.poll() is None, log.read_text()
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                        break
+                assert time.monotonic() < deadline, "API did not start"
+                time.sleep(0.1)
+            yield base
+        finally:
+            os.killpg(api.pid, signal.SIGTERM)
+            api.wait(10)
