@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 #: The issue code of an error raised as a bare HTTP status (FHIR R4 IssueType).
 STATUS_CODES = {
     400: "invalid",
-    401: "security",
+    401: "login",
     403: "forbidden",
     404: "not-found",
     405: "not-supported",
@@ -39,6 +39,10 @@ _MESSAGES = {
 }
 
 
+#: Seconds a client is told to wait (``Retry-After``) when the alert store is unavailable.
+RETRY_AFTER_SECONDS = 5
+
+
 def code_for(status: int) -> str:
     """The OperationOutcome issue code for an HTTP error status."""
     return STATUS_CODES.get(status, "transient" if status >= 500 else "invalid")
@@ -52,8 +56,9 @@ class CdsError(Exception):
         self.status, self.message, self.expression, self.code = status, message, expression, code
 
     def response(self) -> JSONResponse:
-        """The JSON response for this error."""
-        return JSONResponse(outcome(self.message, self.expression, self.code), self.status)
+        """The JSON response for this error (503: with ``Retry-After``)."""
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if self.status == 503 else None
+        return JSONResponse(outcome(self.message, self.expression, self.code), self.status, headers=headers)
 
 
 def issue(
@@ -75,7 +80,10 @@ def http_error(exc: HTTPException) -> JSONResponse:
     """An HTTPException (raised by a dependency, e.g. the bare 401 of the client JWT check) as an
     OperationOutcome, keeping its status and headers (``WWW-Authenticate``) and saying nothing more."""
     message = _MESSAGES.get(exc.status_code) or (exc.detail if isinstance(exc.detail, str) else "request refused")
-    return JSONResponse(outcome(message, code=code_for(exc.status_code)), exc.status_code, headers=exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 503:
+        headers.setdefault("Retry-After", str(RETRY_AFTER_SECONDS))
+    return JSONResponse(outcome(message, code=code_for(exc.status_code)), exc.status_code, headers=headers or None)
 
 
 class CdsRoute(APIRoute):

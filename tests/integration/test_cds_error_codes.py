@@ -168,19 +168,19 @@ CASES: dict[str, tuple[Callable[[Apis], Any], int, str, str | None, str | None]]
     "discovery without a token": (
         lambda a: httpx.get(a.base + "/cds-services"),
         401,
-        "security",
+        "login",
         None,
         "www-authenticate",
     ),
     "discovery with a bad token": (
         lambda a: httpx.get(a.base + "/cds-services", headers={"Authorization": "Bearer x.y.z"}),
         401,
-        "security",
+        "login",
         None,
         "www-authenticate",
     ),
     "discovery with POST": (lambda a: a.post("/cds-services", {}), 405, "not-supported", None, "allow"),
-    "service without a token": (lambda a: a.post(PV, _call(), auth=False), 401, "security", None, None),
+    "service without a token": (lambda a: a.post(PV, _call(), auth=False), 401, "login", None, None),
     "unknown service": (lambda a: a.post("/cds-services/nope", _call()), 404, "not-found", "id", None),
     "service with GET": (lambda a: httpx.get(a.base + PV), 405, "not-supported", None, "allow"),
     "unknown path": (lambda a: a.post("/cds-services/a/b/c", {}), 404, "not-found", None, None),
@@ -247,7 +247,7 @@ CASES: dict[str, tuple[Callable[[Apis], Any], int, str, str | None, str | None]]
     "feedback without a token": (
         lambda a: a.post(FEEDBACK, {"feedback": []}, auth=False),
         401,
-        "security",
+        "login",
         None,
         None,
     ),
@@ -286,14 +286,14 @@ CASES: dict[str, tuple[Callable[[Apis], Any], int, str, str | None, str | None]]
         503,
         "transient",
         None,
-        None,
+        "retry-after",
     ),
     "service call without the alert store": (
         lambda a: a.post(PV, _call(), base=a.dead_open),
         503,
         "transient",
         None,
-        None,
+        "retry-after",
     ),
     "feedback without the alert store": (
         lambda a: a.post(
@@ -304,7 +304,7 @@ CASES: dict[str, tuple[Callable[[Apis], Any], int, str, str | None, str | None]]
         503,
         "transient",
         None,
-        None,
+        "retry-after",
     ),
 }
 
