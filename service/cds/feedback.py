@@ -184,9 +184,7 @@ def _recorded(record: dict[str, Any], store: Store, index: CardIndex, at: dateti
     return stored
 
 
-def apply_item(
-    item: FeedbackItem, store: Store, index: CardIndex, catalog: Catalog, actor: str, service_id: str
-) -> ItemResult:
+def apply_item(item: FeedbackItem, store: Store, index: CardIndex, catalog: Catalog, actor: str) -> ItemResult:
     """Apply one item to the stored alert the card names (recording a request-only card as one first)."""
     alert = store.find_alert(item.card)
     record = None if alert is not None else index.get(item.card)

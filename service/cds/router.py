@@ -147,12 +147,12 @@ async def feedback(service_id: str, request: Request, client: Client) -> JSONRes
     """Accepted / overridden outcomes per card uuid. 200 when every item applied; when none did, the status
     of the first failure (404 unknown card); a mix answers 207 with the status of each item."""
     try:
-        service = _service(service_id)
+        _service(service_id)  # an unknown service is a 404 before anything is read or applied
         items = parse_feedback(await _json_body(request))
         store = get_store()
         index = CardIndex(store.client, get_settings())
         catalog = get_catalog()
-        results = [apply_item(item, store, index, catalog, client.actor, service.id) for item in items]
+        results = [apply_item(item, store, index, catalog, client.actor) for item in items]
     except CdsError as exc:
         return exc.response()
     except redis.RedisError as exc:
