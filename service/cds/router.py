@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -19,7 +18,7 @@ from service.cds.auth import CdsClient, cds_client
 from service.cds.cardindex import CardIndex
 from service.cds.cards import build_cards
 from service.cds.coverage import Coverage, coverage, report
-from service.cds.errors import CdsError, CdsRoute, code_for, issue, outcome
+from service.cds.errors import CdsError, CdsRoute, code_for, issue
 from service.cds.feedback import apply_item, parse_feedback
 from service.cds.fhir_client import fetch_missing, plan
 from service.cds.fhir_servers import fhir_server_refusal
@@ -176,27 +175,3 @@ async def feedback(service_id: str, request: Request, client: Client) -> JSONRes
         ]
     }
     return JSONResponse(body, 207 if failed else 200)
-
-
-_SERVICE_PATH = re.compile(r"^[^/]+(/feedback)?$")
-_OTHER_METHODS = ["GET", "PUT", "PATCH", "DELETE", "POST", "HEAD", "OPTIONS"]
-
-
-def _not_allowed(method: str, allowed: str) -> JSONResponse:
-    message = f"{method} is not allowed here; use {allowed}"
-    return JSONResponse(outcome(message, code="not-supported"), 405, headers={"Allow": allowed})
-
-
-@router.api_route("", methods=[m for m in _OTHER_METHODS if m != "GET"], include_in_schema=False)
-async def discovery_other(request: Request) -> JSONResponse:
-    """Discovery answers GET only."""
-    return _not_allowed(request.method, "GET")
-
-
-@router.api_route("/{path:path}", methods=_OTHER_METHODS, include_in_schema=False)
-async def not_here(path: str, request: Request) -> JSONResponse:
-    """Anything else under /cds-services: 405 (with Allow) on a service or feedback URL, else 404, both as
-    OperationOutcomes (registered last, so it only sees what no route above answered)."""
-    if _SERVICE_PATH.match(path) and request.method != "POST":
-        return _not_allowed(request.method, "POST")
-    return CdsError(404, "no such CDS Hooks endpoint; see GET /cds-services", code="not-found").response()
