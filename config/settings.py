@@ -121,7 +121,8 @@ class Settings(BaseSettings):
         default=3.0,
         gt=0,
         le=60,
-        description="hard limit for all FHIR server fetches of one CDS Hooks call; when exceeded the call answers 412",
+        description="hard limit for all FHIR server fetches of one CDS Hooks call; keys not fetched by then count as "
+        "unavailable (stored alerts are still shown; 412 only when nothing can be said)",
     )
     cds_fhir_max_pages: int = Field(
         default=10, ge=1, le=1000, description="most Bundle pages followed (link next) per prefetch key"
@@ -131,8 +132,8 @@ class Settings(BaseSettings):
     )
     cds_fhir_require_https: bool = Field(
         default=True,
-        description="only query https fhirServer URLs (http ones are treated as unreachable, so the call answers 412); "
-        "turn off for loopback test servers only",
+        description="only query https fhirServer URLs (an http one is never contacted: the keys it should supply count "
+        "as unavailable); turn off for loopback test servers only",
     )
     cds_card_ttl_hours: float = Field(
         default=72.0,

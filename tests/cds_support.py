@@ -4,8 +4,11 @@ now), prefetch built from the service's own templates, hook requests, the derive
 from __future__ import annotations
 
 import json
+import re
 import uuid
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, date, datetime, timedelta
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -171,3 +174,106 @@ def empty_members(value: Any, path: str = "$") -> list[str]:
                 found.append(f"{path}[{i}]")
             found += empty_members(v, f"{path}[{i}]")
     return found
+
+
+# --- The captured CDS Hooks sandbox session (tests/data/shared/cds-hooks-sandbox) -------------------------
+
+SANDBOX_DIR = Path(__file__).resolve().parent / "data" / "shared" / "cds-hooks-sandbox"
+EXAMPLE_STREAM = Path(__file__).resolve().parents[1] / "examples" / "stream" / "events.ndjson"
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_DATE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})$")
+
+
+def sandbox_files() -> list[Path]:
+    """Every captured request, in the order the session sent them (a-01, b-01, b-02, ...)."""
+    return sorted(SANDBOX_DIR.glob("sandbox-*.json"))
+
+
+def sandbox(name: str) -> dict[str, Any]:
+    """One captured request: url_path, jwt_header, jwt_claims_keys, status_then, body."""
+    return json.loads((SANDBOX_DIR / name).read_text())
+
+
+def captured_at() -> datetime:
+    """When the session ran: its first feedback's outcomeTimestamp (the calls carry no time of their own)."""
+    stamps = [
+        item["outcomeTimestamp"]
+        for path in sandbox_files()
+        for item in json.loads(path.read_text())["body"].get("feedback", [])
+    ]
+    return datetime.fromisoformat(min(stamps).replace("Z", "+00:00")).replace(second=0, microsecond=0)
+
+
+def shift_times(value: Any, delta: timedelta) -> Any:
+    """A copy of a JSON value with every FHIR dateTime moved by ``delta`` and every date by its whole days
+    (what the demo shift of ``ehr-alerts replay`` does to an extract, here applied to captured requests)."""
+    if isinstance(value, dict):
+        return {k: shift_times(v, delta) for k, v in value.items()}
+    if isinstance(value, list):
+        return [shift_times(v, delta) for v in value]
+    if isinstance(value, str) and _DATE_TIME.match(value):
+        moved = datetime.fromisoformat(value.replace("Z", "+00:00")) + delta
+        text = moved.isoformat(timespec="milliseconds" if "." in value else "seconds")
+        return text.replace("+00:00", "Z") if value.endswith("Z") else text
+    if isinstance(value, str) and _DATE.match(value):
+        return (date.fromisoformat(value) + timedelta(days=delta.days)).isoformat()
+    return value
+
+
+def example_stream() -> list[dict[str, Any]]:
+    """The committed example stream (March 2024)."""
+    return [json.loads(line) for line in EXAMPLE_STREAM.read_text().splitlines() if line.strip()]
+
+
+def capture_shift() -> timedelta:
+    """How far the session moved the example stream (March 2024 -> December 2026): the same resource's time
+    in the stream and in a captured prefetch."""
+    stream = {r["id"]: r for r in example_stream()}
+    captured = sandbox("sandbox-b-01-patient-view.json")["body"]["prefetch"]["potassium"]["entry"][0]["resource"]
+    then = datetime.fromisoformat(stream[captured["id"]]["effectiveDateTime"].replace("Z", "+00:00"))
+    return datetime.fromisoformat(captured["effectiveDateTime"].replace("Z", "+00:00")) - then
+
+
+# --- an API subprocess ---------------------------------------------------------------------------------------
+
+
+@contextmanager
+def api_process(env: dict[str, str], log: Path) -> Iterator[str]:
+    """``uvicorn service.app:app`` on a free loopback port with ``env`` over this process's environment; yields
+    its base URL once ``/healthz`` answers and stops it afterwards."""
+    import contextlib
+    import os
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    import httpx
+
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with open(log, "wb") as out:
+        api = subprocess.Popen(
+            [str(root / ".venv/bin/uvicorn"), "service.app:app", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=root,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                assert api.poll() is None, log.read_text()
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                        break
+                assert time.monotonic() < deadline, "API did not start"
+                time.sleep(0.1)
+            yield base
+        finally:
+            os.killpg(api.pid, signal.SIGTERM)
+            api.wait(10)

@@ -2,7 +2,8 @@
 
 It answers searches over the resources it was given (patient, code, status, clinical-status, date / authored
 ``ge``, ``_count`` with absolute next links), records every request (path, query, Authorization header), and
-can be told to stall, to answer an HTTP error, or to put an error OperationOutcome in its Bundles.
+can be told to stall, to answer an HTTP error (for every search or for one resource type, as a server that
+refuses ServiceRequest searches does), or to put an error OperationOutcome in its Bundles.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class LoopbackFhir:
     requests: list[Recorded] = field(default_factory=list)
     stall_seconds: float = 0.0
     fail_status: int | None = None
+    refuse: dict[str, int] = field(default_factory=dict)  # resource type -> HTTP status of its searches
     outcome_error: bool = False
     url: str = ""
     _pages: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
@@ -91,6 +93,7 @@ class LoopbackFhir:
         self.resources = list(resources)
         self.requests.clear()
         self.stall_seconds, self.fail_status, self.outcome_error = 0.0, None, False
+        self.refuse = {}
         self._pages.clear()
 
     def search(self, path: str, query: list[tuple[str, str]]) -> tuple[int, dict[str, Any]]:
@@ -138,8 +141,9 @@ def _handler(state: LoopbackFhir) -> type[BaseHTTPRequestHandler]:
             state.requests.append(Recorded(parts.path, query, self.headers.get("Authorization")))
             if state.stall_seconds:
                 time.sleep(state.stall_seconds)
-            if state.fail_status:
-                status, body = state.fail_status, {"resourceType": "OperationOutcome", "issue": []}
+            refused = state.refuse.get(parts.path.rstrip("/").rsplit("/", 1)[-1])
+            if state.fail_status or refused:
+                status, body = state.fail_status or refused, {"resourceType": "OperationOutcome", "issue": []}
             else:
                 status, body = state.search(parts.path.removeprefix("/fhir"), query)
             data = json.dumps(body).encode()

@@ -3,14 +3,18 @@
 Why a separate index and not the alert store: the call's data is the EHR's transient view, not the ingested
 stream. Writing alerts from it would bypass the timeline's version ordering and open alerts the stream never
 sees the facts of, so it could never resolve them. Instead each such episode gets a uuid kept in Redis, with a
-card record so ``/feedback`` can find it and keep its outcome and history. When the stream later opens an
-alert for the same rule, the card uuid becomes the alert id.
+card record (and what the card rests on) so ``/feedback`` can find it. When the stream later opens an alert
+for the same rule, the card uuid stays the uuid the EHR holds (:mod:`service.cds.handover`). When an EHR user
+accepts or overrides such a card first, the episode is handled by a person, and :mod:`service.cds.feedback`
+records it in the alert store as an alert of that rule and patient under the card uuid (so the pharmacist sees
+it in the worklist, the audit export and the analytics).
 
 Layout (one hash tag per patient, so the Lua script touches one slot, also on Redis Cluster):
 
 - ``<prefix>:cds:{p:<patient>}:episodes`` hash: rule id -> uuid of the open request-only episode;
-- ``<prefix>:cds:{p:<patient>}:cards`` hash: ``<uuid>`` -> record (status, history, ...), ``<uuid>:card`` ->
-  the latest card body (opaque JSON);
+- ``<prefix>:cds:{p:<patient>}:cards`` hash: ``<uuid>`` -> record (status, ...), ``<uuid>:card`` -> the latest
+  card body (opaque JSON), ``<uuid>:alert`` -> what the latest card rests on (severity, evidence, explanation,
+  rule version, as-of, the hook and user that saw it);
 - ``<prefix>:cds:card:<uuid>`` string: the patient, so feedback finds the record from the uuid alone.
 
 Both hashes expire ``cds_card_ttl_hours`` after the patient's last call; a call costs one round trip (plus one
@@ -28,7 +32,7 @@ import redis
 
 from config.settings import Settings
 
-# KEYS: episodes hash, cards hash. ARGV: now, ttl seconds, json [[rule, fresh uuid, card json], ...],
+# KEYS: episodes hash, cards hash. ARGV: now, ttl seconds, json [[rule, fresh uuid, card json, alert json], ...],
 # json [ended rule, ...], patient. Returns a flat list: uuid, status, created (1/0) per item.
 _EPISODES = """
 local episodes, cards = KEYS[1], KEYS[2]
@@ -36,7 +40,7 @@ local now, ttl = ARGV[1], tonumber(ARGV[2])
 local items, ended, patient = cjson.decode(ARGV[3]), cjson.decode(ARGV[4]), ARGV[5]
 local out = {}
 for _, item in ipairs(items) do
-  local rule, fresh, card = item[1], item[2], item[3]
+  local rule, fresh, card, alert = item[1], item[2], item[3], item[4]
   local id = redis.call('HGET', episodes, rule)
   local raw = id and redis.call('HGET', cards, id)
   local record, created
@@ -48,7 +52,7 @@ for _, item in ipairs(items) do
     redis.call('HSET', episodes, rule, id)
   end
   record.seen_at = now
-  redis.call('HSET', cards, id, cjson.encode(record), id .. ':card', card)
+  redis.call('HSET', cards, id, cjson.encode(record), id .. ':card', card, id .. ':alert', alert)
   table.insert(out, id)
   table.insert(out, record.status)
   table.insert(out, created)
@@ -57,24 +61,6 @@ for _, rule in ipairs(ended) do redis.call('HDEL', episodes, rule) end
 redis.call('EXPIRE', episodes, ttl)
 redis.call('EXPIRE', cards, ttl)
 return out
-"""
-
-# KEYS: cards hash. ARGV: uuid, status, history entry json, idempotency key. Returns the record json or false.
-_FEEDBACK = """
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-if not raw then return false end
-local record = cjson.decode(raw)
-if type(record.history) ~= 'table' then record.history = {} end
-for _, h in ipairs(record.history) do
-  if h.key == ARGV[4] then return raw end
-end
-local entry = cjson.decode(ARGV[3])
-entry.key = ARGV[4]
-table.insert(record.history, entry)
-record.status = ARGV[2]
-raw = cjson.encode(record)
-redis.call('HSET', KEYS[1], ARGV[1], raw)
-return raw
 """
 
 # KEYS: episodes hash, cards hash. ARGV: ttl seconds, json [[rule, alert id], ...]. For each stored alert, the
@@ -120,7 +106,6 @@ class CardIndex:
         self.prefix = settings.key_prefix
         self.ttl = int(settings.cds_card_ttl_hours * 3600)
         self._episodes = client.register_script(_EPISODES)
-        self._feedback = client.register_script(_FEEDBACK)
         self._adopt = client.register_script(_ADOPT)
 
     def _keys(self, patient: str) -> list[str]:
@@ -131,21 +116,28 @@ class CardIndex:
         return f"{self.prefix}:cds:card:{card_uuid}"
 
     def episodes(
-        self, patient: str, cards: dict[str, dict[str, Any]], ended: list[str], now: datetime
+        self,
+        patient: str,
+        cards: dict[str, tuple[dict[str, Any], dict[str, Any]]],
+        ended: list[str],
+        now: datetime,
     ) -> dict[str, dict[str, Any]]:
-        """Records (id, status) of the open episodes of the rules in ``cards`` (rule id -> card body) for
-        ``patient``, created when new, with the card as their latest content; the episodes of the rules in
-        ``ended`` are closed (their records stay for late feedback)."""
+        """Records (id, status) of the open episodes of the rules in ``cards`` (rule id -> (card body, what it
+        rests on)) for ``patient``, created when new, with the card as their latest content; the episodes of
+        the rules in ``ended`` are closed (their records stay for late feedback)."""
         if not cards and not ended:
             return {}
-        items = [[rule, str(uuid.uuid4()), orjson.dumps(card).decode()] for rule, card in sorted(cards.items())]
+        items = [
+            [rule, str(uuid.uuid4()), orjson.dumps(card).decode(), orjson.dumps(alert).decode()]
+            for rule, (card, alert) in sorted(cards.items())
+        ]
         reply = self._episodes(
             keys=self._keys(patient),
             args=[now.isoformat(), self.ttl, orjson.dumps(items), orjson.dumps(ended), patient],
         )
         records: dict[str, dict[str, Any]] = {}
         created = []
-        for i, (rule, _, _) in enumerate(items):
+        for i, (rule, *_) in enumerate(items):
             card_uuid, status, new = reply[3 * i], reply[3 * i + 1], int(reply[3 * i + 2])
             records[rule] = {"id": card_uuid, "rule_id": rule, "status": status}
             if new:
@@ -170,25 +162,20 @@ class CardIndex:
         }
 
     def get(self, card_uuid: str) -> dict[str, Any] | None:
-        """A card record by uuid (with its latest ``card`` body), or None when unknown or expired."""
+        """A card record by uuid, or None when unknown or expired: with its latest ``card`` body, ``alert``
+        (what the card rests on) and ``open`` (the episode is still the rule's open request-only episode)."""
         patient = self.client.get(self._pointer(card_uuid))
         if not patient:
             return None
-        raw, card = self.client.hmget(self._keys(patient)[1], [card_uuid, f"{card_uuid}:card"])
+        episodes, cards = self._keys(patient)
+        raw, card, alert = self.client.hmget(cards, [card_uuid, f"{card_uuid}:card", f"{card_uuid}:alert"])
         if not raw:
             return None
         record = _read(raw)
-        if card:
-            record["card"] = orjson.loads(card)
+        record["card"] = orjson.loads(card) if card else None
+        record["alert"] = orjson.loads(alert) if alert else {}
+        record["open"] = self.client.hget(episodes, record.get("rule_id", "")) == card_uuid
         return record
-
-    def record_feedback(self, card_uuid: str, status: str, entry: dict[str, Any], key: str) -> dict[str, Any] | None:
-        """Set the card's status and append ``entry`` to its history, once per idempotency ``key``."""
-        patient = self.client.get(self._pointer(card_uuid))
-        if not patient:
-            return None
-        raw = self._feedback(keys=[self._keys(patient)[1]], args=[card_uuid, status, orjson.dumps(entry), key])
-        return _read(raw) if raw else None
 
 
 def _read(raw: str | bytes) -> dict[str, Any]:

@@ -1,19 +1,20 @@
 """From decisions and stored alerts to the CDS Hooks ``cards`` array.
 
 One card per rule episode: a rule that fires on the call's data gives its fresh card, under the stored
-alert's id when the stream already has an open alert for that rule (or under the uuid of the request-only episode
-that alert continues, :mod:`service.cds.handover`), else under a request-only episode uuid
-(:mod:`service.cds.cardindex`). A rule that is indeterminate on the call's data falls back to the stored
-alert's card. A determinate "does not fire" shows nothing (the call's data is newer than the stream's last
-evaluation; a draft Mg order only exists in the call). Episodes the clinician or pharmacist already
-overrode, accepted or snoozed are not shown again. Cards are sorted critical, warning, info.
+alert's id when the stream already has an open alert for that rule (or under the uuid of the request-only
+episode that alert continues, :mod:`service.cds.handover`), else under a request-only episode uuid
+(:mod:`service.cds.cardindex`). A rule that is indeterminate on the call's data, or that the call could not
+check for lack of data (:mod:`service.cds.coverage`), falls back to the stored alert's card. A determinate
+"does not fire" shows nothing (the call's data is newer than the stream's last evaluation; a draft Mg order
+only exists in the call). Episodes the clinician or pharmacist already overrode, accepted or snoozed are not
+shown again. Cards are sorted critical, warning, info.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -25,6 +26,7 @@ from pydantic import ValidationError
 from rules.engine import Decision
 from service.cds import handover
 from service.cds.cardindex import CardIndex
+from workers.state.alerts import decision_body
 from workers.state.store import Store, effective_status
 
 log = logging.getLogger("ehr_alerts.cds")
@@ -91,6 +93,16 @@ def finish_card(body: dict[str, Any], card_uuid: str, rule_id: str) -> dict[str,
     return card if card.get("summary") and card.get("indicator") in ORDER else None
 
 
+def _rests_on(decision: Decision, origin: Mapping[str, str]) -> dict[str, Any]:
+    """What a request-only card rests on (the stream's alert shape, ``decision_body``), kept with it so
+    feedback can record it as an alert, plus the hook and user it was shown to."""
+    alert = decision_body(decision)["alert"]
+    return {
+        **{k: v for k, v in alert.items() if k not in ("id", "card")},
+        **{f"shown_{k}": v for k, v in origin.items()},
+    }
+
+
 def hidden(record: dict[str, Any], now: datetime) -> bool:
     """Whether an episode's card stays hidden: handled (overridden, accepted) or snoozed until later."""
     return effective_status(record, now) in HIDDEN
@@ -104,28 +116,32 @@ def build_cards(
     now: datetime,
     store: Store | None = None,
     *,
-    trust_call: bool = True,
+    unchecked: Mapping[str, str] | None = None,
+    origin: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """The cards of one call (see the module docstring for the merge policy). With ``store``, stored alerts
     that continue a request-only episode keep its card uuid and its outcome (:mod:`service.cds.handover`).
-    ``trust_call=False`` (the call's data is incomplete) treats every decision as indeterminate."""
+    ``unchecked`` (rule id -> note): rules the call could not check for lack of data
+    (:mod:`service.cds.coverage`); their decisions count as indeterminate and the note goes on their card.
+    ``origin`` (hook, user) is kept with request-only cards: who saw the card, should feedback record it."""
+    unchecked = unchecked or {}
     open_alerts: dict[str, dict[str, Any]] = {}
     for alert in stored:
         current = open_alerts.get(alert["rule_id"])
         if current is None or alert.get("opened_at", "") > current.get("opened_at", ""):
             open_alerts[alert["rule_id"]] = alert
     chosen: list[tuple[Decision, str | None, dict[str, Any]]] = []  # (decision, alert id, card body)
-    new: dict[str, dict[str, Any]] = {}
+    new: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
     ended: list[str] = []
     for decision in decisions:
         if decision.rule_status != "active":
             continue  # shadow rules are evaluated, never shown
         alert = open_alerts.get(decision.rule_id)
-        outcome = decision.outcome if trust_call else "indeterminate"
+        outcome = "indeterminate" if decision.rule_id in unchecked else decision.outcome
         if outcome == "fires" and decision.card:
             chosen.append((decision, alert["id"] if alert else None, decision.card))
             if alert is None:
-                new[decision.rule_id] = decision.card
+                new[decision.rule_id] = (decision.card, _rests_on(decision, origin or {}))
         elif outcome == "indeterminate" and alert is not None and alert.get("card"):
             chosen.append((decision, alert["id"], alert["card"]))
         elif outcome == "not-fires" and alert is None:
@@ -139,6 +155,8 @@ def build_cards(
         if hidden(record, now):
             continue
         card = finish_card(body, linked.get(record["id"], record["id"]), decision.rule_id)
+        if card is not None and decision.rule_id in unchecked:
+            card["detail"] = f"{card.get('detail', '').rstrip()}\n\n{unchecked[decision.rule_id]}".lstrip()
         if card is not None:
             cards.append(card)
     cards.sort(key=lambda c: (ORDER[c["indicator"]], c.get("source", {}).get("topic", {}).get("code", "")))

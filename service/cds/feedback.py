@@ -1,9 +1,14 @@
 """``POST /cds-services/{id}/feedback``: accepted / overridden outcomes per card uuid, in batches.
 
-A card uuid is either a stored alert id (the outcome moves the alert through ``Store.transition``, so the
-pharmacist sees it, with history) or a request-only card (``CardIndex``). Repeating an item is a no-op
-(idempotency key over card, outcome, timestamp and details). The whole batch is validated first: one
-malformed item answers 400 and nothing is applied.
+A card uuid is either a stored alert id, or a request-only card (``CardIndex``: the card came from a call's
+data alone). Either way the outcome moves an alert of the store through ``Store.transition``, so the
+pharmacist sees it in the worklist, the audit export and the analytics, with history (who in the EHR did
+what and why, source ``cds-hooks``): for a request-only card, the stream's alert that continues its episode
+when there is one, else the card itself recorded as an alert of that rule and patient under the card's uuid
+(``Store.open_external``: opened by ``system:cds-hooks`` with the hook and user that saw the card, then
+accepted / overridden by the EHR). The same transition rules apply to both (an override after an accept is
+409). Repeating an item is a no-op (idempotency key over card, outcome, timestamp and details). The whole
+batch is validated first: one malformed item answers 400 and nothing is applied.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from service.cds import handover
 from service.cds.cardindex import CardIndex
 from service.cds.cards import suggestion_uuid
 from service.cds.errors import CdsError
+from workers.state.alerts import ALERT_SCHEMA_VERSION
 from workers.state.store import Store, TransitionError
 
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")  # RFC 3339 §5.6
@@ -148,10 +154,38 @@ def _continued_by(record: dict[str, Any], store: Store, index: CardIndex) -> dic
     return alert if card_uuid == record["id"] else None  # else the card's episode had ended before the alert
 
 
-def apply_item(
-    item: FeedbackItem, store: Store, index: CardIndex, catalog: Catalog, actor: str, service_id: str
-) -> ItemResult:
-    """Apply one item to the stored alert or the request-only card it names."""
+def _recorded(record: dict[str, Any], store: Store, index: CardIndex, at: datetime) -> dict[str, Any]:
+    """A request-only card an EHR user acted on, recorded in the alert store (see the module docstring);
+    the rule's open alert instead when one appeared meanwhile (it is the episode)."""
+    rests_on = record.get("alert") or {}
+    card = record.get("card") or {}
+    shown = [f"{name} {rests_on[f'shown_{name}']}" for name in ("hook", "user") if rests_on.get(f"shown_{name}")]
+    why = (
+        "card shown by a CDS Hooks call"
+        + (f" ({' by '.join(shown)})" if shown else "")
+        + " before the stream had this alert"
+    )
+    alert = {
+        "schema_version": ALERT_SCHEMA_VERSION,
+        "severity": card.get("indicator"),
+        "evidence": [],
+        **{k: v for k, v in rests_on.items() if not k.startswith("shown_")},
+        "id": record["id"],
+        "rule_id": record["rule_id"],
+        "patient": record["patient"],
+        "card": card or None,
+    }
+    opened = datetime.fromisoformat(record["opened_at"]) if record.get("opened_at") else at
+    stored, _ = store.open_external(
+        alert, min(opened, at), source="cds-hooks", why=why, as_open=bool(record.get("open"))
+    )
+    if stored["id"] == record["id"]:
+        index.adopt(record["patient"], {record["rule_id"]: record["id"]})  # the episode is the stored alert now
+    return stored
+
+
+def apply_item(item: FeedbackItem, store: Store, index: CardIndex, catalog: Catalog, actor: str) -> ItemResult:
+    """Apply one item to the stored alert the card names (recording a request-only card as one first)."""
     alert = store.find_alert(item.card)
     record = None if alert is not None else index.get(item.card)
     if alert is None and record is None:
@@ -163,41 +197,21 @@ def apply_item(
     unknown = [s for s in item.accepted if s not in known]
     if unknown:
         return ItemResult(item.index, item.card, 404, "acceptedSuggestions names a suggestion this card does not have")
-    accepted = [known[s] for s in item.accepted]
-    reason = _reason_with_display(catalog, rule_id, item.reason)
-    action = "accept" if item.outcome == "accepted" else "override"
-    why = (reason or {}).get("display") or (reason or {}).get("code")
-    key = item.idempotency_key()
-    if alert is not None:
-        try:
-            updated = store.transition(
-                alert["id"],
-                action,
-                actor,
-                item.at,
-                reason=reason,
-                comment=item.comment,
-                accepted_suggestions=accepted or None,
-                idempotency_key=key,
-                source="cds-hooks",
-            )
-        except TransitionError as exc:
-            status = 404 if exc.code == "not-found" else 409
-            return ItemResult(item.index, item.card, status, str(exc))
-        return ItemResult(item.index, item.card, 200, alert_status=updated.get("status"))
-    entry = {
-        "action": action,
-        "by": actor,
-        "at": item.at.isoformat(),
-        "why": why,
-        "comment": item.comment,
-        "reason": reason,
-        "accepted_suggestions": accepted,
-        "service": service_id,
-        "source": "cds-hooks",
-    }
-    status = "accepted" if action == "accept" else "overridden"
-    updated_record = index.record_feedback(item.card, status, {k: v for k, v in entry.items() if v}, key)
-    if updated_record is None:
-        return ItemResult(item.index, item.card, 404, "the card expired")
-    return ItemResult(item.index, item.card, 200, alert_status=updated_record["status"])
+    if alert is None and record is not None:
+        alert = _recorded(record, store, index, item.at)
+    assert alert is not None
+    try:
+        updated = store.transition(
+            alert["id"],
+            "accept" if item.outcome == "accepted" else "override",
+            actor,
+            item.at,
+            reason=_reason_with_display(catalog, rule_id, item.reason),
+            comment=item.comment,
+            accepted_suggestions=[known[s] for s in item.accepted] or None,
+            idempotency_key=item.idempotency_key(),
+            source="cds-hooks",
+        )
+    except TransitionError as exc:
+        return ItemResult(item.index, item.card, 404 if exc.code == "not-found" else 409, str(exc))
+    return ItemResult(item.index, item.card, 200, alert_status=updated.get("status"))

@@ -2,9 +2,10 @@
 
 The EHR may see a card before the stream has the data (a request-only episode, :mod:`service.cds.cardindex`).
 When the stream then opens its alert for the same rule while that episode is still open, the two are one
-episode: the card keeps the uuid the EHR holds (CDS Hooks feedback names it), and what the clinician already
-did with it (override, accept) is replayed onto the alert, so the guidance is not shown again and the
-pharmacist sees the outcome in the alert's history. Replays reuse the feedback's idempotency keys.
+episode: the card keeps the uuid the EHR holds (CDS Hooks feedback names it). Feedback on a request-only card
+is recorded in the alert store at once (:mod:`service.cds.feedback`), so the stream finds that alert open and
+continues it; a card record that still carries feedback history (written by a release that kept feedback in
+the card index) has it replayed onto the alert once, reusing the feedback's idempotency keys.
 """
 
 from __future__ import annotations

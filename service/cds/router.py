@@ -17,9 +17,10 @@ from rules.engine import evaluate
 from service.cds.auth import CdsClient, cds_client
 from service.cds.cardindex import CardIndex
 from service.cds.cards import build_cards
-from service.cds.errors import CdsError, issue
+from service.cds.coverage import Coverage, coverage, report
+from service.cds.errors import CdsError, CdsRoute, code_for, issue
 from service.cds.feedback import apply_item, parse_feedback
-from service.cds.fhir_client import FhirUnavailable, fetch_missing, plan, unreadable_pages
+from service.cds.fhir_client import fetch_missing, plan
 from service.cds.fhir_servers import fhir_server_refusal
 from service.cds.orders import NormalizeCache, draft_order_facts, facts_from
 from service.cds.prefetch import read_prefetch
@@ -29,7 +30,7 @@ from service.observability.middleware import peeked_json
 from workers.pipeline import get_catalog, get_store
 
 log = logging.getLogger("ehr_alerts.cds")
-router = APIRouter(prefix="/cds-services", tags=["cds-hooks"])
+router = APIRouter(prefix="/cds-services", tags=["cds-hooks"], route_class=CdsRoute)
 Client = Annotated[CdsClient, Depends(cds_client)]
 _JSON_TYPES = ("application/json", "application/fhir+json")
 
@@ -86,19 +87,20 @@ async def _json_body(request: Request) -> Any:
 
 
 def _cards_for(
-    call: HookRequest, resources: list[dict[str, Any]], now: datetime, *, complete: bool = True
+    call: HookRequest, resources: list[dict[str, Any]], now: datetime, found: Coverage
 ) -> list[dict[str, Any]]:
     """Facts from the call's data and draft orders -> the rule engine -> cards merged with stored alerts.
-    With incomplete data (a prefetch page that cannot be read) no decision of the call is trusted: only the
-    stored alerts' cards are shown, so a missing page can neither raise nor hide advice."""
+    Rules the call could not check for lack of data show only their stored alert's card, with a note."""
     settings = get_settings()
-    facts = facts_from(resources, call.patient_id, settings.include_preliminary, _normalize_cache())
-    facts += draft_order_facts(call.draft_orders, call.patient_id)
+    cache = _normalize_cache()
+    facts = facts_from(resources, call.patient_id, settings.include_preliminary, cache)
+    facts += draft_order_facts(call.draft_orders, call.patient_id, cache)
     decisions = evaluate(get_catalog().evaluated(), facts, now, call.patient_id)
     store = get_store()
     stored = store.alerts_for_patient(call.patient_id, open_only=True)
     index = CardIndex(store.client, settings)
-    return build_cards(decisions, stored, call.patient_id, index, now, store, trust_call=complete)
+    origin = {"hook": call.hook, "user": call.user_id}
+    return build_cards(decisions, stored, call.patient_id, index, now, store, unchecked=found.notes(), origin=origin)
 
 
 @router.get("", summary="CDS Hooks discovery")
@@ -120,19 +122,21 @@ async def call_service(service_id: str, request: Request, client: Client) -> Res
             raise CdsError(412, refusal, "fhirServer", "forbidden")
         now = datetime.now(UTC)
         data = read_prefetch(service.prefetch, call.prefetch)
-        partial = unreadable_pages(call, settings, data)
-        fetched = await fetch_missing(call, settings, plan(call, settings, service.prefetch, data, now, partial))
+        fetches, gaps = plan(call, settings, service.prefetch, data, now)
+        fetched, failed = await fetch_missing(call, settings, fetches)
+        found = coverage({**gaps, **failed}, get_catalog().rules, service.prefetch)
+        report(found, service.prefetch, service.id)
         resources = [r for key, item in data.items() for r in fetched.get(key, item.resources)]
         # Run inline: the work is CPU-bound with a few sub-millisecond Redis round trips, and a worker-thread
         # hop measured ~1 ms more CPU per call (bench/bench_cds.py) with no latency gain on 2 cores.
-        cards = _cards_for(call, resources, now, complete=not partial)
+        cards = _cards_for(call, resources, now, found)
     except CdsError as exc:
         return exc.response()
-    except FhirUnavailable as exc:
-        return CdsError(412, f"required data unavailable: {exc}", f"prefetch.{exc.key}", "not-found").response()
     except redis.RedisError as exc:
         log.error("alert store unavailable for a CDS call", extra={"error": type(exc).__name__})
         return CdsError(503, "the alert store is unavailable", code="transient").response()
+    if found.refuses(cards):
+        return JSONResponse(found.outcome(), 412)
     log.info("cds call answered", extra={"service": service.id, "cards": len(cards), "fetched_keys": len(fetched)})
     return Response(orjson.dumps({"cards": cards}), media_type="application/json")
 
@@ -142,12 +146,12 @@ async def feedback(service_id: str, request: Request, client: Client) -> JSONRes
     """Accepted / overridden outcomes per card uuid. 200 when every item applied; when none did, the status
     of the first failure (404 unknown card); a mix answers 207 with the status of each item."""
     try:
-        service = _service(service_id)
+        _service(service_id)  # an unknown service is a 404 before anything is read or applied
         items = parse_feedback(await _json_body(request))
         store = get_store()
         index = CardIndex(store.client, get_settings())
         catalog = get_catalog()
-        results = [apply_item(item, store, index, catalog, client.actor, service.id) for item in items]
+        results = [apply_item(item, store, index, catalog, client.actor) for item in items]
     except CdsError as exc:
         return exc.response()
     except redis.RedisError as exc:
@@ -155,7 +159,9 @@ async def feedback(service_id: str, request: Request, client: Client) -> JSONRes
         return CdsError(503, "the alert store is unavailable", code="transient").response()
     failed = [r for r in results if r.status != 200]
     if failed and len(failed) == len(results):
-        issues = [issue(f"feedback[{r.index}]: {r.message}", f"feedback[{r.index}].card", "not-found") for r in failed]
+        issues = [
+            issue(f"feedback[{r.index}]: {r.message}", f"feedback[{r.index}].card", code_for(r.status)) for r in failed
+        ]
         return JSONResponse({"resourceType": "OperationOutcome", "issue": issues}, failed[0].status)
     body = {
         "feedback": [

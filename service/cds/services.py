@@ -39,6 +39,8 @@ class PrefetchQuery:
     date_param: str | None = None  # search parameter for the window (date / authored)
     window_hours: float | None = None  # None: no date filter
     sort: str | None = None
+    concepts: frozenset[str] = frozenset()  # the rule concepts whose facts this key supplies
+    label: str = ""  # what the key holds, in words (cards and errors say what could not be checked)
 
     def template(self, page_size: int) -> str:
         """The 2.0 prefetch template advertised in discovery."""
@@ -136,22 +138,30 @@ def prefetch_queries(rules: list[Rule]) -> tuple[PrefetchQuery, ...]:
                     "date",
                     _widest(windows[concept]),
                     "-date",
+                    frozenset({concept}),
+                    _LABELS[concept],
                 )
             )
     if "arrhythmia" in used:
+        ecg = frozenset({"arrhythmia", "qtc"} & used)  # an ECG gives rhythm findings and a QTc component
         queries.append(
             PrefetchQuery("ecg", "Observation", (patient, ("code", _codes(["ecg"]))), "date",
-                          _widest(windows["arrhythmia"]), "-date")
+                          _widest(windows["arrhythmia"]), "-date", ecg, _LABELS["ecg"])
         )  # fmt: skip
-        queries.append(PrefetchQuery("conditions", "Condition", (patient, ("clinical-status", _CONDITION_ACTIVE))))
-    if used & set(known_classes()):
+        queries.append(
+            PrefetchQuery("conditions", "Condition", (patient, ("clinical-status", _CONDITION_ACTIVE)),
+                          concepts=frozenset({"arrhythmia"}), label=_LABELS["conditions"])
+        )  # fmt: skip
+    drugs = frozenset(used & set(known_classes()))
+    if drugs:
         active = ("status", "active")
-        queries.append(PrefetchQuery("medicationStatements", "MedicationStatement", (patient, active)))
-        queries.append(PrefetchQuery("medicationRequests", "MedicationRequest", (patient, active)))
+        for key, kind in (("medicationStatements", "MedicationStatement"), ("medicationRequests", "MedicationRequest")):
+            queries.append(PrefetchQuery(key, kind, (patient, active), concepts=drugs, label=_LABELS[key]))
     orders = order_index()
-    lab_orders = sorted({lab for concept, labs in _order_labs(orders).items() if concept in used for lab in labs})
+    by_concept = _order_labs(orders)
+    lab_orders = sorted({lab for concept, labs in by_concept.items() if concept in used for lab in labs})
     if lab_orders:
-        order_windows = [w for concept in _order_labs(orders) if concept in used for w in windows[concept]]
+        order_windows = [w for concept in by_concept if concept in used for w in windows[concept]]
         queries.append(
             PrefetchQuery(
                 "serviceRequests",
@@ -159,9 +169,29 @@ def prefetch_queries(rules: list[Rule]) -> tuple[PrefetchQuery, ...]:
                 (patient, ("status", "active"), ("code", _codes(lab_orders))),
                 "authored",
                 _widest(order_windows),
+                concepts=frozenset(c for c in by_concept if c in used),
+                label=_LABELS["serviceRequests"],
             )
         )
     return tuple(queries)
+
+
+_LABELS = {
+    "potassium": "potassium results",
+    "magnesium": "magnesium results",
+    "qtc": "QTc measurements",
+    "ecg": "ECG findings",
+    "conditions": "arrhythmia diagnoses (Condition)",
+    "medicationStatements": "medication statements",
+    "medicationRequests": "medication orders",
+    "serviceRequests": "lab orders (ServiceRequest)",
+}
+
+
+def keys_read_by(rule: Rule, queries: tuple[PrefetchQuery, ...]) -> frozenset[str]:
+    """The prefetch keys that supply facts of a concept the rule reads."""
+    concepts = {c for spec in rule.inputs.values() for c in spec.concepts}
+    return frozenset(q.key for q in queries if q.concepts & concepts)
 
 
 def _order_labs(orders: object) -> dict[str, list[str]]:

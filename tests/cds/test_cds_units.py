@@ -317,16 +317,20 @@ def test_stored_alert_of_a_rule_that_does_not_fire_on_the_call_is_not_shown() ->
     assert cards == []
 
 
-def test_incomplete_call_data_shows_only_stored_alerts() -> None:
-    """A prefetch page that cannot be read: the call's own decisions are not trusted either way."""
+def test_rules_the_call_could_not_check_show_only_their_stored_alert_with_a_note() -> None:
+    """A key the rule reads could not be had: the call's own decision for it is not trusted either way."""
     patient = "p1"
-    card = {"summary": "stored", "indicator": "info", "source": {"label": "ehr-alerts"}}
+    card = {"summary": "stored", "detail": "As computed.", "indicator": "info", "source": {"label": "ehr-alerts"}}
     stored = _stored(HYPOK, "active", card=card)
+    unchecked = {HYPOK: "*Not re-checked.*", REFRACTORY: "*Not re-checked.*"}
     quiet = _decisions(scenario(None, patient), patient)  # would clear the stored alert if trusted
-    shown = build_cards(quiet, [stored], patient, _index(), NOW, trust_call=False)
-    assert [c["uuid"] for c in shown] == [stored["id"]]
+    (shown,) = build_cards(quiet, [stored], patient, _index(), NOW, unchecked=unchecked)
+    assert shown["uuid"] == stored["id"] and shown["detail"] == "As computed.\n\n*Not re-checked.*"
+    assert card["detail"] == "As computed."  # the stored body is not changed
     firing = _decisions(scenario(HYPOK, patient), patient)  # would raise a new card if trusted
-    assert build_cards(firing, [], patient, _index(), NOW, trust_call=False) == []
+    assert build_cards(firing, [], patient, _index(), NOW, unchecked=unchecked) == []
+    # A rule the gap does not touch is evaluated on the call's data as usual.
+    assert len(build_cards(firing, [], patient, _index(), NOW, unchecked={REFRACTORY: "x"})) == 1
 
 
 def test_draft_magnesium_lab_order_keeps_the_hypokalemia_card_away() -> None:
@@ -414,17 +418,19 @@ def test_reference_index_ignores_odd_full_urls_and_ids() -> None:
     assert set(index) == {"urn:uuid:1", "Medication/m"}
 
 
-def test_card_index_feedback_is_recorded_once_per_key_and_unknown_cards_are_none() -> None:
+def test_card_index_keeps_what_a_request_only_card_rests_on_and_whether_its_episode_is_open() -> None:
     index, patient = _index(), "p2"
-    (card,) = build_cards(_decisions(scenario(HYPOK, patient), patient), [], patient, index, NOW)
-    entry = {"action": "override", "by": "ehr:x", "at": NOW.isoformat()}
-    first = index.record_feedback(card["uuid"], "overridden", entry, "k1")
-    again = index.record_feedback(card["uuid"], "overridden", entry, "k1")
-    assert first is not None and again is not None
-    assert [h["action"] for h in again["history"]] == ["override"] and again["status"] == "overridden"
-    assert index.get(card["uuid"])["card"]["summary"] == card["summary"]
+    firing = _decisions(scenario(HYPOK, patient), patient)
+    origin = {"hook": "patient-view", "user": "Practitioner/x"}
+    (card,) = build_cards(firing, [], patient, index, NOW, origin=origin)
+    record = index.get(card["uuid"])
+    assert record is not None and record["card"]["summary"] == card["summary"] and record["open"] is True
+    rests_on = record["alert"]
+    assert rests_on["severity"] == "info" and rests_on["shown_user"] == "Practitioner/x"
+    assert [e["concept"] for e in rests_on["evidence"]] == ["potassium"] and rests_on["explanation"]
+    build_cards(_decisions(scenario(None, patient), patient), [], patient, index, NOW)  # the episode ends
+    assert index.get(card["uuid"])["open"] is False
     assert index.get(str(uuid.uuid4())) is None
-    assert index.record_feedback(str(uuid.uuid4()), "overridden", entry, "k2") is None
 
 
 def test_medication_reference_to_another_resource_of_the_call_is_followed() -> None:
@@ -460,13 +466,12 @@ def test_free_text_of_the_data_renders_as_literal_markdown_text(text: str, shown
 def test_card_index_adopt_links_an_open_episode_to_the_alert_once() -> None:
     index, patient = _index(), "p1"
     (card,) = build_cards(_decisions(scenario(HYPOK, patient), patient), [], patient, index, NOW)
-    index.record_feedback(card["uuid"], "overridden", {"action": "override", "by": "ehr:x", "at": "t"}, "k1")
     assert index.adopt(patient, {}) == {}
     first = index.adopt(patient, {HYPOK: "alert-1", "other-rule": "alert-2"})
     assert set(first) == {"alert-1"}
     card_uuid, record = first["alert-1"]
     assert card_uuid == card["uuid"] and record is not None
-    assert record["alert_id"] == "alert-1" and [h["action"] for h in record["history"]] == ["override"]
+    assert record["alert_id"] == "alert-1" and record["history"] == []
     assert index.adopt(patient, {HYPOK: "alert-1"}) == {"alert-1": (card["uuid"], None)}  # kept, not re-adopted
     assert index.get(card["uuid"])["alert_id"] == "alert-1"
     # The episode is no longer open: the rule firing again without an alert starts a new one.

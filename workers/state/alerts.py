@@ -103,6 +103,7 @@ class AlertStore:
         self.client = client
         self._apply = load_script(client, "apply_steps.lua")
         self._transition = load_script(client, "transition_alert.lua")
+        self._open_external = load_script(client, "open_external_alert.lua")
 
     def apply_many(self, calls: list[tuple[str, int, list[dict[str, Any]], dict[str, str]]]) -> list[Any]:
         """Apply several patients' steps in one round trip (one atomic script each, pipelined).
@@ -161,6 +162,33 @@ class AlertStore:
         if code != "ok":
             raise TransitionError(code, body)
         return read_alert(body)
+
+    def open_external(
+        self, alert: dict[str, Any], at: datetime, *, source: str, why: str, as_open: bool
+    ) -> tuple[dict[str, Any], bool]:
+        """Store ``alert`` (the shape of ``decision_body(...)["alert"]``) as raised outside the stream: active,
+        opened ``at`` with a history entry by ``system:<source>`` saying ``why``, and the open alert of its rule
+        when ``as_open``. Returns (it, True), or (the alert already stored under its id, or the rule's open
+        alert, False): nothing is stored then."""
+        stamp = clock_text(at)
+        entry = {"action": "opened", "by": f"system:{source}", "at": stamp, "why": why}
+        record = {
+            **alert,
+            "status": "active",
+            "source": source,
+            "opened_at": stamp,
+            "created_at": clock_text(datetime.now(UTC)),
+            "updated_at": stamp,
+            "revision": 1,
+            "history": [entry],
+            "history_count": 1,
+        }
+        k = keys.patient_keys(record["patient"])
+        created, body = self._open_external(
+            keys=[k["alerts"], k["open"], keys.alert_history(record["patient"], record["id"])],
+            args=[json.dumps(record), "1" if as_open else "0"],
+        )
+        return read_alert(body), bool(created)
 
     # --- reads -----------------------------------------------------------------------------------------
 

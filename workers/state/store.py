@@ -132,6 +132,18 @@ class Store:
             return self.get_alert(patient, alert_id) or alert
         return alert
 
+    def open_external(
+        self, alert: dict[str, Any], at: datetime, *, source: str, why: str, as_open: bool = True
+    ) -> tuple[dict[str, Any], bool]:
+        """Store an alert raised outside the stream (a CDS Hooks card an EHR user acted on before the stream had
+        an alert for that episode) so the worklist, audit export and analytics see it and transitions apply;
+        as the rule's open alert when ``as_open`` (the stream then updates or closes it like its own). See
+        ``AlertStore.open_external``; returns (the alert, created)."""
+        stored, created = self.alerts.open_external(alert, at, source=source, why=why, as_open=as_open)
+        if created:
+            self.record({stored["id"]: stored["patient"]})
+        return stored, created
+
     def list_alerts(
         self, *, status: str | None = None, rule: str | None = None, limit: int = 50, cursor: int = 0
     ) -> tuple[list[dict[str, Any]], int | None]:
