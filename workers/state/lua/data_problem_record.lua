@@ -11,6 +11,7 @@
 local items, open, resolved, all = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local id, at, score = ARGV[1], ARGV[3], ARGV[4]
 local problem = cjson.decode(ARGV[2])
+local rule = problem.rule_id
 
 local function add_rule(item, rule)
   if type(item.rules) ~= 'table' or next(item.rules) == nil then item.rules = {} end
@@ -42,7 +43,7 @@ else
   item.history = {{action = 'recorded', by = 'system', at = at, to = 'open', why = problem.detail}}
   created = 1
 end
-add_rule(item, problem.rule_id)
+add_rule(item, rule)
 if type(item.history) ~= 'table' or next(item.history) == nil then item.history = {} end
 redis.call('HSET', items, id, cjson.encode(item))
 redis.call('ZADD', all, score, id)
