@@ -7,6 +7,7 @@ from typing import Any
 from config.localtime import format_instant, to_local
 from service.review import patients as directory
 from service.review.core import ReviewError
+from service.review.labels import short_concept
 from workers.pipeline import get_store
 from workers.state import review_index as rq
 from workers.state.data_problems import REASONS, DataProblemError, DataProblems, ProblemQuery
@@ -40,6 +41,7 @@ def decorate(item: dict[str, Any], patient_context: dict[str, Any] | None) -> di
     return {
         **item,
         "reason_display": name,
+        "concept_display": short_concept(item.get("concept")) or None,
         "advice": advice,
         "patient_context": patient_context,
         "display": {

@@ -132,10 +132,13 @@ def render_chart(points: list[dict[str, Any]], start: str, end: str, spec: Chart
         ty = y(value)
         parts.append(f'<line class="threshold" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{ty:.1f}" y2="{ty:.1f}"/>')
         parts.append(
-            f'<text class="threshold-label" x="{WIDTH - RIGHT - 4}" y="{ty - 5:.1f}" text-anchor="end">'
+            f'<text class="threshold-label" x="{LEFT + 6}" y="{ty - 5:.1f}">'
             f"{escape(name)} &lt; {format_decimal(Decimal(str(value)))} {escape(spec.unit)}</text>"
         )
-    parts.append(f'<text class="unit" x="{LEFT}" y="{TOP - 2 + FONT / 2:.1f}" dx="4">{escape(spec.unit)}</text>')
+    unit_x = WIDTH - RIGHT - 4
+    parts.append(
+        f'<text class="unit" x="{unit_x}" y="{TOP - 2 + FONT / 2:.1f}" text-anchor="end">{escape(spec.unit)}</text>'
+    )
     if not points:
         parts.append(
             f'<text class="empty" x="{LEFT + plot_w / 2}" y="{TOP + plot_h / 2}" text-anchor="middle">'

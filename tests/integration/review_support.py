@@ -222,11 +222,20 @@ def display_of(
     return PatientDisplay(resource["id"], shown, mrn, born, resource.get("gender"), ward, bed, encounter_class)
 
 
+#: a patient admitted during the shift (the browser test's new alert), not in the example stream
+NEW_PATIENT = {
+    "resourceType": "Patient", "id": "ex-mike", "identifier": [{"system": "https://ehr-alerts.dev/fhir/example-mrn",
+    "value": "EX-MIKE"}], "name": [{"use": "official", "family": "Example", "given": ["Mike"]}], "gender": "male",
+    "birthDate": "1949-02-03",
+}  # fmt: skip
+
+
 def example_directory() -> FakeDirectory:
-    """The example stream's own Patient resources, placed on two wards (odd ones in the emergency department)."""
+    """The example stream's own Patient resources (and ``NEW_PATIENT``), placed on two wards (every other one in
+    the emergency department)."""
     people = []
     lines = EXAMPLE_STREAM.read_text(encoding="utf-8").splitlines()
-    resources = [json.loads(line) for line in lines if line.strip()]
+    resources = [json.loads(line) for line in lines if line.strip()] + [NEW_PATIENT]
     for i, resource in enumerate(r for r in resources if r["resourceType"] == "Patient"):
         ward, klass = ("Ward 5B", "IMP") if i % 2 == 0 else ("ED", "EMER")
         people.append(display_of(resource, ward, f"{i + 1:02d}", klass))
