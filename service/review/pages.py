@@ -41,6 +41,7 @@ from service.review.auth import (
     verify_review_token,
 )
 from service.review.cardtext import render_card_markdown
+from service.review.readable import duration
 from workers.pipeline import get_catalog
 from workers.state import review_index as rq
 from workers.state.data_problems import REASONS, ProblemQuery
@@ -504,16 +505,9 @@ def analytics_page(request: Request, principal: Annotated[Principal, Depends(pag
         "window": window,
         "params": params,
         "error": error,
-        "duration": _duration,
+        "duration": lambda seconds: "—" if seconds is None else duration(seconds),
     }
     return _template(request, "analytics.html", context, status_code)
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    hours, rest = divmod(int(seconds), 3600)
-    return f"{hours} h {rest // 60} min" if hours else f"{rest // 60} min"
 
 
 # --- errors -----------------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@
   // A refused form (stale revision...) is answered at the form's URL: show the page's own URL instead, so a
   // reload does not post again.
   const canonical = document.body.dataset.canonical;
-  if (canonical && window.location.pathname !== "/review") {
-    window.history.replaceState(null, "", canonical + "#detail");
+  if (canonical && !["/review", "/review/data-problems"].includes(window.location.pathname)) {
+    window.history.replaceState(null, "", canonical.startsWith("/review?") ? `${canonical}#detail` : canonical);
   }
 
   // "n new": poll for alerts raised or escalated since the list was rendered; the cue swaps the fresh list
