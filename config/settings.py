@@ -14,6 +14,7 @@ from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
@@ -309,6 +310,23 @@ class Settings(BaseSettings):
     review_trend_days: float = Field(
         default=7.0, gt=0, le=90, description="days of K and Mg results shown in the alert detail trend"
     )
+    review_poll_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="how often an open worklist page asks for new and escalated alerts (its 'n new' cue); 0: never",
+    )
+
+    # --- how people see times and units (review page, API display fields, card text) ---
+    display_timezone: str = Field(
+        default="UTC",
+        description="IANA time zone (e.g. Europe/Berlin, America/New_York) of every time shown to people: the "
+        "review page, the API's display fields and card text; data and exports stay ISO UTC",
+    )
+    display_mg_unit: Literal["mg/dL", "mmol/L"] = Field(
+        default="mg/dL",
+        description="unit magnesium is charted and shown in on the review page (the lab's own unit is shown beside)",
+    )
 
     @field_validator("cds_issuers", mode="before")
     @classmethod
@@ -429,6 +447,15 @@ class Settings(BaseSettings):
         if not issuer:
             raise ValueError("set EHR_ALERTS_REVIEW_ISSUER, the issuer these keys belong to")
         check_jwks_source(value, "review JWKS")
+        return value
+
+    @field_validator("display_timezone")
+    @classmethod
+    def _timezone_known(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not an IANA time zone name (e.g. Europe/Berlin, UTC)") from None
         return value
 
     @field_validator("review_roles_claim")

@@ -30,6 +30,7 @@ from service.review import install as install_review
 from service.security import install_cors, log_security_warnings
 from service.subscriptions import parse_status, record_event_numbers
 from workers.pipeline import get_store
+from workers.state.statuses import STATUSES
 
 FHIR_JSON = "application/fhir+json"
 JSON_TYPES = ("application/fhir+json", "application/json")
@@ -223,9 +224,7 @@ async def post_resource(resource_type: str, request: Request) -> JSONResponse:
 
 @app.get("/alerts", tags=["alerts"])
 def list_alerts(
-    status: Annotated[
-        str | None, Query(pattern="^(active|acknowledged|overridden|snoozed|resolved|retracted)$")
-    ] = None,
+    status: Annotated[str | None, Query(pattern=f"^({'|'.join(STATUSES)})$", description="one alert status")] = None,
     rule: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[int, Query(ge=0)] = 0,

@@ -1,5 +1,6 @@
-"""Pharmacist review: worklist JSON API (``/api/review``), server-rendered page (``/review``), analytics
-and audit export. ``install(app)`` adds the routers, the static files and the error handlers."""
+"""Pharmacist review: worklist JSON API (``/api/review``), server-rendered page (``/review``), the
+data-problems queue, analytics and audit export. ``install(app)`` adds the routers, the static files and the
+error handlers. Patient identity comes through one seam, :mod:`service.review.patients`."""
 
 from __future__ import annotations
 

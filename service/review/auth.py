@@ -10,9 +10,11 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import Request
 
+from config.settings import get_settings
 from service.security import (
     SESSION_COOKIE,
     AuthFailure,
@@ -42,6 +44,23 @@ async def call(dependency: Callable[..., Awaitable[Principal]], request: Request
     return await dependency(**arguments)
 
 
+def same_origin(request: Request) -> bool:
+    """For forms that carry no session yet (the login form): the browser's ``Origin`` must be this service's
+    origin (``EHR_ALERTS_PUBLIC_BASE_URL`` when set, else the request's), and a browser that names the request
+    cross-site (``Sec-Fetch-Site``) is refused even without an Origin. Same rule as the security module
+    applies to cookie-authenticated writes."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return request.headers.get("sec-fetch-site", "same-origin") in ("same-origin", "none")
+    base = get_settings().public_base_url
+    if base:
+        parts = urlsplit(base)
+        expected = f"{parts.scheme}://{parts.netloc}"
+    else:
+        expected = f"{request.url.scheme}://{request.url.netloc}"
+    return origin == expected
+
+
 __all__ = [
     "CSRF_COOKIE",
     "SESSION_COOKIE",
@@ -52,6 +71,7 @@ __all__ = [
     "clear_session_cookie",
     "pharmacist",
     "reader",
+    "same_origin",
     "set_session_cookie",
     "verify_review_token",
 ]

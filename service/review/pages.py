@@ -1,16 +1,19 @@
-"""The server-rendered review page ``/review``: login by token, worklist, detail panel, transition forms.
+"""The server-rendered review page ``/review``: login, worklist (by patient or by alert), detail panel,
+transition forms, data-problems queue and analytics.
 
 Works without JavaScript: the filter bar is a GET form, the detail panel is selected by a link, every
 transition is a POST form answered with a redirect back (303). Forms authenticate by the HttpOnly,
 SameSite=Strict session cookie and carry a per-session CSRF token (double submit: a random value in a
-second HttpOnly cookie and in a hidden field, compared in constant time).
+second HttpOnly cookie and in a hidden field, compared in constant time); the login form too (login CSRF),
+and every POST must come from this service's origin. ``review.js`` adds the "n new" cue (polling) and
+whole-row clicks; nothing depends on it.
 """
 
 from __future__ import annotations
 
 import hmac
 import secrets
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs, parse_qsl, urlencode
@@ -19,8 +22,10 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from config.localtime import format_instant, zone_label
 from config.settings import get_settings
-from service.review import core
+from service.review import core, labels, problems
+from service.review import patients as directory
 from service.review.auth import (
     CSRF_COOKIE,
     SESSION_COOKIE,
@@ -31,31 +36,54 @@ from service.review.auth import (
     clear_session_cookie,
     pharmacist,
     reader,
+    same_origin,
     set_session_cookie,
     verify_review_token,
 )
-from service.review.trend import sparkline
+from service.review.cardtext import render_card_markdown
+from service.review.readable import duration
 from workers.pipeline import get_catalog
 from workers.state import review_index as rq
+from workers.state.data_problems import REASONS, ProblemQuery
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
+templates.env.globals.update(
+    status_label=labels.status_label,
+    bucket_label=labels.bucket_label,
+    history_label=labels.history_label,
+    action_label=lambda a: labels.ACTION_LABELS.get(a, a),
+    source_label=lambda s: labels.SOURCE_LABELS.get(s or "stream", s),
+    encounter_label=labels.encounter_label,
+    status_help=labels.STATUS_LABELS,
+    when=format_instant,
+)
 router = APIRouter(prefix="/review", include_in_schema=False)
 
-FILTERS = ("status", "rule", "severity", "patient", "q", "opened_from", "opened_to", "sort", "cursor")
+FILTERS = (
+    "status", "rule", "severity", "patient", "ward", "encounter_class", "q", "opened_from", "opened_to", "sort",
+    "view", "cursor",
+)  # fmt: skip
 MAX_FORM_BYTES = 16384
 SNOOZE_CHOICES = (1, 4, 8, 24, 72)
 NOTICES = {
     "acknowledge": "Alert acknowledged.",
+    "accept": "Alert accepted.",
     "override": "Alert overridden.",
     "snooze": "Alert snoozed.",
     "resolve": "Alert resolved.",
     "reopen": "Alert reopened.",
 }
+ANALYTICS_WINDOWS = {"24h": ("Last 24 hours", 1), "7d": ("Last 7 days", 7), "30d": ("Last 30 days", 30)}
+ANALYTICS_WINDOWS |= {"90d": ("Last 90 days", 90), "all": ("All time", None)}
 
 
 class LoginRequired(Exception):
     """The page needs a (valid) session: answered with a redirect to the login form."""
+
+    def __init__(self, refused: bool = False) -> None:
+        super().__init__("login required")
+        self.refused = refused  # a session was presented and refused (expired...): say so on the login form
 
 
 class PageForbidden(Exception):
@@ -71,7 +99,8 @@ def _page_guard(dependency: Any, forbidden: str | None, doc: str) -> Any:
             return await call(dependency, request)
         except HTTPException as exc:
             if exc.status_code == 401:
-                raise LoginRequired from exc
+                presented = bool(request.cookies.get(SESSION_COOKIE) or request.headers.get("authorization"))
+                raise LoginRequired(refused=presented) from exc
             raise PageForbidden(forbidden or str(exc.detail)) from exc
 
     guard.__doc__ = doc
@@ -89,7 +118,9 @@ def _secure() -> bool:
 
 
 async def _form(request: Request) -> dict[str, str]:
-    """An urlencoded form body (size-limited); the last value of each field."""
+    """An urlencoded form body (size-limited) from this service's origin; the last value of each field."""
+    if not same_origin(request):
+        raise PageForbidden("this form was sent from another site; open the review page and try again")
     if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
         raise HTTPException(415, "expected a form (application/x-www-form-urlencoded)")
     body = b""
@@ -107,6 +138,26 @@ def _check_csrf(request: Request, form: dict[str, str]) -> None:
         raise PageForbidden("the form's security token is missing or out of date; reload the page and try again")
 
 
+def _set_csrf_cookie(response: Response, value: str) -> None:
+    response.set_cookie(CSRF_COOKIE, value, httponly=True, samesite="strict", secure=_secure(), path="/review")
+
+
+def _csrf_for(request: Request) -> str:
+    """The CSRF value of this browser (its cookie), or a new one the response sets."""
+    return request.cookies.get(CSRF_COOKIE) or secrets.token_urlsafe(32)
+
+
+def _template(request: Request, name: str, context: dict[str, Any], status_code: int = 200) -> Response:
+    """Render ``name``; hands out the CSRF cookie when the browser has none (the login form, or a page reached
+    with a token in a header set by a single sign-on proxy, whose forms must still carry the token)."""
+    csrf = context.setdefault("csrf", _csrf_for(request))
+    context.setdefault("zone", zone_label())
+    response = templates.TemplateResponse(request, name, context, status_code=status_code)
+    if request.cookies.get(CSRF_COOKIE) != csrf:
+        _set_csrf_cookie(response, csrf)
+    return response
+
+
 # --- login / logout ---------------------------------------------------------------------------------------
 
 
@@ -114,34 +165,37 @@ def _check_csrf(request: Request, form: dict[str, str]) -> None:
 def login_form(request: Request, error: str | None = None) -> Response:
     """Paste a token (until single sign-on puts one in the Authorization header)."""
     message = {"session": "Your session has ended or the token was refused. Sign in again."}.get(error or "")
-    return templates.TemplateResponse(request, "login.html", {"error": message}, status_code=200)
+    return _template(request, "login.html", {"error": message})
 
 
 @router.post("/login")
 async def login(request: Request) -> Response:
-    """Check the pasted token, then keep it in the HttpOnly session cookie (verified again on every request)."""
+    """Check the form's origin and CSRF token and the pasted token, then keep the token in the HttpOnly
+    session cookie (verified again on every request)."""
     form = await _form(request)
+    _check_csrf(request, form)
     token = form.get("token", "").strip()
     if token.lower().startswith("bearer "):
         token = token[7:].strip()
     if token.count(".") != 2 or len(token) > 8000 or any(c.isspace() for c in token):
-        return templates.TemplateResponse(
-            request, "login.html", {"error": "That is not a JSON Web Token (three parts separated by dots)."}, 400
-        )
+        message = "That is not a JSON Web Token (three parts separated by dots)."
+        return _template(request, "login.html", {"error": message}, 400)
     try:
         await verify_review_token(token, get_settings())
     except AuthFailure:
         message = "This token was refused (expired, wrong issuer or audience, or a bad signature)."
-        return templates.TemplateResponse(request, "login.html", {"error": message}, 401)
+        return _template(request, "login.html", {"error": message}, 401)
     response = RedirectResponse("/review", status_code=303)
     set_session_cookie(response, token, max_age=12 * 3600)
-    _set_csrf_cookie(response, secrets.token_urlsafe(32))
+    _set_csrf_cookie(response, secrets.token_urlsafe(32))  # a new value once signed in
     return response
 
 
 @router.post("/logout")
 async def logout(request: Request) -> Response:
     """Clear the session cookies."""
+    if not same_origin(request):
+        raise PageForbidden("this form was sent from another site; open the review page and try again")
     response = RedirectResponse("/review/login", status_code=303)
     clear_session_cookie(response)
     response.delete_cookie(CSRF_COOKIE, path="/review", httponly=True, samesite="strict")
@@ -153,8 +207,19 @@ async def logout(request: Request) -> Response:
 
 @router.get("", response_class=HTMLResponse)
 def worklist(request: Request, principal: Annotated[Principal, Depends(page_reader)]) -> Response:
-    """The worklist with filter bar, table and (when ``alert`` is given) the detail panel."""
+    """The worklist (grouped by patient, or one row per alert), the filter bar and, when ``alert`` is given,
+    the detail panel. ``fragment=list`` renders the list alone (what the "n new" cue swaps in)."""
     return render(request, principal)
+
+
+def _filters(request: Request) -> dict[str, str]:
+    params = dict(request.query_params)
+    filters = {k: params.get(k, "").strip() for k in FILTERS}
+    filters["status"] = filters["status"] if filters["status"] in rq.BUCKETS else "todo"
+    filters["sort"] = filters["sort"] if filters["sort"] in rq.SORTS else "severity"
+    filters["view"] = "alerts" if filters["view"] == "alerts" else "patients"
+    filters["severity"] = filters["severity"] if filters["severity"] in rq.SEVERITIES else ""
+    return filters
 
 
 def render(
@@ -164,17 +229,20 @@ def render(
     error: str | None = None,
     status_code: int = 200,
     selected: str | None = None,
+    draft: dict[str, Any] | None = None,
+    changed: list[dict[str, Any]] | None = None,
 ) -> Response:
     """Render the page for the request's filters (shared by GET and by failed POSTs)."""
     params = dict(request.query_params)
-    filters = {k: params.get(k, "") for k in FILTERS}
-    filters["status"] = filters["status"] or "open"
-    filters["sort"] = filters["sort"] or "severity"
+    filters = _filters(request)
     selected = selected or params.get("alert") or None
-    page: dict[str, Any] = {"items": [], "next_cursor": None, "counts": {}}
+    page: dict[str, Any] = {"items": [], "groups": [], "next_cursor": None, "counts": {}}
     try:
         query = _query_from(filters)
-        page = core.list_alerts(query, filters["cursor"] or None)
+        if filters["view"] == "patients":
+            page = {"items": [], **core.list_patients(query, filters["cursor"] or None)}
+        else:
+            page = {"groups": [], **core.list_alerts(query, filters["cursor"] or None)}
     except core.ReviewError as exc:
         error, status_code = exc.message, exc.status
     detail = None
@@ -183,11 +251,8 @@ def render(
             detail = core.alert_detail(selected)
         except core.ReviewError as exc:
             error, status_code = exc.message, exc.status
-    now = rq.utcnow()
-    base = {k: v for k, v in filters.items() if v and k != "cursor"}
-    # The CSRF cookie comes with the login form, or here when the token arrives in a header set by a
-    # single sign-on proxy (whose own cookie would otherwise make a cross-site form post look genuine).
-    csrf = request.cookies.get(CSRF_COOKIE) or secrets.token_urlsafe(32)
+    base = {k: v for k, v in filters.items() if v and k != "cursor" and (k, v) not in _DEFAULTS}
+    people = directory.directory()
     context = {
         "principal": principal,
         "can_act": "pharmacist" in principal.roles,
@@ -197,117 +262,86 @@ def render(
         "page": page,
         "counts": page.get("counts") or {},
         "rules": [(r.id, r.title) for r in get_catalog().rules],
-        "buckets": rq.BUCKETS,
+        "buckets": ("todo", "open", "closed", "all", *rq.STATUSES),
         "severities": rq.SEVERITIES,
         "sorts": rq.SORTS,
+        "context_available": people.available,
+        "wards": people.wards() if people.available else [],
+        "classes": labels.ENCOUNTER_CLASSES,
         "detail": detail,
         "actions": core.ACTIONS_BY_STATUS.get(detail["status"], ()) if detail else (),
-        "trend_svg": _trend_svgs(detail) if detail else {},
+        "charts": core.trend_charts(detail) if detail else {},
+        "card_html": render_card_markdown((detail.get("card") or {}).get("detail")) if detail else "",
         "reason_names": _reason_names(detail) if detail else {},
-        "csrf": csrf,
         "error": error,
-        "notice": NOTICES.get(params.get("done", "")),
+        "draft": draft or {},
+        "changed": changed or [],
+        "notice": NOTICES.get(params.get("done", "")) or _bulk_notice(params),
         "snooze_choices": SNOOZE_CHOICES,
-        "age": lambda opened: _age(opened, now),
-        "when": _when,
+        "poll_seconds": get_settings().review_poll_seconds,
+        "rendered_at": rq.utcnow().timestamp(),
+        "canonical": "/review?" + urlencode({**base, **({"alert": selected} if selected else {})}),
         "link": lambda **extra: "/review?" + urlencode({**base, **{k: v for k, v in extra.items() if v}}),
     }
-    response = templates.TemplateResponse(request, "worklist.html", context, status_code=status_code)
-    if request.cookies.get(CSRF_COOKIE) != csrf:
-        _set_csrf_cookie(response, csrf)
-    return response
+    name = "_list.html" if params.get("fragment") == "list" else "worklist.html"
+    return _template(request, name, context, status_code)
 
 
-def _set_csrf_cookie(response: Response, value: str) -> None:
-    response.set_cookie(CSRF_COOKIE, value, httponly=True, samesite="strict", secure=_secure(), path="/review")
+_DEFAULTS = {("status", "todo"), ("sort", "severity"), ("view", "patients")}
 
 
 def _query_from(filters: dict[str, str]) -> rq.Query:
-    status = filters["status"] if filters["status"] in rq.BUCKETS else "open"
-    sort = filters["sort"] if filters["sort"] in rq.SORTS else "severity"
-    severity = filters["severity"] if filters["severity"] in rq.SEVERITIES else None
     return rq.Query(
-        status=status,
+        status=filters["status"],
         rule=filters["rule"] or None,
-        severity=severity,
-        patient=filters["patient"].strip() or None,
-        text=filters["q"].strip()[:100] or None,
+        severity=filters["severity"] or None,
+        patient=filters["patient"][:100] or None,
+        text=filters["q"][:100] or None,
         opened_from=core.parse_opened(filters["opened_from"], "opened_from"),
         opened_to=core.parse_opened(filters["opened_to"], "opened_to"),
-        sort=sort,
+        sort=filters["sort"],
         limit=get_settings().review_page_size,
+        patients=core.resolve_patients(filters["patient"][:100], filters["ward"], filters["encounter_class"]),
+        context=(filters["ward"], filters["encounter_class"]),
+        group=filters["view"] == "patients",
     )
-
-
-def _trend_svgs(detail: dict[str, Any]) -> dict[str, str]:
-    trend = detail["trend"]
-    return {
-        "potassium": sparkline(trend["potassium"], trend["start"], trend["end"], "Potassium"),
-        "magnesium": sparkline(trend["magnesium"], trend["start"], trend["end"], "Magnesium"),
-    }
 
 
 def _reason_names(detail: dict[str, Any]) -> dict[str, str]:
     return {r["code"]: r["display"] for r in detail.get("override_reasons") or []}
 
 
-def _age(opened: str | None, now: datetime) -> str:
-    seconds = now.timestamp() - rq.epoch(opened)
-    if not opened or seconds < 0:
-        return "—"
-    days, rest = divmod(int(seconds), 86400)
-    hours, rest = divmod(rest, 3600)
-    if days:
-        return f"{days} d {hours} h"
-    return f"{hours} h {rest // 60} min" if hours else f"{rest // 60} min"
-
-
-def _when(text: str | None) -> str:
-    if not text:
-        return "—"
-    moment = datetime.fromtimestamp(rq.epoch(text), UTC)
-    return moment.strftime("%Y-%m-%d %H:%M UTC")
-
-
-@router.get("/analytics", response_class=HTMLResponse)
-def analytics_page(request: Request, principal: Annotated[Principal, Depends(page_admin)]) -> Response:
-    """Per-rule analytics and the audit export form (admins)."""
-    from service.review.api import compute_analytics
-
-    context = {"principal": principal, "data": compute_analytics(None, None), "when": _when, "duration": _duration}
-    return templates.TemplateResponse(request, "analytics.html", context)
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    hours, rest = divmod(int(seconds), 3600)
-    return f"{hours} h {rest // 60} min" if hours else f"{rest // 60} min"
-
-
 # --- transitions ------------------------------------------------------------------------------------------
+
+
+def _back(request: Request, form: dict[str, str]) -> dict[str, str]:
+    """The filters the form came from (only known filter names), made the request's own query string so a
+    refusal renders the same page."""
+    back = {k: v for k, v in parse_qsl(form.get("back", "")) if k in FILTERS and k != "cursor"}
+    request.scope["query_string"] = urlencode(back).encode()
+    return back
 
 
 @router.post("/alerts/{alert_id}/{action}")
 async def act(
     request: Request, alert_id: str, action: str, principal: Annotated[Principal, Depends(page_pharmacist)]
 ) -> Response:
-    """A transition form: check CSRF, apply, redirect back to the worklist with the alert open."""
+    """A transition form: check origin and CSRF, apply, redirect back to the worklist with the alert open. A
+    stale form (someone acted first) is refused with who changed what, and the typed comment kept."""
     form = await _form(request)
     _check_csrf(request, form)
-    back = {k: v for k, v in parse_qsl(form.get("back", "")) if k in FILTERS and k != "cursor"}
-    request.scope["query_string"] = urlencode(back).encode()
+    back = _back(request, form)
     if action not in NOTICES:
         return render(request, principal, error=f"unknown action {action!r}", status_code=404, selected=alert_id)
+    draft = {"action": action, "reason": form.get("reason", ""), "comment": form.get("comment", "")[:2000]}
     until = None
     if action == "snooze":
         try:
-            hours = float(form.get("hours", ""))
+            until = rq.utcnow() + timedelta(hours=float(form.get("hours", "")))
         except ValueError:
             return render(request, principal, error="choose how long to snooze", status_code=400, selected=alert_id)
-        until = rq.utcnow() + timedelta(hours=hours)
     try:
-        revision = int(form.get("revision", ""))
+        revision: int | None = int(form.get("revision", ""))
     except ValueError:
         revision = None
     try:
@@ -321,17 +355,169 @@ async def act(
             until=until,
         )
     except core.ReviewError as exc:
-        message = exc.message
-        if exc.code == "conflict":
-            message += " The alert below shows its current state."
-        return render(request, principal, error=message, status_code=exc.status, selected=alert_id)
+        changed = _changed_since(alert_id, revision) if exc.code == "conflict" else []
+        message = _conflict_message(changed) if exc.code == "conflict" else exc.message
+        return render(
+            request, principal, error=message, status_code=exc.status, selected=alert_id, draft=draft, changed=changed
+        )
     target = "/review?" + urlencode({**back, "alert": alert_id, "done": action}) + "#detail"
     return RedirectResponse(target, status_code=303)
 
 
+def _changed_since(alert_id: str, revision: int | None) -> list[dict[str, Any]]:
+    alert = core.get_index().store.find_alert(alert_id)
+    return core.changes_since(alert, revision or 0) if alert else []
+
+
+def _conflict_message(changed: list[dict[str, Any]]) -> str:
+    """``Not saved: while you were reading, user:bob overrode it (14:02 CEST). ...``"""
+    if not changed:
+        return "Not saved: the alert changed while you were reading it. Check its current state below."
+    done = "; ".join(
+        f"{e.get('by', 'someone')} {labels.history_label(e.get('action')).lower()} it ({format_instant(e.get('at'))})"
+        for e in changed[-3:]
+    )
+    return (
+        f"Not saved: while you were reading, {done}. The alert below shows its current state; your comment is "
+        "kept in the form — check it and send it again if it still applies."
+    )
+
+
+@router.post("/patients/{patient_id}/acknowledge")
+async def acknowledge_patient(
+    request: Request, patient_id: str, principal: Annotated[Principal, Depends(page_pharmacist)]
+) -> Response:
+    """Bulk acknowledge: every active alert of one patient listed in the form (``a:<id>`` = revision seen)."""
+    form = await _form(request)
+    _check_csrf(request, form)
+    back = _back(request, form)
+    seen: dict[str, int] = {}
+    for name, value in form.items():
+        if name.startswith("a:") and value.isdigit():
+            seen[name[2:]] = int(value)
+    if not seen or not core.PATIENT_ID.match(patient_id):
+        return render(request, principal, error="no active alert of this patient to acknowledge", status_code=400)
+    results = core.acknowledge_patient(patient_id, seen, principal.actor, form.get("comment", "").strip() or None)
+    done = sum(r["status"] == 200 for r in results)
+    outcome = {"done": "bulk", "acknowledged": str(done), "refused": str(len(results) - done)}
+    return RedirectResponse("/review?" + urlencode({**back, **outcome}), status_code=303)
+
+
+def _bulk_notice(params: dict[str, str]) -> str | None:
+    """The notice after a bulk acknowledge (counts only: no text comes from the URL)."""
+    if params.get("done") != "bulk":
+        return None
+    done = int(params["acknowledged"]) if params.get("acknowledged", "").isdigit() else 0
+    refused = int(params["refused"]) if params.get("refused", "").isdigit() else 0
+    text = f"{done} alert{'s' if done != 1 else ''} acknowledged."
+    if refused:
+        text += f" {refused} not: {'it' if refused == 1 else 'they'} changed since the page was loaded (shown now)."
+    return text
+
+
+# --- data problems ----------------------------------------------------------------------------------------
+
+
+@router.get("/data-problems", response_class=HTMLResponse)
+def data_problems_page(request: Request, principal: Annotated[Principal, Depends(page_reader)]) -> Response:
+    """The data-problems queue: indeterminate decisions' causes, for the lab-interface analyst."""
+    return _render_problems(request, principal)
+
+
+def _render_problems(
+    request: Request, principal: Principal, *, error: str | None = None, status_code: int = 200
+) -> Response:
+    params = dict(request.query_params)
+    status = params.get("status") if params.get("status") in ("open", "resolved", "all") else "open"
+    reason = params.get("reason") if params.get("reason") in REASONS else None
+    query = ProblemQuery(status=status, reason=reason, limit=get_settings().review_page_size)
+    try:
+        page = problems.list_problems(query, params.get("cursor") or None)
+    except core.ReviewError as exc:
+        page, error, status_code = {"items": [], "next_cursor": None, "counts": {}}, exc.message, exc.status
+    base = {k: v for k, v in (("status", status), ("reason", reason or "")) if v}
+    context = {
+        "principal": principal,
+        "can_act": "pharmacist" in principal.roles,
+        "is_admin": "admin" in principal.roles,
+        "page": page,
+        "status": status,
+        "reason": reason or "",
+        "reasons": REASONS,
+        "error": error,
+        "notice": {"resolve": "Data problem resolved.", "reopen": "Data problem reopened."}.get(params.get("done", "")),
+        "base_query": urlencode(base),
+        "link": lambda **extra: "/review/data-problems?" + urlencode({**base, **{k: v for k, v in extra.items() if v}}),
+    }
+    return _template(request, "data_problems.html", context, status_code)
+
+
+@router.post("/data-problems/{item_id}/{action}")
+async def data_problem_act(
+    request: Request, item_id: str, action: str, principal: Annotated[Principal, Depends(page_pharmacist)]
+) -> Response:
+    """Resolve (with a note) or reopen a data problem from its form."""
+    form = await _form(request)
+    _check_csrf(request, form)
+    back = {k: v for k, v in parse_qsl(form.get("back", "")) if k in ("status", "reason")}
+    request.scope["query_string"] = urlencode(back).encode()
+    try:
+        revision: int | None = int(form.get("revision", ""))
+    except ValueError:
+        revision = None
+    if action not in ("resolve", "reopen"):
+        return _render_problems(request, principal, error=f"unknown action {action!r}", status_code=404)
+    try:
+        problems.act(item_id, action, principal.actor, revision=revision, comment=form.get("comment"))
+    except core.ReviewError as exc:
+        return _render_problems(request, principal, error=exc.message, status_code=exc.status)
+    return RedirectResponse("/review/data-problems?" + urlencode({**back, "done": action}), status_code=303)
+
+
+# --- analytics --------------------------------------------------------------------------------------------
+
+
+@router.get("/analytics", response_class=HTMLResponse)
+def analytics_page(request: Request, principal: Annotated[Principal, Depends(page_admin)]) -> Response:
+    """Per-rule analytics over a time window (by when alerts were raised), their definitions, and the audit
+    export form (admins)."""
+    from service.review.api import DEFINITIONS, compute_analytics
+
+    params = dict(request.query_params)
+    window = params.get("window") if params.get("window") in ANALYTICS_WINDOWS else "30d"
+    error, status_code = None, 200
+    start = end = None
+    if params.get("opened_from") or params.get("opened_to"):
+        window = "custom"
+        try:
+            start = core.parse_opened(params.get("opened_from"), "opened_from")
+            end = core.parse_opened(params.get("opened_to"), "opened_to")
+        except core.ReviewError as exc:
+            error, status_code = exc.message, exc.status
+    elif ANALYTICS_WINDOWS[window][1] is not None:
+        start = rq.utcnow() - timedelta(days=ANALYTICS_WINDOWS[window][1] or 0)
+    context = {
+        "principal": principal,
+        "is_admin": True,
+        "data": compute_analytics(start, end),
+        "definitions": DEFINITIONS,
+        "windows": ANALYTICS_WINDOWS,
+        "window": window,
+        "params": params,
+        "error": error,
+        "duration": lambda seconds: "—" if seconds is None else duration(seconds),
+    }
+    return _template(request, "analytics.html", context, status_code)
+
+
+# --- errors -----------------------------------------------------------------------------------------------
+
+
 async def login_required_handler(request: Request, exc: Exception) -> Response:
-    """Send the browser to the login form; the cookie is cleared because it was refused."""
-    response = RedirectResponse("/review/login?error=session", status_code=303)
+    """Send the browser to the login form; a refused session cookie is cleared and the form says why (a first
+    visit, with no session at all, gets the plain form)."""
+    refused = isinstance(exc, LoginRequired) and exc.refused
+    response = RedirectResponse("/review/login?error=session" if refused else "/review/login", status_code=303)
     if request.cookies.get(SESSION_COOKIE):
         clear_session_cookie(response)
     return response

@@ -214,6 +214,31 @@ ROUTE_SAMPLES: dict[tuple[str, str], Sample] = {
         (f"/review?alert={c.alert_id}", {"headers": REVIEW}),
     ],
     ("GET", "/review/analytics"): lambda c: [("/review/analytics", {"headers": REVIEW})],
+    ("GET", "/review/data-problems"): lambda c: [("/review/data-problems?status=all", {"headers": REVIEW})],
+    ("POST", "/review/data-problems/{item_id}/{action}"): lambda c: [
+        ("/review/data-problems/0123456789abcdef01234567/resolve", {"data": {"revision": "1"}, "headers": REVIEW}),
+    ],
+    ("POST", "/review/patients/{patient_id}/acknowledge"): lambda c: [
+        (f"/review/patients/{c.patient}/acknowledge", {"data": {f"a:{c.alert_id}": "1"}, "headers": REVIEW}),
+    ],
+    ("GET", "/api/review/patients"): lambda c: [
+        ("/api/review/patients", {"headers": REVIEW}),
+        (f"/api/review/patients?patient={c.patient}&status=all", {"headers": REVIEW}),
+    ],
+    ("GET", "/api/review/updates"): lambda c: [("/api/review/updates?since=0", {"headers": REVIEW})],
+    ("POST", "/api/review/patients/{patient_id}/acknowledge"): lambda c: [
+        (
+            f"/api/review/patients/{c.patient}/acknowledge",
+            {"json": {"alerts": {c.alert_id: c.revision}, "comment": "seen"}, "headers": REVIEW},
+        ),
+    ],
+    ("GET", "/api/review/data-problems"): lambda c: [("/api/review/data-problems?status=all", {"headers": REVIEW})],
+    ("POST", "/api/review/data-problems/{item_id}/transitions"): lambda c: [
+        (
+            "/api/review/data-problems/0123456789abcdef01234567/transitions",
+            {"json": {"action": "resolve", "revision": 1, "comment": "mapped"}, "headers": REVIEW},
+        ),
+    ],
     ("GET", "/review/login"): lambda c: [("/review/login", {})],
     ("POST", "/review/login"): lambda c: [
         ("/review/login", {"data": {"token": REVIEW_TOKEN}}),

@@ -1,5 +1,7 @@
 """The review API on a real Redis: filters, ordering, cursor pagination, every legal and illegal transition,
-concurrent edits, roles, snooze expiry, analytics figures on a known data set, the audit export."""
+concurrent edits, roles, snooze expiry, the lifecycle's statuses and escalation, grouping by patient, the
+"n new" poll, bulk acknowledge, patient context through the seam, display times, CDS Hooks alerts, analytics
+figures on a known data set, the audit export and the data-problems queue."""
 
 from __future__ import annotations
 
@@ -10,7 +12,21 @@ from datetime import datetime, timedelta
 
 import pytest
 from itest_builders import potassium
-from review_support import HYPOK, REFRACTORY, T0, as_user, review_client, seed, ward
+from review_support import (
+    HYPOK,
+    REFRACTORY,
+    T0,
+    as_user,
+    cds_only_alert,
+    close,
+    directory,
+    escalate,
+    live_clock,
+    review_client,
+    seed,
+    ward,
+    ward_directory,
+)
 
 from workers.state import review_index as rq
 
@@ -25,6 +41,7 @@ ADMIN = as_user("ada", "admin")
 @pytest.fixture
 def api(store, module_redis_url, key_prefix, monkeypatch, tmp_path):
     seed(store, ward())
+    live_clock(store)  # raised when the data came, as on a live feed
     with review_client(monkeypatch, module_redis_url, key_prefix, tmp_path) as client:
         yield client
 
@@ -56,7 +73,8 @@ def test_default_list_is_open_alerts_most_severe_then_oldest(api):
     assert {r[2] for r in warnings} == {"warning"} and {r[2] for r in infos} == {"info"}
     assert [r[0] for r in infos] == ["p2", "p3", "p5"]  # oldest first within a severity
     assert [r[0] for r in warnings][-1] == "p4"  # p1's two alerts opened before p4's
-    assert page["counts"]["open"] == 6 and page["counts"]["active"] == 6 and page["counts"]["all"] == 6
+    assert page["counts"]["todo"] == 6 and page["counts"]["active"] == 6 and page["counts"]["all"] == 6
+    assert page["counts"]["open"] == 6 and page["counts"]["closed"] == 0
     assert page["next_cursor"] is None
     p1 = next(a for a in page["items"] if a["patient"] == "p1")
     assert p1["latest"]["potassium"]["reported"] == "2.8 mmol/L"
@@ -66,7 +84,7 @@ def test_default_list_is_open_alerts_most_severe_then_oldest(api):
 def test_filters(api):
     refractory = _list(api, rule=REFRACTORY)
     assert [a["patient"] for a in refractory["items"]] == ["p1"]
-    assert (refractory["counts"]["open"], refractory["counts"]["all"]) == (1, 1)  # counts follow the rule filter
+    assert (refractory["counts"]["todo"], refractory["counts"]["all"]) == (1, 1)  # counts follow the rule filter
     assert [a["patient"] for a in _list(api, severity="info")["items"]] == ["p2", "p3", "p5"]
     assert [a["rule_id"] for a in _list(api, patient="p1", sort="oldest")["items"]] == [HYPOK, REFRACTORY]
     assert [a["patient"] for a in _list(api, q="2.9 mmol")["items"]] == ["p4"]
@@ -83,7 +101,8 @@ def test_filters(api):
 
 
 def test_bad_filters_are_400_operation_outcomes(api):
-    for params in ({"status": "open-ish"}, {"severity": "huge"}, {"sort": "random"}, {"limit": 0}, {"patient": "a b"}):
+    bad = ({"status": "open-ish"}, {"severity": "huge"}, {"sort": "random"}, {"limit": 0}, {"encounter_class": "a b"})
+    for params in (*bad, {"patient": "x" * 101}):
         response = api.get("/api/review/alerts", params=params, headers=PHARMACIST)
         assert response.status_code == 400, params
         assert response.json()["resourceType"] == "OperationOutcome"
@@ -366,9 +385,10 @@ def test_roles(api):
 
 def test_analytics_on_a_known_data_set(api, monkeypatch):
     """6 alerts on 7 patients. Hypokalemia (5): p1 overridden 30 min after opening (mg-already-ordered), p2
-    acknowledged after 1 h, p3 overridden after 4 h (goals-of-care), p4 snoozed after 2 h then overridden
-    (mg-already-ordered), p5 untouched. Refractory (1, opened at T0): untouched. With "now" 30 h after T0
-    the untouched ones are ignored; 10 h after T0 they are pending (window 24 h)."""
+    acknowledged after 1 h (seen, nothing decided: not acceptance), p3 overridden after 4 h (goals-of-care), p4
+    snoozed after 2 h then overridden (mg-already-ordered), p5 untouched. Refractory (1, raised at T0):
+    accepted by a pharmacist after 6 h. With "now" 30 h after T0 the untouched one is ignored; 10 h after T0
+    it is pending (window 24 h)."""
 
     def at(moment):
         monkeypatch.setattr(rq, "utcnow", lambda: moment)
@@ -384,6 +404,9 @@ def test_analytics_on_a_known_data_set(api, monkeypatch):
     do("p3", "override", timedelta(hours=4), reason="goals-of-care")
     do("p4", "snooze", timedelta(hours=2), until=(T0 + timedelta(hours=10)).isoformat())  # p4 opened at T0+3h
     do("p4", "override", timedelta(hours=3), reason="mg-already-ordered")
+    refractory_alert = _alert_of(api, "p1", REFRACTORY)
+    at(T0 + timedelta(hours=6))
+    assert _act(api, refractory_alert["id"], "accept", refractory_alert["revision"]).status_code == 200
     at(T0 + timedelta(hours=30))
     body = api.get("/api/review/analytics", headers=ADMIN).json()
     assert body["patients_seen"] == 7
@@ -391,20 +414,25 @@ def test_analytics_on_a_known_data_set(api, monkeypatch):
     hypok = figures[HYPOK]
     assert hypok["fired"] == 5
     assert hypok["per_1000_patients"] == round(5000 / 7, 2)
-    assert (hypok["accepted"], hypok["overridden"], hypok["ignored"], hypok["pending"]) == (1, 3, 1, 0)
-    assert (hypok["accepted_rate"], hypok["overridden_rate"], hypok["ignored_rate"]) == (0.2, 0.6, 0.2)
+    outcomes = ("accepted", "overridden", "acknowledged", "resolved_by_hand", "ignored", "pending")
+    assert tuple(hypok[o] for o in outcomes) == (0, 3, 1, 0, 1, 0)
+    assert (hypok["acknowledged_rate"], hypok["overridden_rate"], hypok["ignored_rate"]) == (0.2, 0.6, 0.2)
     assert hypok["override_reasons"] == {"goals-of-care": 1, "mg-already-ordered": 2}
+    assert hypok["override_reason_names"]["mg-already-ordered"] == "Magnesium already ordered"
     assert hypok["median_seconds_to_first_action"] == 1.5 * 3600  # 0.5 h, 1 h, 2 h (the snooze), 4 h
     assert hypok["alerts_with_action"] == 4
     refractory = figures[REFRACTORY]
-    assert (refractory["fired"], refractory["ignored"], refractory["median_seconds_to_first_action"]) == (1, 1, None)
+    assert (refractory["fired"], refractory["accepted"], refractory["median_seconds_to_first_action"]) == (
+        1,
+        1,
+        6 * 3600,
+    )
     assert refractory["per_1000_patients"] == round(1000 / 7, 2)
     at(T0 + timedelta(hours=10))
     early = {r["rule_id"]: r for r in api.get("/api/review/analytics", headers=ADMIN).json()["rules"]}
-    assert (early[REFRACTORY]["pending"], early[REFRACTORY]["ignored"]) == (1, 0)
-    assert (early[HYPOK]["pending"], early[HYPOK]["ignored"]) == (1, 0)  # p5 opened at T0+4h
+    assert (early[HYPOK]["pending"], early[HYPOK]["ignored"]) == (1, 0)  # p5 raised at T0+4h
     only_late = api.get("/api/review/analytics", params={"opened_from": "2024-04-01T08:30:00Z"}, headers=ADMIN)
-    assert {r["rule_id"]: r["fired"] for r in only_late.json()["rules"]} == {HYPOK: 2}  # p4, p5
+    assert {r["rule_id"]: r["fired"] for r in only_late.json()["rules"]} == {HYPOK: 2}  # p4, p5 raised after 08:30
 
 
 def test_audit_export_csv_and_ndjson(api, monkeypatch):
@@ -436,3 +464,241 @@ def test_audit_export_csv_and_ndjson(api, monkeypatch):
         "/api/review/audit", params={"from": "2024-04-03T00:00:00Z", "to": "2024-04-01T00:00:00Z"}, headers=ADMIN
     )
     assert bad.status_code == 400
+
+
+# --- lifecycle statuses, escalation ------------------------------------------------------------------------------
+
+
+def test_every_documented_status_filters_on_both_apis(store, api):
+    p2, p3, p4 = (_alert_of(api, p) for p in ("p2", "p3", "p4"))
+    assert _act(api, p2["id"], "accept", p2["revision"]).status_code == 200
+    close(store, p3["id"], "expired", "potassium result aged out of the 72 h look-back")
+    close(store, p4["id"], "withdrawn", "potassium corrected to 3.9 mmol/L")
+    expected = {"accepted": ["p2"], "expired": ["p3"], "withdrawn": ["p4"], "closed": ["p3", "p4"]}
+    for status, patients in expected.items():
+        assert sorted(a["patient"] for a in _list(api, status=status)["items"]) == patients, status
+    counts = _list(api)["counts"]
+    assert (counts["todo"], counts["open"], counts["closed"], counts["all"]) == (3, 4, 2, 6)
+    assert (counts["expired"], counts["withdrawn"], counts["accepted"]) == (1, 1, 1)
+    for status in ("accepted", "expired", "withdrawn", "overridden"):  # the hospital-wide read API too
+        response = api.get("/alerts", params={"status": status})
+        assert response.status_code == 200, (status, response.text)
+    assert [a["patient"] for a in api.get("/alerts", params={"status": "accepted"}).json()["alerts"]] == ["p2"]
+    expired = api.get(f"/api/review/alerts/{p3['id']}", headers=PHARMACIST).json()
+    for action in ("acknowledge", "override", "snooze", "resolve", "reopen"):  # closed by the pipeline: final
+        assert _act(api, p3["id"], action, expired["revision"], **_fields(action)).status_code == 409
+
+
+def test_escalated_alerts_go_on_top_with_why_until_someone_acts(store, api):
+    p5 = _alert_of(api, "p5")  # info, raised last: the bottom of the list
+    assert _act(api, p5["id"], "override", p5["revision"], reason="goals-of-care").status_code == 200
+    assert "p5" not in [a["patient"] for a in _list(api)["items"]]
+    escalate(store, p5["id"], "potassium fell to 2.7 mmol/L (below 3.0)", severity="warning")
+    rows = _list(api)["items"]
+    assert rows[0]["patient"] == "p5" and rows[0]["status"] == "active"
+    escalated = rows[0]["escalated"]
+    assert (escalated["why"], escalated["from"]) == ("potassium fell to 2.7 mmol/L (below 3.0)", "overridden")
+    assert _list(api, severity="warning")["items"][0]["patient"] == "p5"
+    grouped = api.get("/api/review/patients", headers=PHARMACIST).json()["groups"]
+    assert grouped[0]["patient"] == "p5"
+    detail = api.get(f"/api/review/alerts/{p5['id']}", headers=PHARMACIST).json()
+    assert detail["history"][-1]["action"] == "escalated"
+    assert _act(api, p5["id"], "acknowledge", detail["revision"]).status_code == 200
+    rows = _list(api)["items"]
+    assert rows[0]["patient"] != "p5" and next(a for a in rows if a["patient"] == "p5")["escalated"] is None
+
+
+# --- grouping, polling, bulk ----------------------------------------------------------------------------------------
+
+
+def test_patients_endpoint_groups_and_pages_by_patient(api):
+    body = api.get("/api/review/patients", headers=PHARMACIST).json()
+    assert [g["patient"] for g in body["groups"]] == ["p1", "p4", "p2", "p3", "p5"]  # by each one's top alert
+    p1 = body["groups"][0]
+    assert sorted(a["rule_id"] for a in p1["alerts"]) == [HYPOK, REFRACTORY] and p1["latest"]["potassium"]
+    seen, cursor = [], None
+    while True:
+        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = api.get("/api/review/patients", params=params, headers=PHARMACIST).json()
+        seen += [g["patient"] for g in page["groups"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert seen == ["p1", "p4", "p2", "p3", "p5"]  # each patient once, in order
+    alerts_cursor = _list(api, limit=2)["next_cursor"]
+    wrong = api.get("/api/review/patients", params={"cursor": alerts_cursor, "limit": 2}, headers=PHARMACIST)
+    assert wrong.status_code == 400  # a cursor of the ungrouped list is not one of this list
+
+
+def test_updates_count_new_and_escalated_alerts_since_a_time(store, api):
+    since = rq.utcnow().timestamp()
+    assert api.get("/api/review/updates", params={"since": since}, headers=VIEWER).json()["count"] == 0
+    seed(store, [potassium("k-p6-2", "p6", 3.2, T0 + timedelta(hours=9))])  # a new alert for p6
+    p3 = _alert_of(api, "p3")
+    _act(api, p3["id"], "override", p3["revision"], reason="goals-of-care")
+    escalate(store, p3["id"], "potassium below 3.0")
+    body = api.get("/api/review/updates", params={"since": since}, headers=VIEWER).json()
+    new_id = _alert_of(api, "p6")["id"]
+    assert (body["new"], body["escalated"], body["count"]) == ([new_id], [p3["id"]], 2)
+    assert body["now"] >= since
+    only_rule = api.get("/api/review/updates", params={"since": since, "rule": REFRACTORY}, headers=VIEWER).json()
+    assert only_rule["count"] == 0
+    assert api.get("/api/review/updates", params={"since": body["now"]}, headers=VIEWER).json()["count"] == 0
+    assert api.get("/api/review/updates", params={"since": since}).status_code == 401
+
+
+def test_bulk_acknowledge_for_a_patient_refuses_stale_ones_individually(api):
+    hypok, refractory = _alert_of(api, "p1"), _alert_of(api, "p1", REFRACTORY)
+    assert _act(api, refractory["id"], "snooze", refractory["revision"], **_fields("snooze")).status_code == 200
+    body = {"alerts": {hypok["id"]: hypok["revision"], refractory["id"]: refractory["revision"]}, "comment": "seen"}
+    results = api.post("/api/review/patients/p1/acknowledge", json=body, headers=BOB).json()
+    by_id = {r["id"]: r for r in results}
+    assert by_id[hypok["id"]]["status"] == 200 and by_id[refractory["id"]]["status"] == 409
+    after = api.get(f"/api/review/alerts/{hypok['id']}", headers=BOB).json()
+    assert (after["status"], after["history"][-1]["by"], after["history"][-1]["comment"]) == (
+        "acknowledged",
+        "user:bob",
+        "seen",
+    )
+    other = api.post("/api/review/patients/p2/acknowledge", json={"alerts": {hypok["id"]: 1}}, headers=BOB).json()
+    assert other[0]["status"] == 404  # an alert of another patient
+    assert api.post("/api/review/patients/p1/acknowledge", json=body, headers=VIEWER).status_code == 403
+
+
+# --- patient context and display times -----------------------------------------------------------------------------
+
+
+def test_patient_context_search_and_filters(api):
+    assert _list(api)["items"][0]["patient_context"] is None  # no patient context yet: null, id shown
+    with directory(ward_directory()):
+        rows = _list(api)["items"]
+        p1 = next(a for a in rows if a["patient"] == "p1")["patient_context"]
+        assert (p1["name"], p1["mrn"], p1["sex"], p1["ward"], p1["bed"], p1["encounter_class"]) == (
+            "DOE, Jane", "MRN1001", "female", "Ward 5B", "1", "IMP",
+        )  # fmt: skip
+        assert p1["age"].endswith(" y") and p1["encounter_class_display"] == "Inpatient"
+        assert {a["patient"] for a in _list(api, patient="MRN1003")["items"]} == {"p3"}
+        assert {a["patient"] for a in _list(api, patient="jane")["items"]} == {"p1"}
+        assert {a["patient"] for a in _list(api, patient="p4")["items"]} == {"p4"}  # the FHIR id still works
+        assert {a["patient"] for a in _list(api, ward="ED")["items"]} == {"p5"}
+        assert {a["patient"] for a in _list(api, ward="Ward 5B", encounter_class="IMP")["items"]} == {
+            "p1", "p2", "p3", "p4"
+        }  # fmt: skip
+        assert _list(api, patient="nobody")["items"] == []
+        grouped = api.get("/api/review/patients", params={"ward": "ED"}, headers=PHARMACIST).json()["groups"]
+        assert [g["patient_context"]["name"] for g in grouped] == ["LOW, Karl"]
+
+
+def test_display_fields_are_local_time_and_age_counts_from_raising(api, monkeypatch):
+    from config.settings import get_settings
+
+    monkeypatch.setenv("EHR_ALERTS_DISPLAY_TIMEZONE", "Europe/Berlin")
+    get_settings.cache_clear()
+    monkeypatch.setattr(rq, "utcnow", lambda: T0 + timedelta(hours=5, minutes=30))
+    p2 = next(a for a in _list(api)["items"] if a["patient"] == "p2")  # raised at T0+1h = 07:00Z = 09:00 CEST
+    assert p2["raised_at"].startswith("2024-04-01T07:00:00")  # machine fields stay UTC
+    assert p2["display"] == {
+        "timezone": "Europe/Berlin",
+        "raised_at": "01 Apr 2024 09:00 CEST",
+        "opened_at": "01 Apr 2024 09:00 CEST",
+        "age": "4 h 30 min",
+        "snoozed_until": None,
+    }
+    detail = api.get(f"/api/review/alerts/{p2['id']}", headers=PHARMACIST).json()
+    assert detail["readable"]["evidence"][0]["time"] == "01 Apr 2024 09:00 CEST"
+
+
+def test_detail_reads_in_clinical_words(api):
+    detail = _alert_of(api, "p1", REFRACTORY)
+    readable = detail["readable"]
+    assert readable["why"] and not any("[Moles/volume]" in line for line in readable["why"])
+    assert not any("T" in w and "Z" in w for line in readable["why"] for w in line.split() if w[:4].isdigit())
+    refs = [row["reference"] for row in readable["evidence"]]
+    assert len(refs) == len(set(refs))  # K 2.8 is both "low" and "latest" in the rule: one row
+    assert not any(row["test"] in ("low_potassium", "latest_potassium") for row in readable["evidence"])
+    assert [m["drug"] for m in readable["medications"]] and readable["medications"][0]["class"] == "Loop diuretic"
+
+
+# --- CDS Hooks alerts everywhere ---------------------------------------------------------------------------------
+
+
+def test_an_alert_raised_and_overridden_in_the_ehr_shows_in_worklist_audit_and_analytics(store, api):
+    at = T0 + timedelta(hours=7)
+    alert_id = cds_only_alert(store, "p6", HYPOK, "overridden", at)
+    row = _list(api, status="overridden")["items"][0]
+    assert (row["id"], row["source"], row["patient"]) == (alert_id, "cds-hooks", "p6")
+    detail = api.get(f"/api/review/alerts/{alert_id}", headers=PHARMACIST).json()
+    assert detail["history"][-1]["by"] == "ehr:https://ehr.test|dr-who"
+    audit = api.get(
+        "/api/review/audit",
+        params={"from": "2024-04-01T00:00:00Z", "to": "2024-04-02T00:00:00Z", "format": "ndjson"},
+        headers=ADMIN,
+    )
+    rows = [json.loads(line) for line in audit.text.splitlines()]
+    ehr = [r for r in rows if r["alert_id"] == alert_id and r["action"] == "override"]
+    assert ehr and (ehr[0]["source"], ehr[0]["reason"]) == ("cds-hooks", "goals-of-care")
+    figures = {r["rule_id"]: r for r in api.get("/api/review/analytics", headers=ADMIN).json()["rules"]}
+    assert figures[HYPOK]["raised_by_cds_hooks"] == 1 and figures[HYPOK]["acted_on_in_ehr"] == 1
+    assert figures[HYPOK]["overridden"] == 1 and figures[HYPOK]["fired"] == 6
+
+
+# --- data problems -------------------------------------------------------------------------------------------------
+
+
+def test_data_problems_queue_records_once_lists_resolves_and_audits(store, api, monkeypatch):
+    from workers.state.data_problems import DataProblem, DataProblems
+
+    queue = DataProblems(store.client)
+    problem = {
+        "patient": "p3", "reason": "unit-contradicts-code", "detail": "unit mg/dL contradicts the molar code 2823-3",
+        "resources": ["Observation/k-p3-x/_history/1"], "as_of": "2024-04-01T08:00:00Z", "rule_id": HYPOK,
+        "concept": "potassium", "reported": "4.0 mg/dL",
+    }  # fmt: skip
+    at = datetime(2024, 4, 2, 9, 0, tzinfo=T0.tzinfo)
+    assert queue.record(problem, now=at) is True
+    assert queue.record({**problem, "rule_id": REFRACTORY, "as_of": "2024-04-01T09:00:00Z"}, now=at) is False
+    queue.record(DataProblem(**{**problem, "reason": "future-date", "detail": "dated 2204-01-01"}), now=at)
+    body = api.get("/api/review/data-problems", headers=VIEWER).json()
+    assert body["counts"] == {"open": 2, "resolved": 0, "all": 2}
+    item = next(i for i in body["items"] if i["reason"] == "unit-contradicts-code")
+    assert (item["occurrences"], item["rules"], item["as_of"]) == (
+        2,
+        sorted([HYPOK, REFRACTORY]),
+        "2024-04-01T09:00:00Z",
+    )
+    assert item["reason_display"] == "Unit contradicts the test code" and item["advice"]
+    only = api.get("/api/review/data-problems", params={"reason": "future-date"}, headers=VIEWER).json()["items"]
+    assert [i["reason"] for i in only] == ["future-date"]
+    assert api.get("/api/review/data-problems", params={"reason": "nope"}, headers=VIEWER).status_code == 400
+    url = f"/api/review/data-problems/{item['id']}/transitions"
+    assert api.post(url, json={"action": "resolve", "revision": 1, "comment": "x"}, headers=VIEWER).status_code == 403
+    no_note = api.post(url, json={"action": "resolve", "revision": 1}, headers=PHARMACIST)
+    assert no_note.status_code == 400 and no_note.json()["issue"][0]["expression"] == ["comment"]
+    assert api.post(url, json={"action": "resolve", "comment": "x"}, headers=PHARMACIST).status_code == 428
+    stale = api.post(url, json={"action": "resolve", "revision": 0, "comment": "x"}, headers=PHARMACIST)
+    assert stale.status_code == 409
+    monkeypatch.setattr(rq, "utcnow", lambda: at + timedelta(hours=1))
+    done = api.post(url, json={"action": "resolve", "revision": 1, "comment": "LIS code fixed"}, headers=PHARMACIST)
+    assert done.status_code == 200 and (done.json()["status"], done.json()["resolved_by"]) == ("resolved", "user:alice")
+    again = api.post(url, json={"action": "resolve", "revision": 2, "comment": "x"}, headers=PHARMACIST)
+    assert again.status_code == 409
+    queue.record(problem, now=at + timedelta(hours=2))  # seen again: counted, still resolved
+    resolved = api.get("/api/review/data-problems", params={"status": "resolved"}, headers=VIEWER).json()["items"]
+    assert [(i["id"], i["occurrences"]) for i in resolved] == [(item["id"], 3)]
+    audit = api.get(
+        "/api/review/audit",
+        params={"from": "2024-04-02T00:00:00Z", "to": "2024-04-03T00:00:00Z", "format": "ndjson"},
+        headers=ADMIN,
+    )
+    rows = [json.loads(line) for line in audit.text.splitlines() if '"data-problem"' in line]
+    assert sorted(r["action"] for r in rows) == ["recorded", "recorded", "resolve"]
+    resolve = next(r for r in rows if r["action"] == "resolve")
+    assert (resolve["by"], resolve["comment"], resolve["record_id"], resolve["patient"]) == (
+        "user:alice", "LIS code fixed", item["id"], "p3",
+    )  # fmt: skip
+    reopened = api.post(url, json={"action": "reopen", "revision": 2}, headers=PHARMACIST)
+    assert reopened.status_code == 200 and reopened.json()["status"] == "open"
+    assert (
+        api.post("/api/review/data-problems/zzz/transitions", json={"action": "reopen"}, headers=PHARMACIST).status_code
+        == 400
+    )

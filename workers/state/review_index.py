@@ -8,19 +8,25 @@ it keeps a *derived* index, rebuilt from those two sources at any time:
 * ``<prefix>:{review}:a:<alert id>`` - a small JSON summary of the alert (status, rule, severity,
   times, revision, summary text), the unit the list reads;
 * ``<prefix>:{review}:z:<bucket>:<order>`` and ``<prefix>:{review}:z:<bucket>:<order>:<rule>`` -
-  sorted sets of alert ids per status bucket (each status, ``open`` = active + acknowledged, ``all``),
-  optionally per rule, in two orders: ``sev`` (score = severity rank x 1e10 + opened epoch, so a
-  range is "critical oldest first ... info newest last" and one severity is one score band) and
-  ``time`` (score = opened epoch);
+  sorted sets of alert ids per status bucket (each status, and the groups of ``workers.state.statuses``:
+  ``todo`` = active + acknowledged, ``open``, ``closed``, ``all``), optionally per rule, in two orders:
+  ``sev`` (score = band x 1e10 + raised epoch; the band is the severity rank, and escalated alerts that
+  nobody has acted on since get the bands before all others, so a range is "escalated critical ... info
+  newest last" and one severity is two score bands) and ``time`` (score = raised epoch);
 * ``<prefix>:{review}:snoozed`` - snoozed alert ids by the epoch their snooze ends;
-* ``<prefix>:{review}:synced`` - the ``alert_index`` score up to which the summaries are current.
+* ``<prefix>:{review}:synced`` - the ``alert_index`` score up to which the summaries are current;
+* ``<prefix>:{review}:format`` - the index layout version; a different one (an upgrade) rebuilds the index.
+
+Times: an alert is *raised* when the pipeline wrote it (``created_at``, wall clock); ``opened_at`` is the
+clinical time of the data that opened it. Orders, time filters and ages use the raised time, so a replayed
+historical extract does not show alerts as years old; the clinical time is shown beside it.
 
 All review keys share the hash tag ``{review}`` (one slot on Redis Cluster). ``sync`` brings the index up
 to date incrementally (alerts changed since the watermark minus an overlap, re-indexing is idempotent and
 guarded by the alert revision), and is called before every read, so the index never serves a state older
 than the request. Status, rule, severity and time-range filters are score ranges on one sorted set;
-patient and text filters are applied on the summaries while walking that set (a patient's own alerts are
-read directly from the patient's hash instead).
+text filters are applied on the summaries while walking that set; a patient filter (a few patients: an
+id, or the patients a name / MRN search or a ward filter found) reads those patients' hashes directly.
 """
 
 from __future__ import annotations
@@ -34,23 +40,26 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 
 from config.settings import get_settings
 from rules.facts import Fact
 from rules.fhirtime import parse_time
-from workers.state import keys
+from workers.state import keys, statuses
+from workers.state.statuses import STATUSES
 from workers.state.store import Store
 
 _LUA_DIR = Path(__file__).with_name("lua")
-STATUSES = ("active", "acknowledged", "snoozed", "overridden", "accepted", "resolved", "retracted")
-OPEN_STATUSES = ("active", "acknowledged")
-BUCKETS = (*STATUSES, "open", "all")
+INDEX_FORMAT = "2"  # bump when summaries or set memberships change meaning: the index is rebuilt on first use
+OPEN_STATUSES = statuses.OPEN
+BUCKETS = (*STATUSES, *statuses.GROUPS)
 SEVERITIES = ("critical", "warning", "info")
 SORTS = ("severity", "oldest", "newest")
-_BAND = 1e10  # severity band width in the "sev" order; epoch seconds stay below it until the year 2286
+_BAND = 1e10  # band width in the "sev" order; epoch seconds stay below it until the year 2286
+_RANKS = len(SEVERITIES) + 1  # critical, warning, info, none: bands 0-3 escalated, 4-7 the others
+DIRECT_PATIENTS = 200  # a patient filter naming at most this many patients reads their hashes directly
 TREND_CONCEPTS = ("potassium", "magnesium")
 
 
@@ -88,6 +97,11 @@ def synced_key() -> str:
     return f"{_prefix()}:synced"
 
 
+def format_key() -> str:
+    """The index layout version the sets were built with (``INDEX_FORMAT``)."""
+    return f"{_prefix()}:format"
+
+
 def epoch(text: str | None) -> float:
     """Epoch seconds of an ISO time text (0 when missing or unreadable)."""
     if not text:
@@ -105,11 +119,36 @@ def severity_rank(severity: str | None) -> int:
 
 def effective_status(alert: dict[str, Any], now: datetime) -> str:
     """The alert's status as the worklist shows it: a snooze whose time has passed is ``active`` again
-    (the transition script treats it the same way; new evidence also ends a snooze)."""
+    (the transition script treats it the same way; escalation also ends a snooze)."""
     status = str(alert.get("status") or "active")
     if status == "snoozed" and epoch(alert.get("snoozed_until")) <= now.timestamp():
         return "active"
     return status
+
+
+def is_user_entry(entry: dict[str, Any]) -> bool:
+    """True for history entries written by a person (review page or EHR user), not by the pipeline."""
+    by = str(entry.get("by") or "system")
+    return by != "system" and not by.startswith("system:")
+
+
+def escalation(alert: dict[str, Any], status: str) -> dict[str, Any] | None:
+    """The escalation nobody has acted on yet: the last ``escalated`` history entry of an active alert when no
+    person acted after it (``at``, ``why``, ``from``), else None."""
+    if status != "active":
+        return None
+    for entry in reversed(alert.get("history") or []):
+        if entry.get("action") == "escalated":
+            return {"at": entry.get("at"), "why": entry.get("why"), "from": entry.get("from")}
+        if is_user_entry(entry):
+            return None
+    return None
+
+
+def raised_at(alert: dict[str, Any]) -> str | None:
+    """When the alert was raised (written by the pipeline, wall clock); the clinical opening time for alerts
+    written before ``created_at`` existed or by a writer that does not set it."""
+    return alert.get("created_at") or alert.get("opened_at")
 
 
 def summarize(patient: str, alert: dict[str, Any], now: datetime | None = None) -> dict[str, Any]:
@@ -125,28 +164,37 @@ def summarize(patient: str, alert: dict[str, Any], now: datetime | None = None) 
         "severity": alert.get("severity"),
         "status": status,
         "summary": card.get("summary", ""),
+        "source": alert.get("source") or "stream",
+        "raised_at": raised_at(alert),
         "opened_at": alert.get("opened_at"),
         "updated_at": alert.get("updated_at"),
         "closed_at": alert.get("closed_at"),
         "snoozed_until": alert.get("snoozed_until") if status == "snoozed" else None,
+        "escalated": escalation(alert, status),
         "revision": int(alert.get("revision") or 0),
         "last_action": history[-1].get("action") if history else None,
+        "buckets": [status, *statuses.groups_of(status)],
     }
 
 
 def sort_score(summary: dict[str, Any], order: str) -> float:
-    """Score of a summary in the ``sev`` or ``time`` order."""
-    opened = epoch(summary.get("opened_at"))
+    """Score of a summary in the ``sev`` or ``time`` order (both by raised time within a band)."""
+    raised = epoch(summary.get("raised_at") or summary.get("opened_at"))
     if order == "time":
-        return opened
-    return severity_rank(summary.get("severity")) * _BAND + opened
+        return raised
+    band = severity_rank(summary.get("severity")) + (0 if summary.get("escalated") else _RANKS)
+    return band * _BAND + raised
 
 
 @dataclass
 class Query:
-    """A worklist query; every field optional (``status`` defaults to the open bucket)."""
+    """A worklist query; every field optional (``status`` defaults to the to-do bucket).
 
-    status: str = "open"
+    ``patient`` is what was asked for (an id, a name or an MRN: part of the cursor's binding); ``patients``
+    the patient ids it and the other patient filters (ward, encounter class) resolved to, None when no
+    patient filter applies. ``opened_from`` / ``opened_to`` bound the raised time."""
+
+    status: str = "todo"
     rule: str | None = None
     severity: str | None = None
     patient: str | None = None
@@ -155,31 +203,31 @@ class Query:
     opened_to: datetime | None = None
     sort: str = "severity"
     limit: int = 50
+    patients: frozenset[str] | None = None
+    context: tuple[str, ...] = ()  # other patient filters as asked (ward, encounter class): cursor binding only
+    group: bool = False  # one row per patient
 
     def signature(self) -> str:
-        """What a cursor is bound to: the filters and sort (not the limit)."""
-        parts = [self.status, self.rule, self.severity, self.patient, self.text, self.sort]
+        """What a cursor is bound to: the filters, sort and grouping (not the limit)."""
+        parts = [self.status, self.rule, self.severity, self.patient, self.text, self.sort, *self.context]
         parts += [self.opened_from and self.opened_from.isoformat(), self.opened_to and self.opened_to.isoformat()]
-        return json.dumps(parts)
+        return json.dumps([*parts, self.group])
 
     def matches(self, summary: dict[str, Any]) -> bool:
-        """Filters applied on a summary (used for the in-memory patient path and as a post-filter)."""
-        status = summary.get("status")
-        if self.status == "open":
-            if status not in OPEN_STATUSES:
-                return False
-        elif self.status != "all" and status != self.status:
+        """Filters applied on a summary (used for the direct patient path and as a post-filter)."""
+        status = str(summary.get("status"))
+        if self.status != status and self.status not in statuses.groups_of(status):
             return False
         if self.rule and summary.get("rule_id") != self.rule:
             return False
         if self.severity and summary.get("severity") != self.severity:
             return False
-        if self.patient and summary.get("patient") != self.patient:
+        if self.patients is not None and summary.get("patient") not in self.patients:
             return False
-        opened = epoch(summary.get("opened_at"))
-        if self.opened_from and opened < self.opened_from.timestamp():
+        raised = epoch(summary.get("raised_at") or summary.get("opened_at"))
+        if self.opened_from and raised < self.opened_from.timestamp():
             return False
-        if self.opened_to and opened > self.opened_to.timestamp():
+        if self.opened_to and raised > self.opened_to.timestamp():
             return False
         if self.text:
             needle = self.text.casefold()
@@ -199,13 +247,28 @@ class Page:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def encode_cursor(query: Query, score: float, member: str) -> str:
+@dataclass
+class PatientPage:
+    """One page of patients, each with its alerts that match the query (in the query's order)."""
+
+    groups: list[dict[str, Any]]
+    next_cursor: str | None
+    scanned: int = 0
+
+
+class Signed(Protocol):
+    """Anything a cursor can be bound to: a query with a ``signature()`` of its filters."""
+
+    def signature(self) -> str: ...
+
+
+def encode_cursor(query: Signed, score: float, member: str) -> str:
     """Opaque cursor: the last item's position, bound to the query's filters."""
     raw = json.dumps({"q": query.signature(), "s": score, "m": member}, separators=(",", ":"))
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
-def decode_cursor(query: Query, cursor: str) -> tuple[float, str]:
+def decode_cursor(query: Signed, cursor: str) -> tuple[float, str]:
     """Position encoded in ``cursor``; CursorError if malformed or issued for other filters."""
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
@@ -239,6 +302,7 @@ class ReviewIndex:
         sync reads only what is scored after it. Within that window an alert is re-read only when its score
         is newer than the one its summary was built from (``seen_key``, one HMGET per 500)."""
         started = time.time()
+        self._check_format()
         raw_mark = self.client.get(synced_key())
         start = f"({float(raw_mark)!r}" if raw_mark else "-inf"
         members = self.client.zrangebyscore(keys.alert_index(), start, "+inf", withscores=True)
@@ -266,6 +330,16 @@ class ReviewIndex:
         """Forget the watermark and what each summary was built from, and re-index every alert."""
         self.client.delete(synced_key(), seen_key())
         return self.sync()
+
+    def _check_format(self) -> None:
+        """An index built by an older layout (other buckets, other scores) is dropped and rebuilt by this sync."""
+        if self.client.get(format_key()) == INDEX_FORMAT:
+            return
+        stale = [*self.client.scan_iter(match=f"{_prefix()}:z:*", count=1000), snoozed_key(), seen_key()]
+        stale += [*self.client.scan_iter(match=f"{_prefix()}:a:*", count=1000), synced_key()]
+        for chunk in _chunks(stale, 500):
+            self.client.delete(*chunk)
+        self.client.set(format_key(), INDEX_FORMAT)
 
     def index_alert(self, patient: str, alert: dict[str, Any]) -> None:
         """Put one alert's current state in the index (ignored if the index holds a newer revision)."""
@@ -314,14 +388,10 @@ class ReviewIndex:
     def list(self, query: Query, cursor: str | None = None) -> Page:
         """One page of the worklist for ``query``, starting after ``cursor``."""
         after = decode_cursor(query, cursor) if cursor else None
-        if query.patient:
-            candidates: Iterator[tuple[str, float, dict[str, Any] | None]] = self._patient_candidates(query, after)
-        else:
-            candidates = self._index_candidates(query, after)
         items: list[dict[str, Any]] = []
         scanned = 0
         last_item: tuple[float, str] | None = None  # position of the last item on the page
-        for member, score, summary in candidates:
+        for member, score, summary in self._candidates(query, after):
             scanned += 1
             if summary is not None and query.matches(summary):
                 if len(items) == query.limit:  # one more match exists: there is a next page
@@ -334,13 +404,68 @@ class ReviewIndex:
                 return Page(items, encode_cursor(query, *position), scanned)
         return Page(items, None, scanned)
 
+    def list_patients(self, query: Query, cursor: str | None = None) -> PatientPage:
+        """One page of patients (``query.limit`` of them) in the order of each one's first alert in the query's
+        order, each with all its alerts that match. A patient's place is its first alert: a cursor is that
+        alert's position, and a patient whose first alert lies before the cursor was on an earlier page."""
+        after = decode_cursor(query, cursor) if cursor else None
+        descending = query.sort == "newest"
+        order = "sev" if query.sort == "severity" else "time"
+        groups: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        scanned = 0
+        last: tuple[float, str] | None = None
+        for member, score, summary in self._candidates(query, after):
+            scanned += 1
+            patient = summary.get("patient") if summary is not None and query.matches(summary) else None
+            if patient and patient not in seen:
+                seen.add(patient)
+                alerts = self._patient_rows(query, patient, order, descending)
+                first = (sort_score(alerts[0], order), alerts[0]["id"]) if alerts else None
+                if first and (after is None or _is_after(first[1], first[0], after, descending)):
+                    if len(groups) == query.limit:
+                        return PatientPage(groups, encode_cursor(query, *last) if last else None, scanned)
+                    groups.append({"patient": patient, "alerts": alerts})
+                    last = first
+            if scanned >= self.scan_budget:
+                position = last if len(groups) == query.limit and last else (score, member)
+                return PatientPage(groups, encode_cursor(query, *position), scanned)
+        return PatientPage(groups, None, scanned)
+
+    def changes(self, query: Query, since: float) -> dict[str, list[str]]:
+        """Alerts matching ``query`` that were raised, or escalated and not acted on, after ``since`` (epoch):
+        what an open worklist page has not shown yet. Reads only the alerts changed since then."""
+        members = self.client.zrangebyscore(keys.alert_index(), f"({since!r}", "+inf")
+        ids = sorted({member.split("|", 1)[1] for member in members})
+        new: list[str] = []
+        escalated: list[str] = []
+        for summary in self.summaries(ids):
+            if summary is None or not query.matches(summary):
+                continue
+            if epoch(summary.get("raised_at")) > since:
+                new.append(summary["id"])
+            elif summary.get("escalated"):
+                escalated.append(summary["id"])
+        return {"new": new, "escalated": escalated}
+
+    def _candidates(
+        self, query: Query, after: tuple[float, str] | None
+    ) -> Iterator[tuple[str, float, dict[str, Any] | None]]:
+        if query.patients is not None and len(query.patients) <= DIRECT_PATIENTS:
+            return self._patient_candidates(query, after)
+        return self._index_candidates(query, after)
+
     def _segments(self, query: Query) -> list[tuple[float, float]]:
         low = query.opened_from.timestamp() if query.opened_from else 0.0
         high = query.opened_to.timestamp() if query.opened_to else _BAND - 1
         if query.sort != "severity":
             return [(low, high)] if query.sort == "oldest" else [(high, low)]
-        ranks = [severity_rank(query.severity)] if query.severity else range(len(SEVERITIES) + 1)
-        return [(r * _BAND + low, r * _BAND + high) for r in ranks]
+        if query.severity:
+            rank = severity_rank(query.severity)
+            bands: Iterable[int] = (rank, rank + _RANKS)  # escalated, then the others
+        else:
+            bands = range(2 * _RANKS)
+        return [(b * _BAND + low, b * _BAND + high) for b in bands]
 
     def _index_candidates(
         self, query: Query, after: tuple[float, str] | None
@@ -373,14 +498,27 @@ class ReviewIndex:
         self, query: Query, after: tuple[float, str] | None
     ) -> Iterator[tuple[str, float, dict[str, Any] | None]]:
         order = "sev" if query.sort == "severity" else "time"
-        rows = [summarize(query.patient or "", a) for a in self.store.alerts_for_patient(query.patient or "")]
         descending = query.sort == "newest"
+        now = utcnow()
+        rows = [
+            summarize(patient, alert, now)
+            for patient in sorted(query.patients or ())
+            for alert in self.store.alerts_for_patient(patient)
+        ]
         scored = sorted(((s["id"], sort_score(s, order), s) for s in rows), key=lambda r: (r[1], r[0]))
         if descending:
             scored.reverse()
         for member, score, summary in scored:
             if after is None or _is_after(member, score, after, descending):
                 yield member, score, summary
+
+    def _patient_rows(self, query: Query, patient: str, order: str, descending: bool) -> list[dict[str, Any]]:
+        """A patient's alerts that match the query, in the query's order (read from the patient's hash)."""
+        now = utcnow()
+        rows = [summarize(patient, a, now) for a in self.store.alerts_for_patient(patient)]
+        rows = [r for r in rows if query.matches(r)]
+        rows.sort(key=lambda r: (sort_score(r, order), r["id"]), reverse=descending)
+        return rows
 
 
 def _is_after(member: str, score: float, after: tuple[float, str], descending: bool) -> bool:
