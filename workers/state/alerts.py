@@ -17,15 +17,15 @@ import redis
 
 from rules.engine import Decision
 from workers.events import clock_text
-from workers.state import keys
+from workers.state import keys, statuses
 from workers.state.schema_upgrade import upgrade_alert
 from workers.state.scripts import load_script, run_pipelined
 
 ALERT_SCHEMA_VERSION = 1
 #: History entries kept inside an alert record (the whole history is in the alert's history list).
 HISTORY_KEPT = 20
-OPEN_STATUSES = ("active", "acknowledged", "accepted", "overridden", "snoozed")
-CLOSED_STATUSES = ("resolved", "retracted", "expired", "withdrawn")
+OPEN_STATUSES = statuses.OPEN
+CLOSED_STATUSES = statuses.CLOSED
 #: Metric kind (``ehr_alerts_alert_transitions_total{kind}``) of each user / EHR action.
 TRANSITION_KINDS = {
     "acknowledge": "acknowledged",
