@@ -336,7 +336,7 @@ def test_implausible_values_are_data_errors_not_alerts(value: float):
 
 @pytest.mark.parametrize(("value", "unit"), [(1.0, "mmol/L"), (0.6, "mmol/L"), (14, "mmol/L"), (58, "mg/dL")])
 def test_extreme_but_plausible_potassium_is_kept(value: float, unit: str):
-    fact = only_fact(potassium(value, unit))
+    fact = only_fact(potassium(value, unit, loinc="22760-3" if unit == "mg/dL" else "2823-3"))
     assert fact.problem is None
     assert fact.value is not None
 
@@ -588,3 +588,37 @@ def test_operation_outcome_entry_is_ignored():
 def test_a_bad_entry_does_not_stop_the_others():
     results = normalize_resources([potassium(3.2, status="bogus"), magnesium(0.6), "junk"])
     assert [r.outcome for r in results] == ["rejected", "accepted", "rejected"]
+
+
+# --- units follow the code (issue 10 item 7) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("resource", "reason"),
+    [
+        (lambda: potassium(4.0, "mg/dL"), "LOINC 2823-3"),  # K in mg/dL under the molar serum code
+        (lambda: potassium(4.0, "mg/dL", loinc="6298-4"), "LOINC 6298-4"),
+        (lambda: magnesium(1.5, "mmol/L", loinc="19123-9"), "LOINC 19123-9"),  # Mg mmol/L under the mass code
+        (lambda: magnesium(1.5, "meq/L", loinc="19123-9"), "LOINC 19123-9"),
+        (lambda: magnesium(1.9, "mg/dL", loinc="2601-3"), "LOINC 2601-3"),
+    ],
+)
+def test_a_unit_that_contradicts_the_loinc_property_is_indeterminate(resource, reason: str):
+    fact = only_fact(resource())
+    assert fact.value is None and not fact.determinate
+    assert reason in fact.problem and "the unit or the code is wrong" in fact.problem
+
+
+def test_units_that_agree_with_the_code_convert():
+    assert only_fact(potassium(15.6, "mg/dL", loinc="22760-3")).value == Decimal("15.6") * Decimal("0.255754")
+    assert only_fact(magnesium(1.5, "mg/dL", loinc="19123-9")).value is not None
+    assert only_fact(magnesium(0.6, "mmol/L", loinc="2601-3")).value == Decimal("0.6")
+    assert only_fact(qtc(0.52, "s")).value == Decimal("520.00")
+
+
+def test_a_contradicting_unit_makes_the_rules_indeterminate_never_normal():
+    from fhir_builders import ARRHYTHMIA, HYPOK, condition, decide
+
+    assert decide(HYPOK, potassium(4.0, "mg/dL")).outcome == "indeterminate"
+    mg = magnesium(1.5, "mmol/L", loinc="19123-9")
+    assert decide(ARRHYTHMIA, condition(onset=None, recordedDate="2024-04-30"), mg).outcome == "indeterminate"
