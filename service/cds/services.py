@@ -36,7 +36,7 @@ class PrefetchQuery:
     key: str
     resource_type: str
     params: tuple[tuple[str, str], ...]  # values may hold 2.0 tokens such as {{context.patientId}}
-    date_param: str | None = None  # search parameter for the window (date / authored)
+    date_param: str | None = None  # search parameter for the window (date / authored / effective ...)
     window_hours: float | None = None  # None: no date filter
     sort: str | None = None
 
@@ -93,18 +93,22 @@ def substitute(template: str, tokens: dict[str, str]) -> str:
     return out
 
 
-def _input_windows(rules: list[Rule]) -> dict[str, list[float | None]]:
-    """Per concept, the look-back (hours, anchor included) of every input reading it; None = whole record."""
+def _input_windows(rules: list[Rule], kind: str | None = None) -> dict[str, list[float | None]]:
+    """Per concept, the look-back (hours, anchor included) of every input reading it (only inputs that may read
+    facts of ``kind``, when given); None = whole record."""
     windows: dict[str, list[float | None]] = {}
     for rule in rules:
         for spec in rule.inputs.values():
+            if kind is not None and spec.kinds is not None and kind not in spec.kinds:
+                continue
             hours: float | None = None
-            if spec.lookback:
-                hours = rule.parameters[spec.lookback].hours or 0.0
-                anchor = rule.inputs[spec.anchor] if spec.anchor else None
+            window = rule.inputs[spec.since] if spec.since else spec  # `since` counts from another input's fact
+            if window.lookback:
+                hours = rule.parameters[window.lookback].hours or 0.0
+                anchor = rule.inputs[window.anchor] if window.anchor else None
                 if anchor is not None and anchor.lookback:
                     hours += rule.parameters[anchor.lookback].hours or 0.0
-            elif spec.select == "active":
+            elif spec.select == "active" and not spec.since:
                 hours = 0.0  # active now
             for concept in spec.concepts:
                 windows.setdefault(concept, []).append(hours)
@@ -139,15 +143,35 @@ def prefetch_queries(rules: list[Rule]) -> tuple[PrefetchQuery, ...]:
                 )
             )
     if "arrhythmia" in used:
+        findings = _input_windows(rules, kind="finding")["arrhythmia"]  # ECG findings, not diagnoses
         queries.append(
-            PrefetchQuery("ecg", "Observation", (patient, ("code", _codes(["ecg"]))), "date",
-                          _widest(windows["arrhythmia"]), "-date")
-        )  # fmt: skip
+            PrefetchQuery(
+                "ecg", "Observation", (patient, ("code", _codes(["ecg"]))), "date", _widest(findings), "-date"
+            )
+        )
         queries.append(PrefetchQuery("conditions", "Condition", (patient, ("clinical-status", _CONDITION_ACTIVE))))
-    if used & set(known_classes()):
-        active = ("status", "active")
-        queries.append(PrefetchQuery("medicationStatements", "MedicationStatement", (patient, active)))
-        queries.append(PrefetchQuery("medicationRequests", "MedicationRequest", (patient, active)))
+    medication_classes = used & set(known_classes())
+    if medication_classes:
+        # Ongoing records whatever their age; finished ones and administrations only as far back as the widest
+        # medication window (a completed order counts for the time it was active, issue 10 item 12).
+        ongoing = ("status", "active,on-hold")
+        recent = _widest([w for c in sorted(medication_classes) for w in windows[c]])
+        queries.append(PrefetchQuery("medicationStatements", "MedicationStatement", (patient, ongoing)))
+        queries.append(PrefetchQuery("medicationRequests", "MedicationRequest", (patient, ongoing)))
+        finished = ("status", "completed,stopped")
+        queries.append(
+            PrefetchQuery("medicationStatementsFinished", "MedicationStatement", (patient, finished), "effective",
+                          recent, "-effective")
+        )  # fmt: skip
+        queries.append(
+            PrefetchQuery("medicationRequestsFinished", "MedicationRequest", (patient, finished), "authoredon",
+                          recent, "-authoredon")
+        )  # fmt: skip
+        given = ("status", "completed,in-progress,stopped")
+        queries.append(
+            PrefetchQuery("medicationAdministrations", "MedicationAdministration", (patient, given), "effective-time",
+                          recent, "-effective-time")
+        )  # fmt: skip
     orders = order_index()
     lab_orders = sorted({lab for concept, labs in _order_labs(orders).items() if concept in used for lab in labs})
     if lab_orders:

@@ -25,7 +25,16 @@ from service.security.failures import REASONS as SECURITY_REASONS
 from workers.observability.metrics import PipelineCollector
 
 RESOURCE_TYPES = frozenset(
-    {"Observation", "MedicationStatement", "MedicationRequest", "Condition", "Patient", "Bundle", "Parameters"}
+    {
+        "Observation",
+        "MedicationStatement",
+        "MedicationRequest",
+        "MedicationAdministration",
+        "Condition",
+        "Patient",
+        "Bundle",
+        "Parameters",
+    }
 )
 #: Reasons ``record_auth_failure`` keeps as labels (anything else is counted as ``other``): the security
 #: module's vocabulary (``service.security.failures.REASONS``).
