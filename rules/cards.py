@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Collection, Mapping
 from decimal import Decimal
-from functools import cache
+from functools import cache, lru_cache
 from typing import TYPE_CHECKING, Any
 
 from jinja2 import StrictUndefined, Template
@@ -80,12 +80,18 @@ _DOMAIN_DOT = re.compile(r"(?<=[A-Za-z0-9])\.(?=[A-Za-z])")
 _LIST_NUMBER = re.compile(r"^(\d{1,9})([.)])")
 
 
+_NOTHING_TO_ESCAPE = re.compile(r"[A-Za-z][A-Za-z0-9 ,/()%-]*")  # most displays, units, references and notes
+
+
+@lru_cache(maxsize=65_536)  # pure; the same displays, references and units come back on every evaluation
 def markdown_text(text: str) -> str:
     """Free text from the data (a display, a note, a resource id) as literal Markdown text: one line, with the
     characters that start HTML, links, emphasis, tables or code backslash-escaped, and with what renderers turn
     into links by themselves (GFM autolinks ``www.``, ``http://`` and e-mail addresses; linkify's bare domains)
     broken by an invisible word joiner. Card details are GitHub-flavoured Markdown and some clients render raw
     HTML in them: text from the EHR must never become a link, HTML or formatting."""
+    if _NOTHING_TO_ESCAPE.fullmatch(text) and "  " not in text and "//" not in text:
+        return text
     line = " ".join(text.split())
     line = _MARKDOWN_ACTIVE.sub(r"\\\1", line)
     line = _DOMAIN_DOT.sub("." + _JOINER, line)
