@@ -205,7 +205,8 @@ class Selection:
             return f"since {origin.describe()}"
         if self.window_start is None:
             return f"up to {isoformat(self.window_end)}"
-        return f"between {isoformat(self.window_start)} and {isoformat(self.window_end)}"
+        began = "begun (onset, recorded or given) " if self.spec.started_in_window else ""
+        return f"{began}between {isoformat(self.window_start)} and {isoformat(self.window_end)}"
 
 
 @dataclass
