@@ -32,6 +32,7 @@ RESOURCE_TYPES = frozenset(
         "MedicationAdministration",
         "Condition",
         "Patient",
+        "Encounter",
         "Bundle",
         "Parameters",
     }
