@@ -92,13 +92,19 @@ def markdown_text(text: str) -> str:
     HTML in them: text from the EHR must never become a link, HTML or formatting."""
     if _NOTHING_TO_ESCAPE.fullmatch(text) and "  " not in text and "//" not in text:
         return text
-    line = " ".join(text.split())
-    line = _MARKDOWN_ACTIVE.sub(r"\\\1", line)
-    line = _DOMAIN_DOT.sub("." + _JOINER, line)
-    line = line.replace(":/", _JOINER + ":" + _JOINER + "/").replace("//", "/" + _JOINER + "/")
-    line = line.replace("@", _JOINER + "@" + _JOINER)
-    line = _LIST_NUMBER.sub(r"\1\\\2", line)
+    line = _MARKDOWN_ACTIVE.sub(r"\\\1", " ".join(text.split()))
+    line = _LIST_NUMBER.sub(r"\1\\\2", unlinked(line))
     return "\\" + line if line[:1] in ("#", "+", "-", "=") else line
+
+
+@lru_cache(maxsize=65_536)
+def unlinked(text: str) -> str:
+    """Text with what renderers would autolink (``www.``, ``http://``, e-mail addresses, bare domains) broken by
+    an invisible word joiner; for a FHIR reference, whose characters (letters, digits, ``-``, ``.``, ``/``,
+    ``_history``) can start no other Markdown, this is all the escaping it needs."""
+    line = _DOMAIN_DOT.sub("." + _JOINER, text)
+    line = line.replace(":/", _JOINER + ":" + _JOINER + "/").replace("//", "/" + _JOINER + "/")
+    return line.replace("@", _JOINER + "@" + _JOINER)
 
 
 class _lazy:
@@ -167,7 +173,7 @@ class FactView:
 
     @_lazy
     def ref(self) -> str:
-        return markdown_text(self._fact.reference)  # ids are the EHR's: www.example.org is a valid FHIR id
+        return unlinked(self._fact.reference)  # ids are the EHR's: www.example.org is a valid FHIR id
 
     @_lazy
     def display(self) -> str:

@@ -146,3 +146,8 @@ def test_arrhythmia_card_lists_evidence_as_a_list():
     tokens = COMMONMARK.parse(decision.card["detail"])
     items = [t for t in tokens if t.type == "list_item_open"]
     assert len(items) == 2
+
+
+def test_a_versioned_reference_reads_as_it_is_in_the_raw_detail():
+    decision = decide(HYPOK, potassium(3.1, id="k-1", version="2"))
+    assert "(Observation/k-1/_history/2)" in decision.card["detail"]  # no backslash: nothing to escape in an id
