@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Collection, Mapping
 from decimal import Decimal
-from functools import cache
+from functools import cache, lru_cache
 from typing import TYPE_CHECKING, Any
 
 from jinja2 import StrictUndefined, Template
@@ -17,6 +17,7 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from rules.facts import Fact, format_decimal
 from rules.fhirtime import isoformat
+from rules.units import unit_key
 
 if TYPE_CHECKING:
     from rules.engine import Decision, Selection
@@ -37,12 +38,17 @@ class _CardEnvironment(SandboxedEnvironment):
 
 
 _ENV = _CardEnvironment(
-    undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False, trim_blocks=True, lstrip_blocks=True
+    undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False, trim_blocks=False, lstrip_blocks=True
 )
 SUMMARY_LIMIT = 140
 
 
 _TEMPLATE_MARKERS = ("{{", "{%", "{#")
+# A line holding nothing but block tags / comments leaves no line behind (Jinja's trim_blocks, but only for such
+# lines: trim_blocks also ate the newline after a tag that ends a line of text, so a blank line after
+# "...documented.{% endif %}" vanished and two Markdown paragraphs became one).
+_TAG_ONLY_LINE = re.compile(r"(?m)^([ \t]*(?:(?:\{%(?:(?!%\}).)*%\}|\{#(?:(?!#\}).)*#\})[ \t]*)+)\n")
+_EXTRA_BLANK_LINES = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")
 
 
 @cache
@@ -50,13 +56,14 @@ def _template(text: str) -> Template | None:
     """The compiled template, or None for text Jinja would give back as it is (no markup, no CR to normalise)."""
     if "\r" not in text and not any(marker in text for marker in _TEMPLATE_MARKERS):
         return None
-    return _ENV.from_string(text)
+    return _ENV.from_string(_TAG_ONLY_LINE.sub(r"\1", text.replace("\r\n", "\n")))
 
 
 def render_text(text: str, context: Mapping[str, Any]) -> str:
-    """Render one template string."""
+    """Render one template string (runs of blank lines become one: a paragraph break)."""
     template = _template(text)
-    return text.strip() if template is None else template.render(context).strip()
+    rendered = text if template is None else template.render(context)
+    return _EXTRA_BLANK_LINES.sub("\n\n", rendered).strip()
 
 
 def _shown(reported: str) -> str:
@@ -67,16 +74,37 @@ def _shown(reported: str) -> str:
         return reported
 
 
-_MARKDOWN_ACTIVE = re.compile(r"([\\`*_\[\]<>&~])")
+_MARKDOWN_ACTIVE = re.compile(r"([\\`*_\[\]<>&~|!])")
+_JOINER = "\u2060"  # WORD JOINER: invisible, and not a character of a URL, a domain or an e-mail address
+_DOMAIN_DOT = re.compile(r"(?<=[A-Za-z0-9])\.(?=[A-Za-z])")
+_LIST_NUMBER = re.compile(r"^(\d{1,9})([.)])")
 
 
+_NOTHING_TO_ESCAPE = re.compile(r"[A-Za-z][A-Za-z0-9 ,/()%-]*")  # most displays, units, references and notes
+
+
+@lru_cache(maxsize=65_536)  # pure; the same displays, references and units come back on every evaluation
 def markdown_text(text: str) -> str:
-    """Free text from the data (a display, an order's text) as literal Markdown text: one line, with the
-    characters that start HTML, links, emphasis or code backslash-escaped (card details are GitHub-flavoured
-    Markdown, and some clients render raw HTML in them)."""
-    line = " ".join(text.split())
-    line = _MARKDOWN_ACTIVE.sub(r"\\\1", line)
+    """Free text from the data (a display, a note, a resource id) as literal Markdown text: one line, with the
+    characters that start HTML, links, emphasis, tables or code backslash-escaped, and with what renderers turn
+    into links by themselves (GFM autolinks ``www.``, ``http://`` and e-mail addresses; linkify's bare domains)
+    broken by an invisible word joiner. Card details are GitHub-flavoured Markdown and some clients render raw
+    HTML in them: text from the EHR must never become a link, HTML or formatting."""
+    if _NOTHING_TO_ESCAPE.fullmatch(text) and "  " not in text and "//" not in text:
+        return text
+    line = _MARKDOWN_ACTIVE.sub(r"\\\1", " ".join(text.split()))
+    line = _LIST_NUMBER.sub(r"\1\\\2", unlinked(line))
     return "\\" + line if line[:1] in ("#", "+", "-", "=") else line
+
+
+@lru_cache(maxsize=65_536)
+def unlinked(text: str) -> str:
+    """Text with what renderers would autolink (``www.``, ``http://``, e-mail addresses, bare domains) broken by
+    an invisible word joiner; for a FHIR reference, whose characters (letters, digits, ``-``, ``.``, ``/``,
+    ``_history``) can start no other Markdown, this is all the escaping it needs."""
+    line = _DOMAIN_DOT.sub("." + _JOINER, text)
+    line = line.replace(":/", _JOINER + ":" + _JOINER + "/").replace("//", "/" + _JOINER + "/")
+    return line.replace("@", _JOINER + "@" + _JOINER)
 
 
 class _lazy:
@@ -114,11 +142,26 @@ class FactView:
 
     @_lazy
     def reported_unit(self) -> str:
-        return self._fact.reported_unit or ""
+        return markdown_text(self._fact.reported_unit) if self._fact.reported_unit else ""
 
     @_lazy
     def unit(self) -> str:
         return self._fact.unit or ""
+
+    @_lazy
+    def canonical(self) -> str:
+        """The value in the rule's canonical unit (``520 ms``, ``0.62 mmol/L``)."""
+        fact = self._fact
+        return f"{fact.comparator or ''}{self.value} {self.unit}" if fact.value is not None else "?"
+
+    @_lazy
+    def shown(self) -> str:
+        """The value as the lab reported it, plus the canonical unit when it differs (``1.5 mg/dL (0.62 mmol/L)``)."""
+        fact = self._fact
+        text = f"{self.reported} {self.reported_unit}".rstrip()
+        if fact.value is not None and fact.unit and unit_key(fact.reported_unit) != unit_key(fact.unit):
+            text += f" ({self.canonical})"
+        return text
 
     @_lazy
     def time(self) -> str:
@@ -130,7 +173,7 @@ class FactView:
 
     @_lazy
     def ref(self) -> str:
-        return self._fact.reference
+        return unlinked(self._fact.reference)  # ids are the EHR's: www.example.org is a valid FHIR id
 
     @_lazy
     def display(self) -> str:
@@ -142,7 +185,7 @@ class FactView:
 
     @_lazy
     def notes(self) -> list[str]:
-        return list(self._fact.notes)
+        return [markdown_text(note) for note in self._fact.notes]  # notes quote the EHR (dataAbsentReason text)
 
 
 class InputView:
@@ -190,6 +233,7 @@ def template_context(rule: Rule, decision: Decision, chosen: Mapping[str, Select
         "patient_id": decision.patient,
         "as_of": decision.as_of,
         "severity": decision.severity,
+        "escalators": [e["id"] for e in decision.escalators],
         "rule": {"id": rule.id, "version": rule.version, "title": rule.title},
         "params": params,
         **{name: InputView(selection) for name, selection in chosen.items()},

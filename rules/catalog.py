@@ -132,6 +132,15 @@ def run_embedded_test(rule: Rule, index: int) -> TestReport:
     for text in expect.detail_contains:
         if text not in card.get("detail", ""):
             failures.append(f"detail lacks {text!r}")
+    for text in expect.detail_excludes:
+        if text in card.get("detail", ""):
+            failures.append(f"detail contains {text!r}")
+    escalators = [e["id"] for e in decision.escalators]
+    if expect.escalators is not None and escalators != expect.escalators:
+        failures.append(f"expected escalators {expect.escalators}, got {escalators}")
+    offered = [s["id"] for s in card.get("suggestions", [])]
+    if expect.suggestions is not None and offered != expect.suggestions:
+        failures.append(f"expected suggestions {expect.suggestions}, got {offered}")
     if card.get("summary", "").endswith("…"):
         failures.append("card summary renders over the limit of 139 characters (it would be cut)")
     failures.extend(_check_card(decision))

@@ -60,25 +60,43 @@ def excluded_lab_reason(codings: Iterable[Coding]) -> str | None:
 
 
 @dataclass(frozen=True)
+class ArrhythmiaMatch:
+    """A coding recognised as arrhythmia evidence, and whether it is high risk (torsades, VT/VF, long QT)."""
+
+    coding: Coding
+    high_risk: bool
+    display: str  # the coding's own display, else the value set's
+
+
+@dataclass(frozen=True)
 class _ArrhythmiaSet:
     snomed_systems: frozenset[str]
-    snomed: frozenset[str]
+    snomed: dict[str, tuple[bool, str]]  # code -> (high risk, display)
     icd10_systems: frozenset[str]
-    icd10_prefixes: tuple[str, ...]
+    icd10_prefixes: tuple[tuple[str, bool, str], ...]  # (prefix, high risk, display), longest first
     icd9_systems: frozenset[str]
-    icd9_prefixes: tuple[str, ...]
+    icd9_prefixes: tuple[tuple[str, bool, str], ...]
 
-    def matches(self, coding: Coding) -> bool:
+    def match(self, coding: Coding) -> ArrhythmiaMatch | None:
         if not coding.code or not coding.system:
-            return False
+            return None
         if coding.system in self.snomed_systems:
-            return coding.code in self.snomed
+            found = self.snomed.get(coding.code)
+            return None if found is None else ArrhythmiaMatch(coding, found[0], coding.display or found[1])
         compact = coding.code.replace(".", "").upper()
         if coding.system in self.icd10_systems:
-            return compact.startswith(self.icd10_prefixes)
-        if coding.system in self.icd9_systems:
-            return compact.startswith(self.icd9_prefixes)
-        return False
+            prefixes = self.icd10_prefixes
+        elif coding.system in self.icd9_systems:
+            prefixes = self.icd9_prefixes
+        else:
+            return None
+        hit = next((item for item in prefixes if compact.startswith(item[0])), None)
+        return None if hit is None else ArrhythmiaMatch(coding, hit[1], coding.display or hit[2])
+
+
+def _prefixes(items: list[dict[str, object]]) -> tuple[tuple[str, bool, str], ...]:
+    triples = [(str(item["code"]), bool(item.get("high_risk", False)), str(item["display"])) for item in items]
+    return tuple(sorted(triples, key=lambda triple: -len(triple[0])))  # the most specific prefix decides
 
 
 @cache
@@ -86,15 +104,27 @@ def _arrhythmia() -> _ArrhythmiaSet:
     data = load_valueset("arrhythmia")
     return _ArrhythmiaSet(
         snomed_systems=frozenset(data["snomed_systems"]),
-        snomed=frozenset(item["code"] for item in data["snomed"]),
+        snomed={str(i["code"]): (bool(i.get("high_risk", False)), str(i["display"])) for i in data["snomed"]},
         icd10_systems=frozenset(data["icd10_systems"]),
-        icd10_prefixes=tuple(item["code"] for item in data["icd10_prefixes"]),
+        icd10_prefixes=_prefixes(data["icd10_prefixes"]),
         icd9_systems=frozenset(data["icd9_systems"]),
-        icd9_prefixes=tuple(item["code"] for item in data["icd9_prefixes"]),
+        icd9_prefixes=_prefixes(data["icd9_prefixes"]),
     )
+
+
+def arrhythmia_match(codings: Iterable[Coding]) -> ArrhythmiaMatch | None:
+    """The coding that names a cardiac arrhythmia or QT prolongation (a high-risk one first), or None."""
+    value_set = _arrhythmia()
+    found = [m for m in (value_set.match(c) for c in codings) if m is not None]
+    return next((m for m in found if m.high_risk), found[0] if found else None)
 
 
 def arrhythmia_coding(codings: Iterable[Coding]) -> Coding | None:
     """The first coding that names a cardiac arrhythmia or QT prolongation, or None."""
-    value_set = _arrhythmia()
-    return next((coding for coding in codings if value_set.matches(coding)), None)
+    found = arrhythmia_match(codings)
+    return found.coding if found else None
+
+
+def arrhythmia_concept_display(concept: str) -> str:
+    """Human name of an arrhythmia concept (``high-risk-arrhythmia`` -> ``Torsades de pointes, ...``)."""
+    return str(load_valueset("arrhythmia")["concepts"].get(concept, concept))

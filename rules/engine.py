@@ -25,6 +25,7 @@ from rules.units import unit_key
 
 Outcome = Literal["fires", "not-fires", "indeterminate"]
 _POINT_KINDS = frozenset({"lab", "finding"})
+_TIMED_KINDS = frozenset({"lab", "finding", "order"})  # a single instant (an order: when it was placed)
 _EPOCH = datetime.min.replace(tzinfo=UTC)
 _TICK = timedelta(microseconds=1)  # the first instant after a window boundary
 
@@ -204,7 +205,8 @@ class Selection:
             return f"since {origin.describe()}"
         if self.window_start is None:
             return f"up to {isoformat(self.window_end)}"
-        return f"between {isoformat(self.window_start)} and {isoformat(self.window_end)}"
+        began = "begun (onset, recorded or given) " if self.spec.started_in_window else ""
+        return f"{began}between {isoformat(self.window_start)} and {isoformat(self.window_end)}"
 
 
 @dataclass
@@ -391,12 +393,24 @@ def select(rule: Rule, name: str, pool: FactPool, as_of: datetime, chosen: dict[
     candidates: list[Fact] = []
     next_change: datetime | None = None
     if usable:
+        changes: list[datetime] = []
+        point_leaves = later = False  # facts come sorted by time: the first of each kind of change is the earliest
         for fact in pool.of(spec.concepts, spec.kinds):
             if _in_window(fact, window_start, as_of, started):
                 candidates.append(fact)
-            change = _fact_change(fact, as_of, sliding, started)
-            if change is not None and (next_change is None or change < next_change):
-                next_change = change
+            start = fact.start
+            if start is not None and start > as_of:
+                if not later:
+                    changes.append(start)
+                    later = True
+            elif sliding is None or (point_leaves and fact.kind in _TIMED_KINDS):
+                continue  # a fixed window changes only when a later fact arrives
+            else:
+                change = _fact_change(fact, as_of, sliding, started)
+                if change is not None:
+                    changes.append(change)
+                    point_leaves = point_leaves or fact.kind in _TIMED_KINDS
+        next_change = min(changes, default=None)
     selection = Selection(name, spec, candidates, window_start=window_start, window_end=as_of)
     selection.next_change = next_change
     if spec.since:

@@ -20,8 +20,22 @@ def to_utc(value: datetime | date | str | None) -> datetime | None:
     if isinstance(value, str):
         return parse_time(value)
     if isinstance(value, datetime):
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:  # 9999-12-31T23:59:59-05:00 is after the last representable UTC instant
+            return (datetime.max if value.year > 1 else datetime.min).replace(tzinfo=UTC)
     return datetime(value.year, value.month, value.day, tzinfo=UTC)
+
+
+#: Dates from this year on are placeholders for "no planned end" (9999-12-31), never clinical times.
+OPEN_ENDED_YEAR = 9000
+
+
+def is_placeholder(value: datetime | None) -> bool:
+    """True for a placeholder date such as 9999-12-31 (any year >= 9000)."""
+    return value is not None and value.year >= OPEN_ENDED_YEAR
 
 
 def parse_time(text: str) -> datetime:

@@ -244,6 +244,9 @@ class Expectation(_Strict):
     resolves: bool | None = None
     summary_contains: list[str] = Field(default_factory=list)
     detail_contains: list[str] = Field(default_factory=list)
+    detail_excludes: list[str] = Field(default_factory=list, description="text the card detail must not contain")
+    escalators: list[str] | None = Field(default=None, description="ids of the escalators that hold, in order")
+    suggestions: list[str] | None = Field(default=None, description="ids of the suggestions offered, in order")
 
 
 class RuleTest(_Strict):

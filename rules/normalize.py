@@ -17,14 +17,21 @@ from typing import Any, Literal
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
-from rules.codes import Coding, arrhythmia_coding, excluded_lab_reason, lab_code
+from rules.codes import ArrhythmiaMatch, Coding, LabCode, arrhythmia_match, excluded_lab_reason, lab_code
 from rules.facts import Fact
-from rules.fhirtime import to_utc
+from rules.fhirtime import is_placeholder, to_utc
 from rules.medications import class_display, classify
 from rules.orders import order_concepts_for_class, order_concepts_for_lab, order_counts, order_display
 from rules.units import analyte_units, resolve_unit
 
-SUPPORTED_TYPES = ("Observation", "MedicationStatement", "MedicationRequest", "Condition", "ServiceRequest")
+SUPPORTED_TYPES = (
+    "Observation",
+    "MedicationStatement",
+    "MedicationRequest",
+    "MedicationAdministration",
+    "Condition",
+    "ServiceRequest",
+)
 
 # Required bindings of FHIR R4 that the fhir.resources models do not enforce.
 _REQUIRED_CODES: dict[tuple[str, str], frozenset[str]] = {
@@ -36,6 +43,9 @@ _REQUIRED_CODES: dict[tuple[str, str], frozenset[str]] = {
     ),
     ("MedicationRequest", "status"): frozenset(
         ["active", "on-hold", "cancelled", "completed", "entered-in-error", "stopped", "draft", "unknown"]
+    ),
+    ("MedicationAdministration", "status"): frozenset(
+        ["in-progress", "not-done", "on-hold", "completed", "entered-in-error", "stopped", "unknown"]
     ),
     ("MedicationRequest", "intent"): frozenset(
         ["proposal", "plan", "order", "original-order", "reflex-order", "filler-order", "instance-order", "option"]
@@ -130,6 +140,12 @@ def normalize_resource(
     extractor = _EXTRACTORS[rtype]
     result = NormalizeResult(rtype, rid, "accepted", patient=patient)
     extractor(model, patient, options, resolve or {}, result)
+    placeholder = next((f.start for f in result.facts if is_placeholder(f.start)), None)
+    if placeholder is not None:
+        path = f"{rtype}.{_TIME_FIELDS[rtype]}"
+        return _rejected(
+            rtype, rid, path, f"{path} {placeholder.date().isoformat()} is a placeholder date, not a clinical time"
+        )
     if not result.facts and result.outcome == "accepted":
         result.outcome = "ignored"
         result.reason = result.reason or "no potassium, magnesium, QTc, arrhythmia, K/Mg drug or order content"
@@ -258,7 +274,7 @@ def _observation(model: Any, patient: str, options: NormalizeOptions, _: Mapping
 
     lab = lab_code(codings)
     if lab is not None and lab.concept in ("potassium", "magnesium", "qtc"):
-        result.facts.append(_quantity_fact(base, lab.concept, lab.property, lab.display, model, notes))
+        result.facts.append(_quantity_fact(base, lab, model, notes))
     elif lab is None:
         excluded = excluded_lab_reason(codings)
         if excluded:
@@ -266,36 +282,31 @@ def _observation(model: Any, patient: str, options: NormalizeOptions, _: Mapping
     for i, component in enumerate(model.component or []):
         component_lab = lab_code(_codings(component.code))
         if component_lab is not None and component_lab.concept == "qtc" and not _has_concept(result, "qtc"):
-            fact = _quantity_fact(
-                base, "qtc", component_lab.property, component_lab.display, component, [*notes, f"from component[{i}]"]
-            )
-            result.facts.append(fact)
-    finding = arrhythmia_coding(codings) or arrhythmia_coding(_codings(model.valueCodeableConcept))
-    if finding is None:
-        for component in model.component or []:
-            finding = arrhythmia_coding(_codings(component.valueCodeableConcept))
-            if finding:
-                break
+            result.facts.append(_quantity_fact(base, component_lab, component, [*notes, f"from component[{i}]"]))
+    sources = [codings, _codings(model.valueCodeableConcept)]
+    sources += [_codings(component.valueCodeableConcept) for component in model.component or []]
+    finding = arrhythmia_match(coding for source in sources for coding in source)
     if finding is not None:
-        result.facts.append(
-            Fact(
-                **base,
-                concept="arrhythmia",
-                kind="finding",
-                display=finding.display or finding.code,
-                notes=tuple(notes),
-            )
+        display = finding.display
+        _arrhythmia_facts(
+            Fact(**base, concept="arrhythmia", kind="finding", display=display, notes=tuple(notes)), finding, result
         )
+
+
+def _arrhythmia_facts(fact: Fact, finding: ArrhythmiaMatch, result: NormalizeResult) -> None:
+    """The ``arrhythmia`` fact and, for torsades / VT / VF / long QT syndrome, its ``high-risk-arrhythmia`` twin."""
+    result.facts.append(fact)
+    if finding.high_risk:
+        result.facts.append(fact.model_copy(update={"concept": "high-risk-arrhythmia"}))
 
 
 def _has_concept(result: NormalizeResult, concept: str) -> bool:
     return any(f.concept == concept for f in result.facts)
 
 
-def _quantity_fact(
-    base: dict[str, Any], concept: str, loinc_property: str, display: str, holder: Any, notes: list[str]
-) -> Fact:
+def _quantity_fact(base: dict[str, Any], lab: LabCode, holder: Any, notes: list[str]) -> Fact:
     """Fact for a quantitative result held by an Observation or one of its components."""
+    concept, display = lab.concept, lab.display
     fields: dict[str, Any] = {**base, "concept": concept, "kind": "lab", "display": display}
     notes = list(notes)
     quantity = holder.valueQuantity
@@ -327,7 +338,9 @@ def _quantity_fact(
             notes=tuple(notes),
             problem=f"value {value} is not a finite number",
         )
-    resolution = resolve_unit(concept, system=system, code=code, unit=unit, loinc_property=loinc_property)
+    resolution = resolve_unit(
+        concept, system=system, code=code, unit=unit, loinc_property=lab.property, loinc_code=lab.code
+    )
     if resolution.factor is None:
         return Fact(
             **fields,
@@ -407,32 +420,97 @@ def _medication_content(
     return codings, texts
 
 
-def _medication_period(model: Any) -> tuple[datetime | None, datetime | None]:
-    if model.get_resource_type() == "MedicationStatement":
-        period = model.effectivePeriod
-        if period is not None:
-            return to_utc(period.start), to_utc(period.end)
-        return to_utc(model.effectiveDateTime), None
-    validity = getattr(model.dispenseRequest, "validityPeriod", None) if model.dispenseRequest else None
-    start = to_utc(getattr(validity, "start", None)) or to_utc(model.authoredOn)
-    return start, to_utc(getattr(validity, "end", None))
+# Which statuses make a medication resource evidence for the period it covers (FHIR R4 status codes).
+_MED_COUNTING: dict[str, frozenset[str]] = {
+    "MedicationRequest": frozenset({"active", "on-hold", "completed", "stopped"}),
+    "MedicationStatement": frozenset({"active", "on-hold", "completed", "stopped"}),
+    "MedicationAdministration": frozenset({"completed", "in-progress", "stopped"}),
+}
+_MED_FINISHED = frozenset({"completed", "stopped"})
+_MED_NOT_COUNTING = {
+    "cancelled": "cancelled: never acted on",
+    "draft": "draft: not an order yet",
+    "unknown": "status unknown: not known to be given or taken",
+    "intended": "intended: not taken yet",
+    "not-taken": "not taken",
+    "not-done": "not given (not-done)",
+    "on-hold": "on hold: not being given",
+    "entered-in-error": "entered in error",
+}
+
+
+@dataclass
+class _Period:
+    """When a medication resource says the drug was (or is) given or taken."""
+
+    start: datetime | None
+    end: datetime | None
+    counts: bool
+    notes: list[str]
+
+
+def _raw_period(model: Any) -> tuple[datetime | None, datetime | None, bool]:
+    """(start, end, is a single instant) as the resource states them."""
+    if model.get_resource_type() == "MedicationRequest":  # the order's validity, else from when it was written
+        validity = getattr(model.dispenseRequest, "validityPeriod", None) if model.dispenseRequest else None
+        start = to_utc(getattr(validity, "start", None)) or to_utc(model.authoredOn)
+        return start, to_utc(getattr(validity, "end", None)), False
+    if model.effectivePeriod is not None:
+        return to_utc(model.effectivePeriod.start), to_utc(model.effectivePeriod.end), False
+    return to_utc(model.effectiveDateTime), None, True
+
+
+def _medication_period(model: Any) -> _Period:
+    """The period a medication resource is evidence for.
+
+    Requests (active, on-hold) count from the validity start (else authoredOn) to the validity end (open if
+    none); completed / stopped requests and statements count up to their end, else meta.lastUpdated (when the
+    completion was recorded), else their start. Statements count for effective[x] (an active one from an
+    effectiveDateTime on); administrations at effectiveDateTime (one dose) or over effectivePeriod. A
+    placeholder end (9999-12-31, any year >= 9000) means no planned end.
+    """
+    rtype, status = model.get_resource_type(), model.status
+    start, end, instant = _raw_period(model)
+    notes: list[str] = []
+    if is_placeholder(end):
+        notes.append(f"end date {end.date().isoformat()} read as no planned end")  # type: ignore[union-attr]
+        end = None
+    counts = status in _MED_COUNTING[rtype]
+    if not counts:
+        notes.append(_MED_NOT_COUNTING.get(status, f"status {status}"))
+    if instant and (status in _MED_FINISHED or rtype == "MedicationAdministration"):
+        end = start  # one dose, or taken at one time
+    elif end is None and status in _MED_FINISHED:
+        updated = to_utc(getattr(getattr(model, "meta", None), "lastUpdated", None))
+        if updated is not None and not is_placeholder(updated) and (start is None or updated >= start):
+            end = updated
+            notes.append(f"{status} with no end date: counted up to meta.lastUpdated")
+        elif start is not None:
+            end = start
+            notes.append(f"{status} with no end date or lastUpdated: counted at its start only")
+    if counts and start is None and end is None and status in _MED_FINISHED:
+        counts = False
+        notes.append(f"{status} with no dates: cannot be placed in time")
+    elif start is None:
+        notes.append("no effective time: active from an unknown start")
+    return _Period(start, end, counts, notes)
 
 
 def _medication(model: Any, patient: str, _: NormalizeOptions, resolve: Mapping, result: NormalizeResult) -> None:
     codings, texts = _medication_content(model, resolve, result)
     matches = classify(codings, texts)
-    start, end = _medication_period(model)
-    notes: list[str] = []
-    counts = model.status == "active"
-    if model.get_resource_type() == "MedicationRequest":
+    period = _medication_period(model)
+    notes = period.notes
+    counts = period.counts
+    rtype = model.get_resource_type()
+    if rtype == "MedicationRequest":
         if model.intent not in _REQUEST_INTENTS_THAT_TREAT:
             counts = False
             notes.append(f"intent {model.intent} is not an order")
         if model.doNotPerform:
             counts = False
             notes.append("doNotPerform")
-    if start is None:
-        notes.append("no effective time: active from an unknown start")
+    draft = rtype == "MedicationRequest" and model.status == "draft"
     ingredient_names = sorted({m.ingredient for m in matches})
     if len(ingredient_names) > 1:
         notes.append("combination product: " + " + ".join(ingredient_names))
@@ -445,8 +523,10 @@ def _medication(model: Any, patient: str, _: NormalizeOptions, resolve: Mapping,
             class_notes = [*notes, "matched by free text (lower confidence)"] if match.via == "text" else notes
             display = texts[0] if texts else (codings[0].display if codings and codings[0].display else None)
             display = display or match.ingredient
-            if model.get_resource_type() == "MedicationRequest" and model.status == "draft":
+            if draft:
                 _order_facts(model, patient, order_concepts_for_class(class_id), display, class_notes, result)
+                if _has_concept(result, class_id):
+                    continue  # the draft is evidence of this concept as an order being signed
             result.facts.append(
                 Fact(
                     **_base_fact(model, patient),
@@ -454,8 +534,8 @@ def _medication(model: Any, patient: str, _: NormalizeOptions, resolve: Mapping,
                     kind="medication",
                     counts=counts,
                     retracted=model.status == "entered-in-error",
-                    start=start,
-                    end=end,
+                    start=period.start,
+                    end=period.end,
                     display=f"{display} ({class_display(class_id).lower()})",
                     notes=tuple(class_notes),
                 )
@@ -511,7 +591,7 @@ def _first_code(concept: Any) -> str | None:
 
 
 def _condition(model: Any, patient: str, _: NormalizeOptions, __: Mapping, result: NormalizeResult) -> None:
-    finding = arrhythmia_coding(_codings(model.code))
+    finding = arrhythmia_match(_codings(model.code))
     if finding is None:
         return
     clinical = _first_code(model.clinicalStatus)
@@ -526,29 +606,58 @@ def _condition(model: Any, patient: str, _: NormalizeOptions, __: Mapping, resul
     if verification in _CONDITION_UNCONFIRMED:
         counts = False
         notes.append(f"verificationStatus {verification}")
-    start = to_utc(model.onsetDateTime or getattr(model.onsetPeriod, "start", None) or model.recordedDate)
+    categories = {c.code for category in model.category or [] for c in category.coding or [] if c.code}
+    if "encounter-diagnosis" in categories:
+        notes.append("encounter diagnosis")
+    start, start_notes = _condition_start(model)
+    notes.extend(start_notes)
     end = to_utc(model.abatementDateTime or getattr(model.abatementPeriod, "end", None))
-    if start is None:
-        notes.append("no onset or recorded date")
-    result.facts.append(
-        Fact(
-            **_base_fact(model, patient, status=clinical),
-            concept="arrhythmia",
-            kind="condition",
-            counts=counts,
-            retracted=verification == "entered-in-error",
-            start=start,
-            end=end,
-            display=finding.display or (model.code.text if model.code else None) or finding.code,
-            notes=tuple(notes),
-        )
+    if is_placeholder(end):
+        notes.append(f"abatement {end.date().isoformat()} read as not abated")  # type: ignore[union-attr]
+        end = None
+    display = finding.coding.display or (model.code.text if model.code else None) or finding.display
+    fact = Fact(
+        **_base_fact(model, patient, status=clinical),
+        concept="arrhythmia",
+        kind="condition",
+        counts=counts,
+        retracted=verification == "entered-in-error",
+        start=start,
+        end=end,
+        display=display,
+        notes=tuple(notes),
     )
+    _arrhythmia_facts(fact, finding, result)
 
+
+def _condition_start(model: Any) -> tuple[datetime | None, list[str]]:
+    """When the record knew of the condition: the later of onset and recordedDate (a diagnosis recorded today
+    with an onset in 2015 is new to this record today; a decision never uses it before it was recorded)."""
+    onset = to_utc(model.onsetDateTime or getattr(model.onsetPeriod, "start", None))
+    recorded = to_utc(model.recordedDate)
+    if onset is None and recorded is None:
+        return None, ["no onset or recorded date"]
+    if onset is None or recorded is None:
+        return onset or recorded, []
+    if recorded > onset:
+        return recorded, [f"onset {onset.date().isoformat()}, recorded {recorded.date().isoformat()}"]
+    return onset, []
+
+
+_TIME_FIELDS = {  # where each type's time comes from, for the message that rejects a placeholder date
+    "Observation": "effective[x]",
+    "MedicationStatement": "effective[x]",
+    "MedicationAdministration": "effective[x]",
+    "MedicationRequest": "authoredOn",
+    "Condition": "onset[x] / recordedDate",
+    "ServiceRequest": "authoredOn",
+}
 
 _EXTRACTORS = {
     "Observation": _observation,
     "MedicationStatement": _medication,
     "MedicationRequest": _medication,
+    "MedicationAdministration": _medication,
     "Condition": _condition,
     "ServiceRequest": _service_request,
 }

@@ -4,11 +4,13 @@ Expanding into FHIR (rather than building facts directly) means every embedded t
 normaliser: units, comparators, statuses and medication classification take the production path.
 
 Shorthand keys: ``lab`` (potassium | magnesium | qtc) with ``value``, ``unit``, ``comparator``, ``at``,
-``status``, ``loinc``; ``med`` (an RxNorm code) with ``status``, ``start``, ``end``, ``type``
-(statement | request; ``status: draft`` makes a draft order); ``lab_order`` (potassium | magnesium: a
-ServiceRequest for that lab) with ``status`` (default draft), ``intent``, ``at`` (authoredOn); ``condition``
-(a SNOMED code) with ``start``, ``clinical_status``; ``ecg`` (a SNOMED rhythm code) with ``at``; or
-``resource`` holding any FHIR resource as is.
+``status``, ``loinc``; ``med`` (an RxNorm code) with ``status``, ``type`` (statement | request |
+administration; ``status: draft`` makes a draft order), ``start`` / ``end`` (statement and administration:
+effectivePeriod; request: authoredOn and dispenseRequest.validityPeriod.end), ``at`` (effectiveDateTime) and
+``updated`` (meta.lastUpdated); ``lab_order`` (potassium | magnesium: a ServiceRequest for that lab) with
+``status`` (default draft), ``intent``, ``at`` (authoredOn); ``condition`` (a code: SNOMED, or ``system:
+icd-10-cm | icd-9-cm``) with ``start`` (onset), ``recorded``, ``category`` (e.g. encounter-diagnosis),
+``clinical_status``; ``ecg`` (a SNOMED rhythm code) with ``at``; or ``resource`` holding any FHIR resource as is.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from rules.datafiles import load_valueset
 
 UCUM = "http://unitsofmeasure.org"
 _DEFAULT_LOINC = {"potassium": "2823-3", "magnesium": "2601-3", "qtc": "8636-3"}
+_CONDITION_SYSTEMS = {
+    "snomed": "http://snomed.info/sct",
+    "icd-10-cm": "http://hl7.org/fhir/sid/icd-10-cm",
+    "icd-9-cm": "http://hl7.org/fhir/sid/icd-9-cm",
+}
 
 
 def _loinc_display(code: str) -> str:
@@ -35,7 +42,9 @@ def expand(item: dict[str, Any], patient: str, index: int) -> dict[str, Any]:
         return item["resource"]
     rid = str(item.get("id", f"t{index}"))
     subject = {"reference": f"Patient/{patient}"}
-    meta = {"versionId": str(item["version"])} if "version" in item else None
+    meta = {"versionId": str(item["version"])} if "version" in item else {}
+    if "updated" in item:
+        meta["lastUpdated"] = item["updated"]
     resource: dict[str, Any]
     if "lab" in item:
         loinc = item.get("loinc", _DEFAULT_LOINC[item["lab"]])
@@ -60,16 +69,20 @@ def expand(item: dict[str, Any], patient: str, index: int) -> dict[str, Any]:
     elif "med" in item:
         kind = item.get("type", "statement")
         concept = {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": str(item["med"])}]}
-        if kind == "statement":
-            period = {k: item[k] for k in ("start", "end") if k in item}
+        period = {k: item[k] for k in ("start", "end") if k in item}
+        effective = {"effectiveDateTime": item["at"]} if "at" in item else {"effectivePeriod": period} if period else {}
+        if kind in ("statement", "administration"):
+            default_status = "active" if kind == "statement" else "completed"
             resource = {
-                "resourceType": "MedicationStatement",
+                "resourceType": "MedicationStatement" if kind == "statement" else "MedicationAdministration",
                 "id": rid,
-                "status": item.get("status", "active"),
+                "status": item.get("status", default_status),
                 "medicationCodeableConcept": concept,
                 "subject": subject,
-                **({"effectivePeriod": period} if period else {}),
+                **effective,
             }
+        elif kind != "request":
+            raise ValueError(f"med type {kind!r} is not statement, request or administration")
         else:
             resource = {
                 "resourceType": "MedicationRequest",
@@ -79,6 +92,7 @@ def expand(item: dict[str, Any], patient: str, index: int) -> dict[str, Any]:
                 "medicationCodeableConcept": concept,
                 "subject": subject,
                 **({"authoredOn": item["start"]} if "start" in item else {}),
+                **({"dispenseRequest": {"validityPeriod": {"end": item["end"]}}} if "end" in item else {}),
             }
     elif "lab_order" in item:
         loinc = item.get("loinc", _DEFAULT_LOINC[item["lab_order"]])
@@ -92,6 +106,7 @@ def expand(item: dict[str, Any], patient: str, index: int) -> dict[str, Any]:
             **({"authoredOn": item["at"]} if "at" in item else {}),
         }
     elif "condition" in item:
+        code = str(item["condition"])
         resource = {
             "resourceType": "Condition",
             "id": rid,
@@ -103,10 +118,14 @@ def expand(item: dict[str, Any], patient: str, index: int) -> dict[str, Any]:
                     }
                 ]
             },
-            "code": {"coding": [{"system": "http://snomed.info/sct", "code": str(item["condition"])}]},
+            "code": {"coding": [{"system": _CONDITION_SYSTEMS[item.get("system", "snomed")], "code": code}]},
             "subject": subject,
             **({"onsetDateTime": item["start"]} if "start" in item else {}),
+            **({"recordedDate": item["recorded"]} if "recorded" in item else {}),
         }
+        if "category" in item:
+            category = {"system": "http://terminology.hl7.org/CodeSystem/condition-category", "code": item["category"]}
+            resource["category"] = [{"coding": [category]}]
     elif "ecg" in item:
         resource = {
             "resourceType": "Observation",

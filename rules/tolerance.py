@@ -39,8 +39,18 @@ READ_MEMBERS: dict[str, frozenset[str]] = {
     "MedicationRequest": frozenset(
         [*_ALWAYS_READ, "intent", "doNotPerform", "medication[x]", "contained", "authoredOn", "dispenseRequest"]
     ),
+    "MedicationAdministration": frozenset([*_ALWAYS_READ, "medication[x]", "contained", "effective[x]"]),
     "Condition": frozenset(
-        [*_ALWAYS_READ, "code", "clinicalStatus", "verificationStatus", "onset[x]", "abatement[x]", "recordedDate"]
+        [
+            *_ALWAYS_READ,
+            "code",
+            "category",
+            "clinicalStatus",
+            "verificationStatus",
+            "onset[x]",
+            "abatement[x]",
+            "recordedDate",
+        ]
     ),
     "ServiceRequest": frozenset([*_ALWAYS_READ, "intent", "doNotPerform", "code", "authoredOn"]),
 }

@@ -32,6 +32,12 @@ class AnalyteUnits:
     factors: dict[str, Decimal]
     inferred_by_property: dict[str, str]
     plausible: tuple[Decimal, Decimal] | None = None  # canonical-unit bounds outside which a value is a data error
+    dimensions: dict[str, str] | None = None  # unit key -> LOINC property (moles | mass)
+
+    def dimension(self, unit: str | None) -> str | None:
+        """The LOINC property a unit spelling belongs to (None when the table does not say)."""
+        key = unit_key(unit)
+        return None if key is None or not self.dimensions else self.dimensions.get(key)
 
     def implausible(self, canonical_value: Decimal) -> bool:
         """True when a converted value lies outside the analyte's plausible range."""
@@ -58,7 +64,13 @@ def analyte_units(analyte: str) -> AnalyteUnits:
         factors={k: v for k, v in factors.items() if k},
         inferred_by_property=dict(entry.get("inferred_by_property") or {}),
         plausible=(Decimal(str(bounds["low"])), Decimal(str(bounds["high"]))) if bounds else None,
+        dimensions={
+            key: prop for prop, units in (entry.get("dimensions") or {}).items() for u in units if (key := unit_key(u))
+        },
     )
+
+
+_PROPERTY_WORDS = {"moles": "substance (molar) concentration", "mass": "mass concentration"}
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,7 @@ def resolve_unit(
     code: str | None,
     unit: str | None,
     loinc_property: str | None,
+    loinc_code: str | None = None,
 ) -> Resolution:
     """Resolve the unit of a reported quantity: UCUM code first, then `unit` text, then LOINC property."""
     table = analyte_units(analyte)
@@ -89,6 +102,14 @@ def resolve_unit(
     for candidate in candidates:
         factor = table.factor(candidate)
         if factor is not None:
+            dimension = table.dimension(candidate)
+            if loinc_property and dimension and loinc_property in _PROPERTY_WORDS and dimension != loinc_property:
+                return Resolution(
+                    unit=candidate,
+                    factor=None,
+                    problem=f"unit {candidate!r} is a {_PROPERTY_WORDS[dimension]} but LOINC {loinc_code or ''} is "
+                    f"a {_PROPERTY_WORDS[loinc_property]} code: the unit or the code is wrong, the value is not used",
+                )
             return Resolution(unit=candidate, factor=factor)
     if candidates:
         shown = " / ".join(dict.fromkeys(candidates))

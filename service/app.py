@@ -35,7 +35,7 @@ from workers.state.statuses import STATUSES
 FHIR_JSON = "application/fhir+json"
 JSON_TYPES = ("application/fhir+json", "application/json")
 NDJSON_TYPES = ("application/fhir+ndjson", "application/x-ndjson", "application/ndjson")
-RESOURCE_TYPES = ("Observation", "MedicationStatement", "MedicationRequest", "Condition")
+RESOURCE_TYPES = ("Observation", "MedicationStatement", "MedicationRequest", "MedicationAdministration", "Condition")
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
 app = FastAPI(

@@ -145,7 +145,9 @@ def _expression(location: str, resource_type: str, path: str) -> str:
 
 
 _DELETE = "__delete__"
-_DELETABLE = re.compile(r"^(Observation|MedicationStatement|MedicationRequest|Condition)/([A-Za-z0-9\-.]{1,64})$")
+_DELETABLE = re.compile(
+    r"^(Observation|MedicationStatement|MedicationRequest|MedicationAdministration|Condition)/([A-Za-z0-9\-.]{1,64})$"
+)
 
 
 def ingest_delete(
@@ -155,7 +157,10 @@ def ingest_delete(
     retracted (as for entered-in-error). Unknown resources and conditional deletes are reported, not applied."""
     record_event("delete", "received")
     if not _DELETABLE.match(reference):
-        message = "only a delete of Observation, MedicationStatement, MedicationRequest or Condition by id applies"
+        message = (
+            "only a delete of Observation, MedicationStatement, MedicationRequest, MedicationAdministration or "
+            "Condition by id applies"
+        )
         answer.entries.append(EntryOutcome(location, "ignored", "DELETE", [("warning", location, message)]))
         return
     patient = enqueuer.patient_of(reference)

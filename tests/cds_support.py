@@ -63,10 +63,10 @@ def scenario(rule: str | None, patient: str) -> list[dict[str, Any]]:
             med_statement(FUROSEMIDE, start=h(24 * 30)[:10], **p),
             potassium(3.2, at=h(40), **p),
             potassium(3.3, at=h(4), **p),
-            magnesium(0.80, at=h(10), **p),
+            magnesium(0.60, at=h(10), **p),  # low, no Mg therapy since: Mg can still explain it
         ]
-    if rule == ARRHYTHMIA:
-        return [magnesium(0.55, at=h(5), **p), potassium(4.1, at=h(5), **p), condition(**p)]
+    if rule == ARRHYTHMIA:  # a recent AF diagnosis with Mg below 0.5 mmol/L (a critical card)
+        return [magnesium(0.45, at=h(5), **p), potassium(4.1, at=h(5), **p), condition(onset=h(24), **p)]
     return [potassium(4.2, at=h(6), **p), magnesium(0.85, at=h(6), **p)]
 
 

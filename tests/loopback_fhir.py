@@ -1,9 +1,10 @@
 """A small real FHIR server on loopback for the CDS Hooks tests (stands in for the EHR's FHIR server).
 
-It answers searches over the resources it was given (patient, code, status, clinical-status, date / authored
-``ge``, ``_count`` with absolute next links), records every request (path, query, Authorization header), and
-can be told to stall, to answer an HTTP error (for every search or for one resource type, as a server that
-refuses ServiceRequest searches does), or to put an error OperationOutcome in its Bundles.
+It answers searches over the resources it was given (patient, code, status, clinical-status, date / authored /
+authoredon / effective / effective-time ``ge``, ``_count`` with absolute next links), records every request
+(path, query, Authorization header), and can be told to stall, to answer an HTTP error (for every search or
+for one resource type, as a server that refuses ServiceRequest searches does), or to put an error
+OperationOutcome in its Bundles.
 """
 
 from __future__ import annotations
@@ -32,10 +33,15 @@ def _tokens(resource: dict[str, Any], element: str) -> set[str]:
     }
 
 
+_DATE_PARAMS = ("date", "authored", "authoredon", "effective", "effective-time")
+
+
 def _when(resource: dict[str, Any], param: str) -> str | None:
-    if param == "authored":
+    if param in ("authored", "authoredon"):
         return resource.get("authoredOn")
-    return resource.get("effectiveDateTime") or (resource.get("effectivePeriod") or {}).get("start")
+    period = resource.get("effectivePeriod") or {}
+    # a period matches `ge` when it reaches the value (its end, or open); an instant by itself
+    return resource.get("effectiveDateTime") or (period.get("end") or "9999" if period else None)
 
 
 def matches(resource: dict[str, Any], resource_type: str, params: Iterable[tuple[str, str]]) -> bool:
@@ -57,7 +63,7 @@ def matches(resource: dict[str, Any], resource_type: str, params: Iterable[tuple
         elif name == "clinical-status":
             if not {t.split("|")[-1] for t in _tokens(resource, "clinicalStatus")} & set(value.split(",")):
                 return False
-        elif name in ("date", "authored"):
+        elif name in _DATE_PARAMS:
             when = _when(resource, name)
             if value.startswith("ge") and (when is None or when < value[2:]):
                 return False

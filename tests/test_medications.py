@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -17,9 +18,11 @@ from fhir_builders import (
     rxnorm,
 )
 
+from config.settings import Settings
 from rules.codes import Coding
 from rules.medications import classify
 from rules.normalize import normalize_resources
+from workers.events import events_from
 
 ATC = "http://www.whocc.no/atc"
 NDC = "http://hl7.org/fhir/sid/ndc"
@@ -166,10 +169,146 @@ def test_do_not_perform_request_does_not_count():
     assert fact.counts is False
 
 
-@pytest.mark.parametrize("status", ["stopped", "completed", "on-hold", "not-taken", "intended"])
-def test_statement_not_active_does_not_count(status: str):
+# --- the period a medication resource is evidence for (issue 10 item 12) ---------------------------------
+
+
+def _at(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+@pytest.mark.parametrize("status", ["not-taken", "intended", "unknown"])
+def test_statement_not_known_to_be_taken_does_not_count(status: str):
     (fact,) = normalize(med_statement(rxnorm("4603"), status=status)).facts
-    assert fact.counts is False
+    assert fact.counts is False and fact.notes
+
+
+@pytest.mark.parametrize("status", ["cancelled", "draft", "unknown"])
+def test_request_never_acted_on_does_not_count(status: str):
+    facts = normalize(med_request(rxnorm("4603"), status=status)).facts
+    medication = [f for f in facts if f.kind == "medication"]
+    assert all(f.counts is False for f in medication)
+
+
+@pytest.mark.parametrize("status", ["active", "on-hold", "completed", "stopped"])
+def test_statement_counts_for_its_effective_period_whatever_its_status_now(status: str):
+    (fact,) = normalize(med_statement(rxnorm("4603"), status=status, start="2024-04-01", end="2024-04-03")).facts
+    assert fact.counts and (fact.start, fact.end) == (_at("2024-04-01T00:00:00Z"), _at("2024-04-03T00:00:00Z"))
+
+
+def test_a_completed_order_without_an_end_counts_up_to_its_last_update_and_says_so():
+    request = med_request(rxnorm("8591"), status="completed", authored="2024-04-01T08:00:00Z")
+    request["meta"] = {"lastUpdated": "2024-04-02T09:30:00Z"}
+    (fact,) = normalize(request).facts
+    assert fact.counts and fact.start == _at("2024-04-01T08:00:00Z") and fact.end == _at("2024-04-02T09:30:00Z")
+    assert any("meta.lastUpdated" in n for n in fact.notes)
+    del request["meta"]
+    (one_time,) = normalize(request).facts
+    assert one_time.counts and one_time.end == one_time.start
+    assert any("counted at its start only" in n for n in one_time.notes)
+
+
+def test_a_completed_order_with_a_validity_period_counts_for_it():
+    request = med_request(
+        rxnorm("4603"),
+        status="stopped",
+        authored="2024-03-31",
+        dispenseRequest={"validityPeriod": {"start": "2024-04-01", "end": "2024-04-05"}},
+    )
+    (fact,) = normalize(request).facts
+    assert fact.counts and (fact.start, fact.end) == (_at("2024-04-01T00:00:00Z"), _at("2024-04-05T00:00:00Z"))
+
+
+def test_an_active_order_is_open_ended_from_its_start():
+    (fact,) = normalize(med_request(rxnorm("4603"), authored="2024-04-01")).facts
+    assert fact.counts and fact.start == _at("2024-04-01T00:00:00Z") and fact.end is None
+
+
+def test_a_finished_resource_with_no_dates_cannot_be_placed_in_time():
+    (fact,) = normalize(med_statement(rxnorm("4603"), status="completed", start=None)).facts
+    assert fact.counts is False and any("cannot be placed in time" in n for n in fact.notes)
+
+
+def test_an_active_statement_with_an_effective_date_time_is_ongoing_from_it():
+    statement = med_statement(rxnorm("4603"), start=None, effectiveDateTime="2024-04-01T08:00:00Z")
+    (fact,) = normalize(statement).facts
+    assert fact.start == _at("2024-04-01T08:00:00Z") and fact.end is None
+    statement["status"] = "completed"
+    (taken,) = normalize(statement).facts
+    assert taken.start == taken.end == _at("2024-04-01T08:00:00Z")
+
+
+def administration(medication: dict[str, Any], status: str = "completed", **extra: Any) -> dict[str, Any]:
+    """A MedicationAdministration (R4)."""
+    return {
+        "resourceType": "MedicationAdministration",
+        "id": extra.pop("id", "ma-1"),
+        "status": status,
+        "medicationCodeableConcept": medication,
+        "subject": {"reference": "Patient/p1"},
+        **extra,
+    }
+
+
+def test_an_administration_counts_at_its_time_or_over_its_period():
+    (dose,) = normalize(administration(rxnorm("6585"), effectiveDateTime="2024-04-01T08:00:00Z")).facts
+    assert (dose.concept, dose.kind, dose.counts) == ("magnesium-product", "medication", True)
+    assert dose.start == dose.end == _at("2024-04-01T08:00:00Z")
+    infusion = administration(rxnorm("8591"), status="in-progress", effectivePeriod={"start": "2024-04-01T08:00:00Z"})
+    (running,) = normalize(infusion).facts
+    assert running.counts and running.start == _at("2024-04-01T08:00:00Z") and running.end is None
+    given = administration(
+        rxnorm("8591"), effectivePeriod={"start": "2024-04-01T08:00:00Z", "end": "2024-04-01T12:00:00Z"}
+    )
+    (over,) = normalize(given).facts
+    assert (over.start, over.end) == (_at("2024-04-01T08:00:00Z"), _at("2024-04-01T12:00:00Z"))
+
+
+ADMINISTRATION_STATUSES = [
+    ("not-done", False, False),
+    ("on-hold", False, False),
+    ("unknown", False, False),
+    ("stopped", True, False),
+    ("in-progress", True, False),
+    ("entered-in-error", False, True),
+]
+
+
+@pytest.mark.parametrize(("status", "counts", "retracted"), ADMINISTRATION_STATUSES)
+def test_administration_statuses(status: str, counts: bool, retracted: bool):
+    (fact,) = normalize(administration(rxnorm("4603"), status=status, effectiveDateTime="2024-04-01T08:00:00Z")).facts
+    assert (fact.counts, fact.retracted) == (counts, retracted)
+
+
+def test_administration_with_a_contained_medication_and_an_invalid_status():
+    contained = administration(
+        None,  # type: ignore[arg-type]
+        effectiveDateTime="2024-04-01T08:00:00Z",
+        contained=[_chlorthalidone_medication("m1")],
+        medicationReference={"reference": "#m1"},
+    )
+    del contained["medicationCodeableConcept"]
+    assert classes_of(contained) == {"thiazide-diuretic"}
+    bad = normalize_resources([administration(rxnorm("4603"), status="given", effectiveDateTime="2024-04-01")])
+    assert bad[0].outcome == "rejected" and "MedicationAdministration.status" in bad[0].issues[0].path
+
+
+@pytest.mark.parametrize("end", ["9999-12-31", "9999-12-31T23:59:59-05:00", "9000-01-01T00:00:00Z"])
+def test_a_placeholder_end_date_is_open_ended_never_an_overflow(end: str):
+    statement = med_statement(rxnorm("4603"), start="2024-04-01", end=end)
+    result = normalize(statement)
+    (fact,) = result.facts
+    assert fact.counts and fact.end is None and any("no planned end" in n for n in fact.notes)
+    event = events_from(result, datetime(2024, 5, 1, tzinfo=UTC))
+    assert event is not None and event.expires(Settings())  # retention of an open-ended medication: no overflow
+    finished = normalize(med_statement(rxnorm("4603"), status="completed", start="2024-04-01", end=end)).facts[0]
+    assert finished.end == finished.start  # completed with no real end: its start (no lastUpdated)
+    assert events_from(normalize(statement | {"status": "completed"}), datetime(2024, 5, 1, tzinfo=UTC))
+
+
+def test_a_placeholder_start_date_is_rejected_naming_the_field():
+    result = normalize_resources([med_statement(rxnorm("4603"), start="9999-12-31")])[0]
+    assert result.outcome == "rejected" and result.issues[0].path == "MedicationStatement.effective[x]"
+    assert "placeholder" in result.issues[0].message
 
 
 def test_entered_in_error_statement_is_retracted():

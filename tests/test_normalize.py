@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -336,7 +337,7 @@ def test_implausible_values_are_data_errors_not_alerts(value: float):
 
 @pytest.mark.parametrize(("value", "unit"), [(1.0, "mmol/L"), (0.6, "mmol/L"), (14, "mmol/L"), (58, "mg/dL")])
 def test_extreme_but_plausible_potassium_is_kept(value: float, unit: str):
-    fact = only_fact(potassium(value, unit))
+    fact = only_fact(potassium(value, unit, loinc="22760-3" if unit == "mg/dL" else "2823-3"))
     assert fact.problem is None
     assert fact.value is not None
 
@@ -510,6 +511,102 @@ def test_arrhythmia_condition_codes(code: str, system: str):
     assert fact.counts
 
 
+ICD9CM = "http://hl7.org/fhir/sid/icd-9-cm"
+
+
+@pytest.mark.parametrize(
+    ("code", "system", "high_risk"),
+    [
+        ("49436004", SNOMED, False),  # AF
+        ("282825002", SNOMED, False),  # paroxysmal AF
+        ("440059007", SNOMED, False),  # persistent AF
+        ("440028005", SNOMED, False),  # permanent AF
+        ("426749004", SNOMED, False),  # chronic AF
+        ("698247007", SNOMED, False),  # cardiac arrhythmia (generic)
+        ("111975006", SNOMED, False),  # prolonged QT interval: critical only through a measured QTc > 500
+        ("31722008", SNOMED, True),  # torsades
+        ("71908006", SNOMED, True),  # VF
+        ("9651007", SNOMED, True),  # long QT syndrome
+        ("I47.1", ICD10CM, False),  # SVT
+        ("I47.10", ICD10CM, False),
+        ("I47.0", ICD10CM, True),  # re-entry ventricular arrhythmia
+        ("I47.21", ICD10CM, True),  # torsades (FY2023)
+        ("I47.2", ICD10CM, True),  # VT
+        ("I47.9", ICD10CM, False),
+        ("I48.0", ICD10CM, False),
+        ("I49.01", ICD10CM, True),  # VF
+        ("I49.02", ICD10CM, True),  # ventricular flutter
+        ("I49.3", ICD10CM, False),  # ventricular premature depolarization
+        ("I49.9", ICD10CM, False),
+        ("I45.81", ICD10CM, True),  # long QT syndrome
+        ("427.0", ICD9CM, False),  # PSVT
+        ("427.1", ICD9CM, True),  # paroxysmal VT
+        ("427.31", ICD9CM, False),  # AF
+        ("427.41", ICD9CM, True),  # VF
+        ("427.69", ICD9CM, False),  # other premature beats
+        ("427.89", ICD9CM, False),  # other specified dysrhythmias
+        ("427.9", ICD9CM, False),
+    ],
+)
+def test_arrhythmia_codes_and_their_tier(code: str, system: str, high_risk: bool):
+    facts = normalize(condition(code, system)).facts
+    assert {f.concept for f in facts} == ({"arrhythmia", "high-risk-arrhythmia"} if high_risk else {"arrhythmia"})
+    assert all(f.kind == "condition" and f.counts for f in facts)
+
+
+@pytest.mark.parametrize(("code", "system"), [("427.5", ICD9CM), ("I46.9", ICD10CM), ("I44.2", ICD10CM)])
+def test_cardiac_arrest_and_heart_block_are_not_arrhythmia_evidence(code: str, system: str):
+    assert normalize_resource(condition(code, system)).outcome == "ignored"
+
+
+@pytest.mark.parametrize(("rhythm", "high_risk"), [("164889003", False), ("164890007", False), ("164896001", True)])
+def test_ecg_findings_and_their_tier(rhythm: str, high_risk: bool):
+    facts = normalize(ecg(rhythm)).facts
+    assert {(f.concept, f.kind) for f in facts} == {("arrhythmia", "finding")} | (
+        {("high-risk-arrhythmia", "finding")} if high_risk else set()
+    )
+    assert all(f.display for f in facts)  # the value set's display when the coding has none
+
+
+def test_every_arrhythmia_code_has_a_source_and_a_verification_level():
+    from rules.datafiles import load_valueset
+
+    data = load_valueset("arrhythmia")
+    for item in [*data["snomed"], *data["icd10_prefixes"], *data["icd9_prefixes"]]:
+        assert item["verification"] in ("V", "S") and item["source"] and item["display"], item
+
+
+def test_a_condition_counts_from_when_the_record_knew_it():
+    fact = only_fact(condition(onset="2015-03-01", recordedDate="2024-04-30T10:00:00Z", category=[_ENCOUNTER_DX]))
+    assert fact.start == datetime(2024, 4, 30, 10, tzinfo=UTC)
+    assert any("onset 2015-03-01" in n for n in fact.notes) and "encounter diagnosis" in fact.notes
+    recorded_first = only_fact(condition(onset="2024-04-30", recordedDate="2024-04-29"))
+    assert recorded_first.start == datetime(2024, 4, 30, tzinfo=UTC)
+    assert only_fact(condition(onset=None, recordedDate="2024-04-29")).start == datetime(2024, 4, 29, tzinfo=UTC)
+
+
+def test_a_placeholder_abatement_is_read_as_not_abated():
+    fact = only_fact(condition(abatementDateTime="9999-12-31"))
+    assert fact.end is None and any("not abated" in n for n in fact.notes)
+
+
+@pytest.mark.parametrize("when", ["9999-12-31T00:00:00Z", "9000-01-01"])
+def test_an_observation_dated_with_a_placeholder_is_rejected_naming_the_field(when: str):
+    result = normalize_resource(potassium(3.1, at=when))
+    assert result.outcome == "rejected"
+    assert result.issues[0].path == "Observation.effective[x]" and "placeholder" in result.issues[0].message
+
+
+def test_a_time_at_the_end_of_the_calendar_with_a_negative_offset_does_not_overflow():
+    result = normalize_resource(potassium(3.1, at="9999-12-31T23:59:59-05:00"))
+    assert result.outcome == "rejected"
+
+
+_ENCOUNTER_DX = {
+    "coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-category", "code": "encounter-diagnosis"}]
+}
+
+
 def test_non_arrhythmia_condition_is_ignored():
     assert normalize_resource(condition("38341003")).outcome == "ignored"  # hypertension
     assert normalize_resource(condition("I10", ICD10CM)).outcome == "ignored"
@@ -519,7 +616,7 @@ def test_icd10_code_under_a_snomed_system_is_not_matched():
     assert normalize_resource(condition("I4891", SNOMED)).outcome == "ignored"
 
 
-def test_mimic_condition_without_status_or_dates_counts_with_notes():
+def test_mimic_condition_without_status_or_dates_counts_with_notes():  # (the arrhythmia rule needs a date)
     fact = only_fact(condition("I4891", MIMIC_ICD10, clinical=None, onset=None))
     assert fact.counts
     assert fact.start is None
@@ -588,3 +685,37 @@ def test_operation_outcome_entry_is_ignored():
 def test_a_bad_entry_does_not_stop_the_others():
     results = normalize_resources([potassium(3.2, status="bogus"), magnesium(0.6), "junk"])
     assert [r.outcome for r in results] == ["rejected", "accepted", "rejected"]
+
+
+# --- units follow the code (issue 10 item 7) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("resource", "reason"),
+    [
+        (lambda: potassium(4.0, "mg/dL"), "LOINC 2823-3"),  # K in mg/dL under the molar serum code
+        (lambda: potassium(4.0, "mg/dL", loinc="6298-4"), "LOINC 6298-4"),
+        (lambda: magnesium(1.5, "mmol/L", loinc="19123-9"), "LOINC 19123-9"),  # Mg mmol/L under the mass code
+        (lambda: magnesium(1.5, "meq/L", loinc="19123-9"), "LOINC 19123-9"),
+        (lambda: magnesium(1.9, "mg/dL", loinc="2601-3"), "LOINC 2601-3"),
+    ],
+)
+def test_a_unit_that_contradicts_the_loinc_property_is_indeterminate(resource, reason: str):
+    fact = only_fact(resource())
+    assert fact.value is None and not fact.determinate
+    assert reason in fact.problem and "the unit or the code is wrong" in fact.problem
+
+
+def test_units_that_agree_with_the_code_convert():
+    assert only_fact(potassium(15.6, "mg/dL", loinc="22760-3")).value == Decimal("15.6") * Decimal("0.255754")
+    assert only_fact(magnesium(1.5, "mg/dL", loinc="19123-9")).value is not None
+    assert only_fact(magnesium(0.6, "mmol/L", loinc="2601-3")).value == Decimal("0.6")
+    assert only_fact(qtc(0.52, "s")).value == Decimal("520.00")
+
+
+def test_a_contradicting_unit_makes_the_rules_indeterminate_never_normal():
+    from fhir_builders import ARRHYTHMIA, HYPOK, condition, decide
+
+    assert decide(HYPOK, potassium(4.0, "mg/dL")).outcome == "indeterminate"
+    mg = magnesium(1.5, "mmol/L", loinc="19123-9")
+    assert decide(ARRHYTHMIA, condition(onset=None, recordedDate="2024-04-30"), mg).outcome == "indeterminate"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import json
 from collections import defaultdict
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from functools import cache
 from pathlib import Path
@@ -246,6 +246,20 @@ def test_medication_statement_example003_little_pink_pill_classifies_as_nothing(
 def test_medrx0323_tpn_electrolytes_yield_potassium_and_magnesium_products():
     facts = [f for r in normalize_resources(_example("MedicationRequest-medrx0323.json")) for f in r.facts]
     assert {f.concept for f in facts} == {"potassium-supplement", "magnesium-product"}
+
+
+def test_hl7_medication_administrations_count_over_their_effective_period():
+    """MedicationAdministration (R4 examples): a contained Medication is followed and the dose counts for the
+    period it was given (K and Mg replacement in a TPN bag count as K given and Mg therapy)."""
+    tpn = normalize_resource(_example("MedicationAdministration-medadmin0309.json"))
+    assert tpn.outcome == "accepted"
+    assert {f.concept for f in tpn.facts} == {"potassium-supplement", "magnesium-product"}
+    assert all(f.kind == "medication" and f.counts for f in tpn.facts)
+    assert {(f.start, f.end) for f in tpn.facts} == {
+        (datetime(2015, 1, 15, 21, 3, tzinfo=UTC), datetime(2015, 1, 16, 1, 3, tzinfo=UTC))
+    }
+    kcl = normalize_resource(_example("MedicationAdministration-medadmin0302.json"))
+    assert {f.concept for f in kcl.facts} == {"potassium-supplement"}
 
 
 def test_hl7_entered_in_error_and_cancelled_observations_never_count():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from fhir_builders import (
     ARRHYTHMIA,
@@ -9,6 +11,7 @@ from fhir_builders import (
     MG_MASS,
     MG_MOLES,
     MIMIC_ICD10,
+    NOW,
     SNOMED,
     ago,
     condition,
@@ -19,17 +22,17 @@ from fhir_builders import (
     qtc,
 )
 
-AF = condition()  # active atrial fibrillation, SNOMED 49436004
+AF = condition(onset=ago(24))  # atrial fibrillation diagnosed yesterday (recent evidence), SNOMED 49436004
 
 
-def test_fires_critical_with_active_af_condition():
+def test_fires_as_a_warning_with_a_recent_af_diagnosis():
     decision = decide(ARRHYTHMIA, AF, magnesium(0.55))
     assert decision.outcome == "fires"
-    assert decision.severity == "critical"
+    assert decision.severity == "warning"
     summary = decision.card["summary"]
     assert "0.55 mmol/L" in summary
     assert "arrhythmia" in summary
-    assert {e.input for e in decision.evidence} == {"magnesium", "arrhythmia"}
+    assert {e.input for e in decision.evidence} == {"magnesium", "arrhythmia_diagnosis"}
 
 
 def test_low_magnesium_without_arrhythmia_evidence_does_not_fire():
@@ -145,18 +148,32 @@ def test_newer_normal_magnesium_resolves():
 
 
 @pytest.mark.parametrize(
-    "af",
+    ("af", "severity"),
     [
-        condition("49436004", SNOMED),
-        condition("I48.91", ICD10CM),
-        condition("I4891", MIMIC_ICD10, clinical=None, onset=None),  # MIMIC: no status, no dates
-        condition("71908006", SNOMED),  # ventricular fibrillation
-        condition("I4581", ICD10CM),  # long QT syndrome
+        (condition("49436004", SNOMED, onset=ago(30)), "warning"),
+        (condition("I48.91", ICD10CM, onset=ago(30)), "warning"),
+        (condition("I4891", MIMIC_ICD10, clinical=None, onset=None, recordedDate=ago(30)), "warning"),  # MIMIC
+        (condition("71908006", SNOMED, onset=ago(30)), "critical"),  # ventricular fibrillation
+        (condition("I4581", ICD10CM, onset=ago(30)), "critical"),  # long QT syndrome
     ],
     ids=["snomed-af", "icd10cm-I48.91", "mimic-I4891", "snomed-vf", "icd10-long-qt"],
 )
-def test_arrhythmia_condition_codes(af: dict):
-    assert decide(ARRHYTHMIA, af, magnesium(0.5)).outcome == "fires"
+def test_arrhythmia_condition_codes(af: dict, severity: str):
+    decision = decide(ARRHYTHMIA, af, magnesium(0.6))
+    assert (decision.outcome, decision.severity) == ("fires", severity)
+
+
+def test_a_condition_with_no_dates_cannot_be_shown_to_be_recent():
+    undated = condition("I4891", MIMIC_ICD10, clinical=None, onset=None)
+    assert decide(ARRHYTHMIA, undated, magnesium(0.6)).outcome == "not-fires"
+
+
+def test_a_diagnosis_older_than_the_7_day_window_is_not_evidence_and_ages_out_by_time():
+    af = condition(onset=ago(24 * 6))
+    decision = decide(ARRHYTHMIA, af, magnesium(0.6))
+    assert decision.fires
+    assert decision.next_change == NOW + timedelta(days=1, microseconds=1)  # the diagnosis leaves its 7 days first
+    assert decide(ARRHYTHMIA, condition(onset=ago(24 * 7 + 1)), magnesium(0.6)).outcome == "not-fires"
 
 
 def test_resolved_condition_does_not_count():
@@ -203,7 +220,9 @@ def test_qtc_in_ms_and_s(value: float, unit: str, outcome: str):
     decision = decide(ARRHYTHMIA, qtc(value, unit, at=ago(3)), magnesium(0.45))
     assert decision.outcome == outcome
     if outcome == "fires":
-        assert f"QTc {value:g} {unit}" in decision.card["summary"]
+        in_ms = value * 1000 if unit == "s" else value
+        assert f"QTc {in_ms:g} ms" in decision.card["summary"]  # clinicians read QTc in ms
+        assert decision.severity == "critical"
 
 
 def test_qtc_from_an_ecg_panel_component():

@@ -148,7 +148,7 @@ FIRING: dict[str, Callable[[], list[dict[str, Any]]]] = {
         potassium(3.2, at=ago(30)),
         potassium(3.3, at=ago(2)),
     ],
-    "arrhythmia-condition": lambda: [condition(), magnesium(0.55)],
+    "arrhythmia-condition": lambda: [condition(onset=ago(24)), magnesium(0.55)],
     "arrhythmia-qtc-panel": lambda: [ecg_panel(0.53, "s", at=ago(2)), magnesium(1.2, "meq/l", ucum=False)],
     "arrhythmia-qtc-comparator": lambda: [qtc(500, comparator=">", at=ago(2)), magnesium(1.0, "mg/dL", comparator="<")],
 }

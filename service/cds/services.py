@@ -36,7 +36,7 @@ class PrefetchQuery:
     key: str
     resource_type: str
     params: tuple[tuple[str, str], ...]  # values may hold 2.0 tokens such as {{context.patientId}}
-    date_param: str | None = None  # search parameter for the window (date / authored)
+    date_param: str | None = None  # search parameter for the window (date / authored / effective ...)
     window_hours: float | None = None  # None: no date filter
     sort: str | None = None
     concepts: frozenset[str] = frozenset()  # the rule concepts whose facts this key supplies
@@ -95,18 +95,22 @@ def substitute(template: str, tokens: dict[str, str]) -> str:
     return out
 
 
-def _input_windows(rules: list[Rule]) -> dict[str, list[float | None]]:
-    """Per concept, the look-back (hours, anchor included) of every input reading it; None = whole record."""
+def _input_windows(rules: list[Rule], kind: str | None = None) -> dict[str, list[float | None]]:
+    """Per concept, the look-back (hours, anchor included) of every input reading it (only inputs that may read
+    facts of ``kind``, when given); None = whole record."""
     windows: dict[str, list[float | None]] = {}
     for rule in rules:
         for spec in rule.inputs.values():
+            if kind is not None and spec.kinds is not None and kind not in spec.kinds:
+                continue
             hours: float | None = None
-            if spec.lookback:
-                hours = rule.parameters[spec.lookback].hours or 0.0
-                anchor = rule.inputs[spec.anchor] if spec.anchor else None
+            window = rule.inputs[spec.since] if spec.since else spec  # `since` counts from another input's fact
+            if window.lookback:
+                hours = rule.parameters[window.lookback].hours or 0.0
+                anchor = rule.inputs[window.anchor] if window.anchor else None
                 if anchor is not None and anchor.lookback:
                     hours += rule.parameters[anchor.lookback].hours or 0.0
-            elif spec.select == "active":
+            elif spec.select == "active" and not spec.since:
                 hours = 0.0  # active now
             for concept in spec.concepts:
                 windows.setdefault(concept, []).append(hours)
@@ -143,10 +147,11 @@ def prefetch_queries(rules: list[Rule]) -> tuple[PrefetchQuery, ...]:
                 )
             )
     if "arrhythmia" in used:
+        findings = _input_windows(rules, kind="finding")["arrhythmia"]  # ECG findings, not diagnoses
         ecg = frozenset({"arrhythmia", "qtc"} & used)  # an ECG gives rhythm findings and a QTc component
         queries.append(
             PrefetchQuery("ecg", "Observation", (patient, ("code", _codes(["ecg"]))), "date",
-                          _widest(windows["arrhythmia"]), "-date", ecg, _LABELS["ecg"])
+                          _widest(findings), "-date", ecg, _LABELS["ecg"])
         )  # fmt: skip
         queries.append(
             PrefetchQuery("conditions", "Condition", (patient, ("clinical-status", _CONDITION_ACTIVE)),
@@ -154,9 +159,26 @@ def prefetch_queries(rules: list[Rule]) -> tuple[PrefetchQuery, ...]:
         )  # fmt: skip
     drugs = frozenset(used & set(known_classes()))
     if drugs:
-        active = ("status", "active")
+        # Ongoing records whatever their age; finished ones and administrations only as far back as the widest
+        # medication window (a completed order counts for the time it was active, issue 10 item 12).
+        ongoing = ("status", "active,on-hold")
+        recent = _widest([w for c in sorted(drugs) for w in windows[c]])
         for key, kind in (("medicationStatements", "MedicationStatement"), ("medicationRequests", "MedicationRequest")):
-            queries.append(PrefetchQuery(key, kind, (patient, active), concepts=drugs, label=_LABELS[key]))
+            queries.append(PrefetchQuery(key, kind, (patient, ongoing), concepts=drugs, label=_LABELS[key]))
+        finished = ("status", "completed,stopped")
+        queries.append(
+            PrefetchQuery("medicationStatementsFinished", "MedicationStatement", (patient, finished), "effective",
+                          recent, "-effective", drugs, _LABELS["medicationStatementsFinished"])
+        )  # fmt: skip
+        queries.append(
+            PrefetchQuery("medicationRequestsFinished", "MedicationRequest", (patient, finished), "authoredon",
+                          recent, "-authoredon", drugs, _LABELS["medicationRequestsFinished"])
+        )  # fmt: skip
+        given = ("status", "completed,in-progress,stopped")
+        queries.append(
+            PrefetchQuery("medicationAdministrations", "MedicationAdministration", (patient, given), "effective-time",
+                          recent, "-effective-time", drugs, _LABELS["medicationAdministrations"])
+        )  # fmt: skip
     orders = order_index()
     by_concept = _order_labs(orders)
     lab_orders = sorted({lab for concept, labs in by_concept.items() if concept in used for lab in labs})
@@ -184,6 +206,9 @@ _LABELS = {
     "conditions": "arrhythmia diagnoses (Condition)",
     "medicationStatements": "medication statements",
     "medicationRequests": "medication orders",
+    "medicationStatementsFinished": "finished medication statements",
+    "medicationRequestsFinished": "finished medication orders",
+    "medicationAdministrations": "medication administrations",
     "serviceRequests": "lab orders (ServiceRequest)",
 }
 

@@ -460,7 +460,7 @@ def test_free_text_of_the_data_renders_as_literal_markdown_text(text: str, shown
 
     html = MarkdownIt("commonmark", {"html": True}).enable(["strikethrough"]).render(markdown_text(text))
     expected = shown.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    assert html == f"<p>{expected}</p>\n"
+    assert html.replace("\u2060", "") == f"<p>{expected}</p>\n"  # word joiners keep URLs from being autolinked
 
 
 def test_card_index_adopt_links_an_open_episode_to_the_alert_once() -> None:

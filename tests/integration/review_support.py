@@ -155,6 +155,12 @@ def close(store: Any, alert_id: str, status: str, why: str) -> dict[str, Any]:
     return rewrite_alert(store, alert_id, change)
 
 
+def _version(rule_id: str) -> str:
+    from workers.pipeline import get_catalog
+
+    return next(r.version for r in get_catalog().rules if r.id == rule_id)
+
+
 def cds_only_alert(store: Any, patient: str, rule_id: str, outcome: str, at: datetime) -> str:
     """A request-only CDS Hooks card made visible in the alert store with its feedback (what the CDS engineer
     writes): an alert with ``source`` ``cds-hooks`` and the EHR user's action in its history."""
@@ -165,7 +171,7 @@ def cds_only_alert(store: Any, patient: str, rule_id: str, outcome: str, at: dat
     if action == "override":
         entry["reason"] = {"code": "goals-of-care", "display": "Not in line with goals of care"}
     alert = {
-        "schema_version": 1, "id": alert_id, "rule_id": rule_id, "rule_version": "1.1.0", "patient": patient,
+        "schema_version": 1, "id": alert_id, "rule_id": rule_id, "rule_version": _version(rule_id), "patient": patient,
         "severity": "info", "card": {"summary": "Low K 3.3 mmol/L (from the EHR)"}, "evidence": [],
         "explanation": "Fires: from a CDS Hooks call", "as_of": stamp, "opened_at": stamp, "created_at": stamp,
         "updated_at": stamp, "status": outcome, "source": "cds-hooks", "revision": 2,

@@ -35,7 +35,8 @@ def expected_decisions(resources: list[dict[str, Any]], patient: str) -> dict[st
 
 
 def _scenario(patient: str) -> list[dict[str, Any]]:
-    """Furosemide; K 3.2; K 3.1 30 h later; Mg 0.8 after it; the second K corrected to 2.8."""
+    """Furosemide; K 3.2; K 3.1 30 h later; a low Mg 0.6 after it (so Mg can still explain the refractory
+    hypokalemia and the rule keeps firing); the second K corrected to 2.8."""
     corrected = potassium(
         "k2", patient, 2.8, T0 + timedelta(hours=30), version=2, status="corrected", updated=T0 + timedelta(hours=33)
     )
@@ -43,7 +44,7 @@ def _scenario(patient: str) -> list[dict[str, Any]]:
         furosemide("ms-furo", patient),
         potassium("k1", patient, 3.2, T0),
         potassium("k2", patient, 3.1, T0 + timedelta(hours=30)),
-        magnesium("mg1", patient, 0.8, T0 + timedelta(hours=31)),
+        magnesium("mg1", patient, 0.6, T0 + timedelta(hours=31)),
         corrected,
     ]
 

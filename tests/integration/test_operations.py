@@ -70,6 +70,9 @@ PREFETCH_KEYS = (
     "conditions",
     "medicationStatements",
     "medicationRequests",
+    "medicationStatementsFinished",
+    "medicationRequestsFinished",
+    "medicationAdministrations",
     "serviceRequests",
 )
 
