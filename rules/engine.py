@@ -148,6 +148,16 @@ class Decision:
         """True when the rule fired."""
         return self.outcome == "fires"
 
+    @property
+    def problem_facts(self) -> list[Fact]:
+        """The facts the decision rests on that cannot be judged (unknown unit, implausible value, ...): why an
+        indeterminate decision is indeterminate. Each fact once."""
+        seen: dict[str, Fact] = {}
+        for _, fact in self._evidence_pairs:
+            if fact.problem is not None:
+                seen.setdefault(f"{fact.key}@{fact.version}", fact)
+        return list(seen.values())
+
     def model_dump(self, **kwargs: Any) -> dict[str, Any]:
         """The decision as a dict, with pydantic's ``model_dump`` options (``mode``, ``exclude_none``, ...)."""
         record = _DecisionRecord.model_construct(

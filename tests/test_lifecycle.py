@@ -326,3 +326,24 @@ def test_retention_prunes_with_bounded_work_per_call():
     assert store.client.zcard(f"ehr:{{p:{PATIENT}}}:tl") == remaining
     assert store.client.zcard(f"ehr:{{p:{PATIENT}}}:exp") == remaining
     assert all(store.patient_of(f"Observation/k-h{i}") is None for i in range(50))  # global index pruned too
+
+
+# --- what never reaches a person otherwise: the data-problems queue (issue 13) ------------------------
+
+
+def test_indeterminate_decisions_and_future_dates_reach_the_data_problems_queue():
+    from workers.state.data_problems import DataProblems, ProblemQuery
+
+    store = make_store()
+    feed(store, potassium(3.1, "mmol/x", at=ago(1), id="k-odd-unit"))
+    feed(store, potassium(3.4, at="2204-01-01T00:00:00Z", id="k-2204"))
+    queue = DataProblems(store.client)
+    items = queue.list(ProblemQuery()).items
+    reasons = {(item["reason"], tuple(item["resources"])) for item in items}
+    assert ("unknown-unit", ("Observation/k-odd-unit/_history/1",)) in reasons or (
+        "unknown-unit",
+        ("Observation/k-odd-unit",),
+    ) in reasons, items
+    assert any(r == "future-date" and refs[0].startswith("Observation/k-2204") for r, refs in reasons), items
+    feed(store, potassium(3.0, at=ago(0.5), id="k-again"))  # the same cause again: one item, counted
+    assert len(queue.list(ProblemQuery()).items) == len(items)

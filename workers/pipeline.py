@@ -21,6 +21,7 @@ from workers.events import Event, clock_text
 from workers.observability.logging import patient_ref
 from workers.state.alerts import decision_body
 from workers.state.connection import get_redis
+from workers.state.data_problems import DataProblem, DataProblems
 from workers.state.store import Store
 from workers.steps import PatientPlan, plan_patient
 
@@ -114,6 +115,9 @@ def process_batch(raw_events: Iterable[dict[str, Any]], store: Store | None = No
         counts.update(plans[patient].counts)
 
     changed, due, failed = _apply(store, plans, counts, poison)
+    problems = [*_indeterminate_causes(plans), *_future_dated(by_patient, settings.future_tolerance_hours)]
+    if problems:
+        DataProblems(store.client).record_many(problems)
     received = {
         e.resource: p for p, events in by_patient.items() if p not in failed for e in events if e.kind == "resource"
     }
@@ -161,6 +165,42 @@ def _apply(
             if alert_id:
                 changed[alert_id] = patient
     return changed, due, failed
+
+
+def _indeterminate_causes(plans: dict[str, PatientPlan]) -> list[DataProblem]:
+    """One data problem per fact an indeterminate decision rests on (the data-problems queue's items)."""
+    found: dict[str, DataProblem] = {}
+    for plan in plans.values():
+        for step in plan.steps:
+            for decision in step.decisions:
+                if decision.outcome != "indeterminate":
+                    continue
+                for fact in decision.problem_facts:
+                    problem = DataProblem.from_fact(fact, as_of=decision.as_of, rule_id=decision.rule_id)
+                    found.setdefault(f"{problem.id}|{decision.rule_id}", problem)
+    return list(found.values())
+
+
+def _future_dated(by_patient: dict[str, list[Event]], tolerance_hours: float) -> list[DataProblem]:
+    """A data problem per event dated beyond the tolerance after its receipt (stored; it moves no clock)."""
+    found = []
+    for patient, events in by_patient.items():
+        for event in events:
+            if event.kind == "resource" and event.facts and event.clock_time(tolerance_hours) is None:
+                received = event.received or event.event_time
+                found.append(
+                    DataProblem(
+                        patient=patient,
+                        reason="future-date",
+                        detail=f"dated {clock_text(event.event_time)[:16]} UTC, more than {tolerance_hours:g} h after "
+                        f"it was received ({clock_text(received)[:16]} UTC): it counts only once the patient's time "
+                        "reaches it",
+                        resources=(event.facts[0].reference,),
+                        as_of=received,
+                        concept=event.facts[0].concept,
+                    )
+                )
+    return found
 
 
 def _step_body(step: Any) -> dict[str, Any]:
