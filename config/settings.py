@@ -328,6 +328,76 @@ class Settings(BaseSettings):
         description="unit magnesium is charted and shown in on the review page (the lab's own unit is shown beside)",
     )
 
+    # --- edge limits, ingestion lane, feed clients, metrics, API docs, access audit (issue 12) ---
+    max_json_depth: int = Field(
+        default=64, ge=8, le=512, description="deepest JSON nesting accepted in a request body or ndjson line (400)"
+    )
+    max_number_chars: int = Field(
+        default=40, ge=20, le=1000, description="longest JSON number accepted, in characters (400)"
+    )
+    max_bundle_entries: int = Field(
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        description="most entries in one Bundle, nested Bundles included (413; bulk loads use $import)",
+    )
+    max_ndjson_line_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="longest $import line; a longer line is rejected, the others kept"
+    )
+    ingest_threads: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="threads that parse, validate and enqueue ingestion requests (the ingest lane), off the event loop",
+    )
+    ingest_max_requests: int = Field(
+        default=8,
+        ge=1,
+        le=1024,
+        description="ingestion requests admitted at once per API process (running or waiting for a lane thread); "
+        "more are answered 503 with Retry-After before their body is read",
+    )
+    feed_issuers: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="trusted authorization servers of feed clients (SMART Backend Services): JSON object mapping "
+        "issuer (access token iss) to its JWKS (file path or https URL)",
+    )
+    feed_audience: str = Field(
+        default="ehr-alerts", min_length=1, max_length=256, description="required aud of feed access tokens"
+    )
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="bearer token Prometheus sends to GET /metrics; unset: /metrics answers 401 (open in the dev "
+        "profile only)",
+    )
+    api_docs: bool = Field(
+        default=True,
+        description="serve /docs and /openapi.json (assets bundled, no CDN); production: signed-in review users "
+        "only, dev profile: anyone",
+    )
+    audit_retention_days: float = Field(
+        default=90.0,
+        gt=0,
+        le=3660,
+        description="how long access AuditEvents are kept in Redis (export them to your archive before)",
+    )
+
+    @field_validator("feed_issuers", mode="before")
+    @classmethod
+    def _feed_issuers_from_json(cls, value: Any) -> Any:
+        return _json_mapping(value, "issuer to JWKS file or https URL")
+
+    @field_validator("feed_issuers")
+    @classmethod
+    def _feed_issuers_valid(cls, value: dict[str, str]) -> dict[str, str]:
+        for issuer, jwks in value.items():
+            if not issuer.strip() or len(issuer) > 2048:
+                raise ValueError(f"issuer {issuer!r} must be a non-empty URI")
+            kids = check_jwks_source(jwks, f"JWKS of feed issuer {issuer}")
+            if SANDBOX_KID in kids:
+                raise ValueError(f"JWKS of feed issuer {issuer} holds the public CDS Hooks sandbox key")
+        return value
+
     @field_validator("cds_issuers", mode="before")
     @classmethod
     def _issuers_from_json(cls, value: Any) -> Any:

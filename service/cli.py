@@ -25,7 +25,7 @@ from workers.sources import read_all
 app = typer.Typer(help="ehr-alerts: Mg/K clinical alerting for FHIR R4 data.", no_args_is_help=True)
 rules_app = typer.Typer(help="Rule catalog commands.", no_args_is_help=True)
 app.add_typer(rules_app, name="rules")
-token_app = typer.Typer(help="Review API tokens (dev profile only).", no_args_is_help=True)
+token_app = typer.Typer(help="Review and feed tokens (dev profile only).", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -274,6 +274,31 @@ def token_mint(
         raise typer.Exit(2)
     try:
         token = mint_token(sub, role, minutes=minutes, name=name)
+    except (ValueError, PermissionError, DevProfileRequired) as exc:
+        err.print(f"refused: {exc}")
+        raise typer.Exit(2) from exc
+    sys.stdout.write(token + "\n")
+
+
+@token_app.command("mint-feed")
+def token_mint_feed(
+    sub: Annotated[str, typer.Option("--sub", help="Feed client id (e.g. lab-interface)")],
+    scope: Annotated[
+        list[str], typer.Option("--scope", help="SMART system scope, e.g. 'system/*.cud' (repeat for several)")
+    ],
+    minutes: Annotated[int, typer.Option("--minutes", min=1, max=1440, help="Lifetime in minutes")] = 60,
+) -> None:
+    """Print a feed access token signed by the local dev issuer (EHR_ALERTS_PROFILE=dev only)."""
+    from config.settings import get_settings
+    from service.security.dev import DevProfileRequired, mint_feed_token
+
+    if get_settings().profile != "dev":
+        err.print(
+            "refused: dev profile only (EHR_ALERTS_PROFILE=dev); in production the authorization server issues them"
+        )
+        raise typer.Exit(2)
+    try:
+        token = mint_feed_token(sub, scope, minutes=minutes)
     except (ValueError, PermissionError, DevProfileRequired) as exc:
         err.print(f"refused: {exc}")
         raise typer.Exit(2) from exc

@@ -24,7 +24,10 @@ def readiness_response(*, workers: bool = True) -> JSONResponse:
 
 def install(app: FastAPI) -> None:
     """Configure logging, wrap ``app`` in the observability middleware and add ``GET /metrics``."""
+    from fastapi import Depends
+
     from service.observability.metrics import exposition, register_pipeline_metrics
+    from service.security.access import metrics_reader
     from service.security.failures import on_failure
 
     configure_logging()
@@ -32,8 +35,9 @@ def install(app: FastAPI) -> None:
     on_failure(record_auth_failure)  # every refused token -> ehr_alerts_auth_failures_total{scheme, reason}
     app.add_middleware(ObservabilityMiddleware)
 
-    @app.get("/metrics", tags=["operations"], include_in_schema=True)
+    @app.get("/metrics", tags=["operations"], include_in_schema=True, dependencies=[Depends(metrics_reader)])
     def prometheus_metrics() -> Response:
-        """Prometheus metrics: this API process, plus the pipeline's cluster-wide metrics from Redis."""
+        """Prometheus metrics: this API process, plus the pipeline's cluster-wide metrics from Redis. Needs
+        ``Authorization: Bearer <EHR_ALERTS_METRICS_TOKEN>`` (open in the dev profile when no token is set)."""
         body, content_type = exposition()
         return Response(body, media_type=content_type)

@@ -40,7 +40,7 @@ RESOURCE_TYPES = frozenset(
 #: Reasons ``record_auth_failure`` keeps as labels (anything else is counted as ``other``): the security
 #: module's vocabulary (``service.security.failures.REASONS``).
 AUTH_FAILURE_REASONS = frozenset(SECURITY_REASONS)
-AUTH_SCHEMES = frozenset({"cds", "review"})
+AUTH_SCHEMES = frozenset({"cds", "review", "feed", "metrics"})
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _LABEL = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 
@@ -77,7 +77,7 @@ CDS_DURATION = Histogram(
 )
 AUTH_FAILURES = Counter(
     "ehr_alerts_auth_failures",
-    "Rejected bearer tokens by scheme (cds, review) and reason (never the token)",
+    "Rejected bearer tokens by scheme (cds, review, feed, metrics) and reason (never the token)",
     ["scheme", "reason"],
     registry=registry,
 )

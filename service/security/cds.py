@@ -19,6 +19,7 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from config.settings import SANDBOX_ISSUER, Settings, get_settings
+from service.security.identity import Identity, remember
 from service.security.jwks import KeySet, configured_key_set
 from service.security.tokens import AuthFailure, bearer_token, unauthorized, unverified_header_and_claims, verify_signed
 
@@ -46,6 +47,10 @@ class CdsClient:
     def actor(self) -> str:
         """Who acted, for alert histories: ``ehr:<iss>`` (plus ``#<sub>`` when the token names a subject)."""
         return f"ehr:{self.issuer}" + (f"#{self.subject}" if self.subject else "")
+
+    def identity(self) -> Identity:
+        """As the audit records it (the EHR; the user it acts for is added from the call's context)."""
+        return Identity("ehr", self.issuer, self.subject or self.issuer, self.tenant)
 
 
 ANONYMOUS = CdsClient(issuer="unauthenticated")
@@ -159,11 +164,14 @@ async def cds_client(
     """
     settings = get_settings()
     if not settings.cds_auth_enabled:
+        remember(request.scope, Identity("ehr", "unauthenticated", "unauthenticated"))
         return ANONYMOUS
     token = bearer_token(request)
     if token is None:
         raise unauthorized(REALM, "missing")
     try:
-        return await verify_cds_token(token, endpoint_url(request, settings), settings)
+        client = await verify_cds_token(token, endpoint_url(request, settings), settings)
     except AuthFailure as failure:
         raise unauthorized(REALM, failure.reason) from None
+    remember(request.scope, client.identity())
+    return client

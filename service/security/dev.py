@@ -118,3 +118,28 @@ def mint_token(subject: str, roles: Iterable[str], minutes: int = 60, name: str 
     if name:
         claims["name"] = name
     return jwt.encode(claims, key, algorithm=DEV_ALGORITHM, headers={"kid": _thumbprint(key.public_key())})
+
+
+def mint_feed_token(subject: str, scopes: Iterable[str], minutes: int = 60) -> str:
+    """A feed access token from the dev issuer for client ``subject`` with SMART system ``scopes``
+    (e.g. ``system/*.cud``), as a hospital's authorization server would issue it."""
+    settings = get_settings()
+    names = sorted({s for scope in scopes for s in scope.split()})
+    if not subject or not names or not 1 <= minutes <= 24 * 60:
+        raise ValueError("a subject and at least one scope are required; minutes must be between 1 and 1440")
+    bad = [n for n in names if not n.startswith("system/")]
+    if bad:
+        raise ValueError(f"feed tokens carry system scopes only (got {', '.join(bad)})")
+    key = dev_private_key(settings)
+    now = int(time.time())
+    claims = {
+        "iss": DEV_ISSUER,
+        "aud": settings.feed_audience,
+        "sub": subject,
+        "client_id": subject,
+        "scope": " ".join(names),
+        "iat": now,
+        "exp": now + minutes * 60,
+        "jti": str(uuid.uuid4()),
+    }
+    return jwt.encode(claims, key, algorithm=DEV_ALGORITHM, headers={"kid": _thumbprint(key.public_key())})

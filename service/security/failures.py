@@ -30,6 +30,7 @@ REASONS = (
     "tenant",  # tenant not allowed for this issuer (EHR_ALERTS_CDS_TENANTS)
     "replay",  # jti seen before
     "role",  # review: authenticated but lacks the role (403)
+    "scope",  # feed: authenticated but the token lacks the SMART scope (403)
     "cross-origin",  # review: cookie-authenticated write from another origin (403)
 )
 

@@ -19,6 +19,7 @@ from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBea
 from config.settings import Settings, get_settings
 from service.security.dev import DEV_ISSUER, ROLES, dev_key_set
 from service.security.failures import record_failure
+from service.security.identity import Identity, client_of, remember
 from service.security.jwks import configured_key_set
 from service.security.tokens import AuthFailure, bearer_token, unauthorized, unverified_header_and_claims, verify_signed
 
@@ -42,11 +43,16 @@ class Principal:
     name: str | None
     roles: frozenset[str]
     issuer: str
+    client: str | None = None
 
     @property
     def actor(self) -> str:
         """Who acted, for alert histories: ``user:<sub>``."""
         return f"user:{self.subject}"
+
+    def identity(self) -> Identity:
+        """As the audit records it."""
+        return Identity("user", self.issuer, self.subject, self.client, self.name)
 
 
 def effective_roles(granted: Iterable[str]) -> frozenset[str]:
@@ -116,6 +122,7 @@ async def verify_review_token(token: str, settings: Settings) -> Principal:
         name=name if isinstance(name, str) else None,
         roles=effective_roles(_role_names(claim_at(claims, roles_claim))),
         issuer=issuer,
+        client=client_of(claims),
     )
 
 
@@ -153,6 +160,7 @@ def require_role(*roles: str) -> Callable[..., Awaitable[Principal]]:
             principal = await verify_review_token(token, settings)
         except AuthFailure as failure:
             raise unauthorized(REALM, failure.reason) from None
+        remember(request.scope, principal.identity())
         from_cookie = bearer_token(request) is None
         if from_cookie and request.method not in SAFE_METHODS and not _same_origin(request, settings):
             record_failure(REALM, "cross-origin")

@@ -42,6 +42,10 @@ def security_startup_warnings(settings: Settings) -> list[str]:
         warnings.append(
             "no review issuer (EHR_ALERTS_REVIEW_ISSUER / EHR_ALERTS_REVIEW_JWKS): the review API refuses everyone"
         )
+    if not settings.feed_issuers and settings.profile != "dev":
+        warnings.append("no feed issuer (EHR_ALERTS_FEED_ISSUERS is empty): every ingestion request gets 401")
+    if settings.metrics_token is None and settings.profile != "dev":
+        warnings.append("EHR_ALERTS_METRICS_TOKEN is not set: GET /metrics answers 401 to every scraper")
     if "*" in settings.cors_origins:
         warnings.append("CORS allows any origin (EHR_ALERTS_CORS_ORIGINS=*): dev only")
     return warnings
