@@ -74,6 +74,7 @@ _REQUEST_INTENTS_THAT_TREAT = frozenset({"order", "original-order", "reflex-orde
 _CONDITION_ACTIVE = frozenset({"active", "recurrence", "relapse"})
 _CONDITION_UNCONFIRMED = frozenset({"refuted", "entered-in-error", "differential"})
 _VALUE_STRING = re.compile(r"^\s*(<=|>=|<|>)?\s*([-+]?\d+(?:\.\d+)?)\s*(\S.*)?$")
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _PATIENT_REF = re.compile(r"(?:^|/)Patient/([A-Za-z0-9\-.]{1,64})(?:/_history/.*)?$")
 
 Severity = Literal["error", "warning", "information"]
@@ -211,8 +212,9 @@ def _patient_id(model: Any, options: NormalizeOptions) -> str | None:
     subject = getattr(model, "subject", None)
     reference = getattr(subject, "reference", None) if subject is not None else None
     if reference:
-        if reference.startswith("urn:uuid:"):
-            return reference.removeprefix("urn:uuid:")
+        if reference.startswith("urn:uuid:"):  # a Bundle-local Patient: the uuid must be a real one (an id)
+            uuid = reference.removeprefix("urn:uuid:")
+            return uuid if _UUID.match(uuid) else None
         match = _PATIENT_REF.search(reference)
         if match:
             return match.group(1)

@@ -35,6 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import pytest
 import redis
+from auth_helpers import TestIssuer
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -147,11 +148,32 @@ def store(redis_client: redis.Redis, module_redis_url: str, key_prefix: str, mon
     get_settings.cache_clear()
 
 
+#: Scopes of the stack's default feed token: write every resource type, read alerts.
+FEED_SCOPES = "system/*.cud system/DetectedIssue.r"
+#: Paths the stack's HTTP client sends the feed token to when a test gives no Authorization header.
+FEED_PATHS = ("/fhir", "/alerts", "/patients/")
+
+
+def feed_issuer_env(issuer: TestIssuer) -> dict[str, str]:
+    """Environment that makes an app trust ``issuer`` for feed tokens."""
+    return {"EHR_ALERTS_FEED_ISSUERS": json.dumps({issuer.issuer: str(issuer.jwks_path)})}
+
+
+def feed_token(issuer: TestIssuer, scope: str = FEED_SCOPES, **claims: Any) -> str:
+    """A feed access token from ``issuer`` (aud ehr-alerts, an hour long)."""
+    return issuer.token("ehr-alerts", sub="test-feed", client_id="test-feed", scope=scope, lifetime=3600, **claims)
+
+
 class Stack:
-    """The API and Celery workers of one test, as subprocesses sharing one environment."""
+    """The API and Celery workers of one test, as subprocesses sharing one environment.
+
+    Ingestion and alert reads need a feed token: the stack trusts its own feed issuer and its HTTP client
+    adds ``Authorization: Bearer <feed token>`` to requests under :data:`FEED_PATHS` that carry none."""
 
     def __init__(self, url: str, prefix: str, client: redis.Redis, store: Any, tmp: Path) -> None:
         self.url, self.prefix, self.client, self.store, self.tmp = url, prefix, client, store, tmp
+        self.feed = TestIssuer(tmp, name="feed")
+        self.feed_token = feed_token(self.feed)
         self.env = {
             **os.environ,
             "REDIS_URL": url,
@@ -162,12 +184,17 @@ class Stack:
             # Tests of time-based closing start workers with a short interval.
             "EHR_ALERTS_DUE_SWEEP_INTERVAL": "3600",
             "PYTHONUNBUFFERED": "1",
+            **feed_issuer_env(self.feed),
         }
         self.api: subprocess.Popen[bytes] | None = None
         self.base_url = ""
         self.workers: list[subprocess.Popen[bytes]] = []
         self._logs = itertools.count()
-        self.http = httpx.Client(timeout=60)
+        self.http = httpx.Client(timeout=60, event_hooks={"request": [self._feed_auth]})
+
+    def _feed_auth(self, request: httpx.Request) -> None:
+        if "authorization" not in request.headers and request.url.path.startswith(FEED_PATHS):
+            request.headers["Authorization"] = f"Bearer {self.feed_token}"
 
     def _spawn(self, args: list[str], env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
         log = open(self.tmp / f"{name}-{next(self._logs)}.log", "wb")  # noqa: SIM115 - closed with the process

@@ -282,8 +282,10 @@ ROUTE_SAMPLES: dict[tuple[str, str], Sample] = {
     ],
     ("GET", "/openapi.json"): lambda c: [("/openapi.json", {})],
     ("GET", "/docs"): lambda c: [("/docs", {})],
-    ("GET", "/docs/oauth2-redirect"): lambda c: [("/docs/oauth2-redirect", {})],
-    ("GET", "/redoc"): lambda c: [("/redoc", {})],
+    ("GET", "/audit/AuditEvent"): lambda c: [
+        (f"/audit/AuditEvent?patient={c.patient}", {"headers": REVIEW}),
+        ("/audit/AuditEvent?from=2000-01-01T00:00:00Z", {"headers": REVIEW}),
+    ],
 }
 
 

@@ -85,27 +85,48 @@ class HeartbeatStep(bootsteps.StartStopStep):
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         self.tref: Any = None
+        self.guard: heartbeat.OutageGuard | None = None
+        self.last_beat = time.monotonic()
 
     def start(self, worker: Any) -> None:
-        """First beat now, then periodically."""
+        """First beat now, then periodically; the outage guard keeps the file fresh while Redis is down."""
         self._beat(worker)
-        interval = get_settings().worker_heartbeat_interval
+        settings = get_settings()
+        interval = settings.worker_heartbeat_interval
         self.tref = worker.timer.call_repeatedly(interval, self._beat, (worker,), priority=10)
+        if settings.worker_heartbeat_file is not None:
+            self.guard = heartbeat.OutageGuard(
+                settings.worker_heartbeat_file, interval, lambda: self.last_beat, _ping_client(settings).ping
+            )
+            self.guard.start()
 
     def stop(self, worker: Any) -> None:
         """Stop beating and forget this worker (a clean shutdown is not a failure)."""
         if self.tref is not None:
             self.tref.cancel()
             self.tref = None
+        if self.guard is not None:
+            self.guard.stop()
+            self.guard = None
         with contextlib.suppress(Exception):
             heartbeat.forget(get_redis(), worker.hostname)
 
     def _beat(self, worker: Any) -> None:
+        self.last_beat = time.monotonic()  # the main loop runs: the outage guard stays quiet
         settings = get_settings()
         try:
             heartbeat.beat(get_redis(), worker.hostname, settings.worker_heartbeat_file)
         except Exception as exc:  # Redis down: readiness shows it; the file still tells liveness
             log.warning("heartbeat failed: %s", type(exc).__name__, extra={"hostname": worker.hostname})
+
+
+def _ping_client(settings: Any) -> Any:
+    """A Redis client with short timeouts for the outage guard's ping (embedded mode: the in-process one)."""
+    import redis
+
+    if settings.redis_url is None:
+        return get_redis()
+    return redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
 
 
 def _say_json(msg: str, f: Any = sys.__stderr__) -> None:

@@ -5,7 +5,9 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -59,3 +61,38 @@ def file_alive(path: Path | None, max_age: float, now: float | None = None) -> t
     if age > max_age:
         return False, f"last heartbeat {age:.0f} s ago (more than {max_age:.0f} s)"
     return True, f"last heartbeat {age:.1f} s ago"
+
+
+class OutageGuard(threading.Thread):
+    """Keeps the heartbeat file fresh while the worker waits for Redis.
+
+    Celery's consumer blocks in its broker-reconnect loop while Redis is down, so the timer that beats stops
+    too. Every ``interval`` this thread looks at the last beat of the main loop (``last_beat()``, monotonic):
+    when it is older than two intervals *and* Redis does not answer a ping, the stall is the outage, not a
+    hung worker, and the file is touched. With Redis up and the main loop silent, the file goes stale and the
+    liveness probe restarts the worker, as designed.
+    """
+
+    def __init__(self, path: Path, interval: float, last_beat: Callable[[], float], ping: Callable[[], object]) -> None:
+        super().__init__(name="ehr-alerts-outage-guard", daemon=True)
+        self.path, self.interval, self.last_beat, self.ping = path, interval, last_beat, ping
+        self.stopped = threading.Event()
+        self.covered = 0  # beats written for an outage (tests and diagnostics)
+
+    def run(self) -> None:
+        """Check every interval until stopped."""
+        while not self.stopped.wait(self.interval):
+            if time.monotonic() - self.last_beat() > 2 * self.interval and not self._redis_up():
+                touch(self.path, time.time())
+                self.covered += 1
+
+    def _redis_up(self) -> bool:
+        try:
+            self.ping()
+        except Exception:  # any failure to reach Redis counts as the outage
+            return False
+        return True
+
+    def stop(self) -> None:
+        """End the thread."""
+        self.stopped.set()
