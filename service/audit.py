@@ -49,6 +49,7 @@ ROLE_TYPE = "http://terminology.hl7.org/CodeSystem/extra-security-role-type"
 #: Patients named by one AuditEvent; a request touching more is recorded as several events.
 MAX_PATIENTS_PER_EVENT = 1000
 _NOTED = "ehr_alerts.audit_noted"
+_REFUSED = "ehr_alerts.audit_refused"
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _MAX_BODY = 8 * 1024 * 1024
 
@@ -319,6 +320,10 @@ def record(
 # --- the middleware -----------------------------------------------------------------------------------------------
 
 
+class _Refused(Exception):
+    """The answer was replaced by a 503 (the audit could not be stored): the route's own answer is dropped."""
+
+
 class AuditMiddleware:
     """Audits the requests matched by :data:`AUDITED` (see module docstring)."""
 
@@ -341,6 +346,8 @@ class AuditMiddleware:
         async def audited_send(message: Any) -> None:
             nonlocal done
             if done:
+                if scope.get(_REFUSED):
+                    raise _Refused
                 await send(message)
                 return
             held.append(message)
@@ -353,7 +360,10 @@ class AuditMiddleware:
                 body = b"".join(m.get("body", b"") for m in held[1:])
                 await self._flush(scope, rule, match, start, [body], send, held)
 
-        await self.app(scope, receive, audited_send)
+        try:
+            await self.app(scope, receive, audited_send)
+        except _Refused:
+            return
 
     async def _flush(
         self, scope: Scope, rule: Audited, match: re.Match[str], start: Any, bodies: list[bytes], send: Any, held: list
@@ -365,6 +375,7 @@ class AuditMiddleware:
                 await anyio.to_thread.run_sync(self._store, scope, rule, match, status, identity, bodies)
             except (redis.RedisError, ValueError) as exc:
                 log.error("access audit could not be stored", extra={"error": type(exc).__name__})
+                scope[_REFUSED] = True
                 await _refuse(send)
                 return
         for message in held:
