@@ -390,3 +390,29 @@ def test_configure_logging_routes_uvicorn_and_celery_through_one_handler(capsys:
     for handler in [h for h in logging.getLogger().handlers if h.get_name() == "ehr-alerts"]:
         logging.getLogger().removeHandler(handler)  # it writes to this test's captured stderr
     assert [e["message"] for e in lines] == ["Started server process"]
+
+
+def test_outage_guard_touches_the_file_only_while_redis_is_down(tmp_path):
+    import threading
+    import time as clock
+
+    from workers.observability.heartbeat import OutageGuard
+
+    path = tmp_path / "hb"
+    down = threading.Event()
+
+    def ping() -> bool:
+        if down.is_set():
+            raise ConnectionError("redis down")
+        return True
+
+    guard = OutageGuard(path, 0.05, lambda: 0.0, ping)  # the main loop has not beaten for ages
+    guard.start()
+    try:
+        clock.sleep(0.3)
+        assert not path.exists()  # Redis answers: a silent main loop is a stuck worker, no beat
+        down.set()
+        clock.sleep(0.3)
+        assert path.exists() and guard.covered >= 2  # the stall is the outage: the file stays fresh
+    finally:
+        guard.stop()
