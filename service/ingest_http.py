@@ -81,6 +81,8 @@ def _needed_scopes(client: FeedClient, bundle: Mapping[str, Any], prefix: str, o
             actions = "d"
         elif isinstance(resource, Mapping):
             rtype = resource.get("resourceType")
+            if not isinstance(rtype, str):
+                continue  # rejected by the ingestion with the reason
             if rtype == "Bundle":
                 _needed_scopes(client, resource, f"{location}.resource", out)
                 continue
@@ -250,7 +252,11 @@ async def delete_resource(resource_type: str, resource_id: str, request: Request
         return await lane.run(_delete_work, client, request.scope, resource_type, resource_id)
 
 
-@router.post("/$import", status_code=202, openapi_extra=_body_doc(NDJSON_TYPES, {"type": "string"}))
+@router.post(
+    "/$import",
+    status_code=202,
+    openapi_extra=_body_doc(NDJSON_TYPES, {"type": "array", "items": _RESOURCE_BODY, "description": "one per line"}),
+)
 async def import_ndjson(request: Request, client: Writer) -> Any:
     """Bulk backfill: application/fhir+ndjson, one resource per line; each line needs ``system/<type>.c`` or
     ``.u``. The body is received whole (within the size limit) before any line is used."""
