@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 
 from config.settings import get_settings
-from service.app import app
 from service.apidocs import openapi_document
+from service.app import app
 from service.security.jwks import clear_key_sets
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # starlette TestClient / httpx notices

@@ -199,6 +199,7 @@ def test_healthz_answers_while_a_10_mb_bundle_is_ingested(stack):
 def test_redis_down_answers_503_with_retry_after_on_every_route(stack, tmp_path):
     from auth_helpers import TestIssuer
     from conftest import feed_token
+
     from service.security.inventory import ROUTES
 
     ehr = TestIssuer(tmp_path, name="ehr")
