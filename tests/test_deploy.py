@@ -61,6 +61,13 @@ VARIANTS = {
         "redis": {"enabled": False, "external": {"host": "cache.example.internal", "tls": True, "password": "p@ss"}}
     },
     "existing-secret": {"existingSecret": "ehr-alerts-prod", "secrets": {"logHashKey": ""}, "redis": {"password": ""}},
+    "trust-files": {
+        "trust": {"jwks": {"epic-jwks.json": '{"keys": []}'}, "caBundle": "-----BEGIN CERTIFICATE-----\n..."},
+        "secrets": {"metricsToken": "scrape-me"},
+        "api": {"prometheusAnnotations": True},
+        "networkPolicy": {"prometheusNamespace": "monitoring"},
+    },
+    "no-ingress": {"ingress": {"enabled": False, "host": ""}, "networkPolicy": {"enabled": False}},
 }
 
 
@@ -186,6 +193,8 @@ def test_existing_secret_is_used_and_no_secret_rendered():
         ({"autoscaling": {"minReplicas": 0}}, "minReplicas"),
         ({"autoscaling": {"mode": "sometimes"}}, "mode"),
         ({"config": {"LOG_LEVEL": "DEBUG"}}, "LOG_LEVEL"),
+        ({"ingress": {"host": ""}}, "ingress.host is required"),
+        ({"api": {"prometheusAnnotations": True}}, "metricsToken"),
     ],
 )
 def test_bad_values_are_refused_with_the_reason(values: dict[str, Any], message: str):
@@ -226,3 +235,65 @@ def test_compose_brings_the_same_stack_with_an_optional_flower():
     for name in ("api", "worker"):
         assert services[name]["read_only"] is True and services[name]["cap_drop"] == ["ALL"]
         assert "healthcheck" in services[name]
+
+
+# --- issue 12: Ingress with TLS, NetworkPolicy, trust files, metrics token ----------------------------------
+
+
+def test_ingress_serves_the_api_over_tls_only():
+    ingress = _kinds(render())[("Ingress", "ehr-ehr-alerts")]
+    assert ingress["spec"]["tls"] == [{"hosts": ["cds.ci.example.org"], "secretName": "ehr-ehr-alerts-tls"}]
+    [rule] = ingress["spec"]["rules"]
+    assert rule["host"] == "cds.ci.example.org"
+    assert rule["http"]["paths"][0]["backend"]["service"] == {"name": "ehr-ehr-alerts-api", "port": {"name": "http"}}
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"] == "10m"
+    assert not [d for d in render(**VARIANTS["no-ingress"]) if d["kind"] in ("Ingress", "NetworkPolicy")]
+
+
+def test_network_policies_let_only_the_ingress_controller_reach_the_api_and_only_the_app_reach_redis():
+    docs = _kinds(render())
+    api = docs[("NetworkPolicy", "ehr-ehr-alerts-api")]["spec"]
+    assert api["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "api"
+    [rule] = api["ingress"]
+    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    redis = docs[("NetworkPolicy", "ehr-ehr-alerts-redis")]["spec"]
+    components = sorted(
+        p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in redis["ingress"][0]["from"]
+    )
+    assert components == ["api", "worker"] and redis["ingress"][0]["ports"][0]["port"] == "redis"
+    worker = docs[("NetworkPolicy", "ehr-ehr-alerts-worker")]["spec"]
+    assert worker["policyTypes"] == ["Ingress"] and worker["ingress"] == []
+    with_prometheus = _kinds(render(**VARIANTS["trust-files"]))[("NetworkPolicy", "ehr-ehr-alerts-api")]["spec"]
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}} in with_prometheus[
+        "ingress"
+    ][0]["from"]
+
+
+def test_jwks_and_ca_files_are_mounted_read_only_into_the_api():
+    docs = _kinds(render(**VARIANTS["trust-files"]))
+    trust = docs[("ConfigMap", "ehr-ehr-alerts-trust")]["data"]
+    assert set(trust) == {"epic-jwks.json", "ca.pem"}
+    pod = docs[("Deployment", "ehr-ehr-alerts-api")]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert {"name": "trust", "mountPath": "/etc/ehr-alerts/trust", "readOnly": True} in container["volumeMounts"]
+    assert {"name": "trust", "configMap": {"name": "ehr-ehr-alerts-trust"}} in pod["volumes"]
+    assert {"name": "EHR_ALERTS_JWKS_CA_FILE", "value": "/etc/ehr-alerts/trust/ca.pem"} in container["env"]
+    assert docs[("Secret", "ehr-ehr-alerts-secrets")]["stringData"]["EHR_ALERTS_METRICS_TOKEN"] == "scrape-me"
+    own = _kinds(render(trust={"existingSecret": "hospital-trust"}))[("Deployment", "ehr-ehr-alerts-api")]
+    assert {"name": "trust", "secret": {"secretName": "hospital-trust"}} in own["spec"]["template"]["spec"]["volumes"]
+    plain = _kinds(render())[("Deployment", "ehr-ehr-alerts-api")]["spec"]["template"]["spec"]
+    assert all(v["name"] != "trust" for v in plain["volumes"])
+
+
+def test_compose_is_a_local_dev_stack_with_flower_behind_a_password():
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    env = services["api"]["environment"]
+    assert env["EHR_ALERTS_PROFILE"] == "dev"
+    assert "https://sandbox.cds-hooks.org" in env["EHR_ALERTS_CORS_ORIGINS"]
+    for service in services.values():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), port  # nothing listens beyond this machine
+    flower = " ".join(services["flower"]["command"])
+    assert "--basic-auth" in flower and "FLOWER_BASIC_AUTH" in flower and "exit 1" in flower

@@ -80,3 +80,14 @@ envFrom:
   - secretRef:
       name: {{ include "ehr-alerts.secretName" . }}
 {{- end -}}
+
+{{/* the volume source of the trust files: the chart's ConfigMap, or trust.existingConfigMap / existingSecret */}}
+{{- define "ehr-alerts.trustSource" -}}
+{{- if .Values.trust.existingSecret -}}
+secret: {secretName: {{ .Values.trust.existingSecret }}}
+{{- else if .Values.trust.existingConfigMap -}}
+configMap: {name: {{ .Values.trust.existingConfigMap }}}
+{{- else if or .Values.trust.jwks .Values.trust.caBundle -}}
+configMap: {name: {{ include "ehr-alerts.fullname" . }}-trust}
+{{- end -}}
+{{- end -}}
