@@ -485,6 +485,8 @@ def test_logs_hold_no_phi_and_metrics_count_the_replay(stack: Stack, tmp_path: P
     def call(method: str, template: str) -> None:
         for path, kwargs in ROUTE_SAMPLES[(method, template)](ctx):
             headers = {**HEADERS, "X-Request-ID": f"scan-{len(statuses)}", **kwargs.pop("headers", {})}
+            if template.startswith(("/fhir", "/alerts", "/patients")):  # feed routes: the stack's feed token
+                headers["Authorization"] = f"Bearer {stack.feed_token}"
             response = stack.http.request(method, stack.base_url + path, headers=headers, **kwargs)
             assert response.status_code < 500, f"{method} {path}: {response.status_code} {response.text[:300]}"
             assert response.headers["x-request-id"] == headers["X-Request-ID"]
@@ -539,6 +541,7 @@ def test_logs_hold_no_phi_and_metrics_count_the_replay(stack: Stack, tmp_path: P
     forbidden |= {TOKEN: "bearer token", TOKEN.split(".")[2]: "token signature", "Bearer ey": "bearer token"}
     forbidden |= {REVIEW_TOKEN: "review token", REVIEW_TOKEN.split(".")[2]: "review token signature"}
     forbidden |= {FHIR_ACCESS_TOKEN: "FHIR access token"}
+    forbidden |= {stack.feed_token: "feed token", stack.feed_token.split(".")[2]: "feed token signature"}
     problems = scan(texts, forbidden)
     assert not problems, "\n".join(problems[:40])
 
