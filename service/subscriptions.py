@@ -81,7 +81,10 @@ def parse_status(resource: Mapping[str, Any]) -> Notification | None:
     """Read a subscription status resource; None if the entry is not one."""
     note = Notification(None, None)
     if resource.get("resourceType") == "SubscriptionStatus":
-        for event in _list(resource.get("notificationEvent")):
+        events = resource.get("notificationEvent")
+        if events is not None and not isinstance(events, list):
+            note.problems.append(("warning", "notificationEvent is not an array: event numbers ignored"))
+        for event in _list(events):
             if isinstance(event, Mapping) and "eventNumber" in event:
                 _number(event["eventNumber"], note)
             else:

@@ -194,3 +194,28 @@ def test_openapi_declares_both_security_schemes(monkeypatch):
     assert schema["paths"]["/cds-services"]["get"]["security"] == [{"cdsHooksClientJwt": []}]
     review = schema["paths"]["/review/alerts"]["get"]["security"]
     assert {"reviewBearer": []} in review and {"reviewSession": []} in review
+
+
+def test_dev_profile_allows_the_cds_hooks_sandbox_origin_by_default(monkeypatch):
+    configure(monkeypatch, {"EHR_ALERTS_PROFILE": "dev"})
+    preflight = {
+        "Origin": "https://sandbox.cds-hooks.org",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
+    with TestClient(make_app()) as http:
+        ok = http.options("/cds-services/mg-k-patient-view", headers=preflight)
+        assert ok.status_code == 200
+        assert ok.headers["access-control-allow-origin"] == "https://sandbox.cds-hooks.org"
+        other = http.options("/cds-services/mg-k-patient-view", headers={**preflight, "Origin": "https://x.example"})
+        assert "access-control-allow-origin" not in other.headers
+    configure(monkeypatch, {})  # production: nothing unless listed
+    with TestClient(make_app()) as http:
+        assert "access-control-allow-origin" not in http.options("/cds-services", headers=preflight).headers
+
+
+def test_startup_warns_about_missing_feed_issuers_and_metrics_token(monkeypatch):
+    configure(monkeypatch, {})
+    warnings = security_startup_warnings(load_settings())
+    assert any("EHR_ALERTS_FEED_ISSUERS" in w for w in warnings)
+    assert any("EHR_ALERTS_METRICS_TOKEN" in w for w in warnings)
