@@ -15,7 +15,7 @@ from service import apidocs, errors
 from service.audit import install as install_audit
 from service.cds.router import router as cds_router
 from service.errors import FhirError
-from service.ingest_http import _ID
+from service.ingest_http import ID_PATTERN
 from service.ingest_http import router as ingest_router
 from service.observability import install as install_observability
 from service.observability import readiness_response
@@ -70,7 +70,7 @@ def list_alerts(
 @app.get("/patients/{patient_id}/alerts", tags=["alerts"])
 def patient_alerts(_: Reader, patient_id: str, open_only: bool = True) -> dict[str, Any]:
     """A patient's alerts (open ones by default)."""
-    if not _ID.match(patient_id):
+    if not ID_PATTERN.match(patient_id):
         raise FhirError(400, f"invalid patient id {patient_id[:80]!r}", "patient_id")
     return {"alerts": get_store().alerts_for_patient(patient_id, open_only=open_only)}
 
@@ -78,7 +78,11 @@ def patient_alerts(_: Reader, patient_id: str, open_only: bool = True) -> dict[s
 @app.get("/patients/{patient_id}/alerts/{alert_id}", tags=["alerts"])
 def get_alert(_: Reader, patient_id: str, alert_id: str) -> dict[str, Any]:
     """One alert with its evidence and history."""
-    alert = get_store().get_alert(patient_id, alert_id) if _ID.match(patient_id) and _ID.match(alert_id) else None
+    alert = (
+        get_store().get_alert(patient_id, alert_id)
+        if ID_PATTERN.match(patient_id) and ID_PATTERN.match(alert_id)
+        else None
+    )
     if alert is None:
         raise FhirError(404, "no such alert", "alert_id", code="not-found")
     return alert

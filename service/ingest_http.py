@@ -37,7 +37,7 @@ from workers.pipeline import get_store
 JSON_TYPES = ("application/fhir+json", "application/json")
 NDJSON_TYPES = ("application/fhir+ndjson", "application/x-ndjson", "application/ndjson")
 RESOURCE_TYPES = ("Observation", "MedicationStatement", "MedicationRequest", "MedicationAdministration", "Condition")
-_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+ID_PATTERN = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")  # a FHIR id
 _TYPE = re.compile(r"^[A-Z][A-Za-z]{0,63}$")
 #: entries of a subscription notification that carry no clinical data (no scope needed)
 _NOTIFICATION_TYPES = frozenset({"Parameters", "SubscriptionStatus", "OperationOutcome"})
@@ -213,7 +213,7 @@ def _check_type(client: FeedClient, resource_type: str, actions: str) -> None:
 
 
 def _check_id(resource_id: str) -> None:
-    if not _ID.match(resource_id):
+    if not ID_PATTERN.match(resource_id):
         raise FhirError(400, f"invalid id {resource_id[:80]!r}: 1-64 of A-Z a-z 0-9 - .", "id")
 
 

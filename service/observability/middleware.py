@@ -37,6 +37,7 @@ _MAX_PEEK = 1024 * 1024
 _MAX_KNOWN_SERVICES = 64
 _QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 _PEEKED = "ehr_alerts.peeked_json"
+RETRY_AFTER = b"5"
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ class ObservabilityMiddleware:
                 status = message["status"]
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+                if status == 503 and not any(name.lower() == b"retry-after" for name, _ in message["headers"]):
+                    message["headers"].append((b"retry-after", RETRY_AFTER))  # every 503 says when to retry
             await send(message)
 
         tokens = context.bind(request_id=request_id, hook_instance=hook_instance)
