@@ -14,6 +14,8 @@ Ingestion uses the ``ingest`` lane; other lanes (e.g. one for CDS Hooks) are add
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -45,7 +47,10 @@ class Lane:
     in_flight: int = 0
 
     def __post_init__(self) -> None:
-        self._limiter: anyio.CapacityLimiter | None = None
+        # one limiter per event loop (a process has one; tests may start several)
+        self._limiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.CapacityLimiter] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @asynccontextmanager
     async def admit(self) -> AsyncIterator[Lane]:
@@ -60,9 +65,11 @@ class Lane:
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on one of the lane's threads (context variables, e.g. the request id, follow)."""
-        if self._limiter is None:  # created inside the event loop
-            self._limiter = anyio.CapacityLimiter(self.threads)
-        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        loop = asyncio.get_running_loop()
+        limiter = self._limiters.get(loop)
+        if limiter is None:
+            limiter = self._limiters[loop] = anyio.CapacityLimiter(self.threads)
+        return await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
 
 
 _lanes: dict[str, Lane] = {}
