@@ -350,6 +350,9 @@ class AuditMiddleware:
                     raise _Refused
                 await send(message)
                 return
+            if message["type"] not in ("http.response.start", "http.response.body"):
+                await send(message)  # e.g. the test client's http.response.debug
+                return
             held.append(message)
             start = held[0]
             if rule.streamed and message["type"] == "http.response.start":
