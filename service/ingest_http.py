@@ -28,7 +28,16 @@ from service.ingest import (
     ingest_one,
     operation_outcome,
 )
-from service.limits import Limits, check_entries, line_problem, media_type, ndjson_lines, parse_json, read_body
+from service.limits import (
+    Limits,
+    check_entries,
+    line_problem,
+    media_type,
+    ndjson_lines,
+    parse_bundle,
+    parse_json,
+    read_body,
+)
 from service.offload import get_lane
 from service.security.feed import FeedClient, feed_writer, forbidden, missing_scope
 from service.subscriptions import parse_status, record_event_numbers
@@ -107,7 +116,7 @@ def _authorise_bundle(client: FeedClient, bundle: Mapping[str, Any]) -> None:
 
 def _bundle_work(body: bytes, client: FeedClient, scope: MutableMapping[str, Any]) -> Any:
     limits = Limits.from_settings()
-    data = parse_json(body, limits)
+    data = parse_bundle(body, limits)
     if not isinstance(data, dict) or data.get("resourceType") != "Bundle":
         raise FhirError(400, "POST /fhir expects a Bundle", "resourceType")
     check_entries(data, limits)

@@ -119,3 +119,21 @@ def test_the_lane_admits_a_bounded_number_of_requests():
         return outcomes
 
     assert anyio.run(main) == ["ran on a lane thread", "admitted again"]
+
+
+ENTRIES = st.lists(st.dictionaries(TEXT, VALUES, max_size=3) | VALUES, max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(TEXT, VALUES, max_size=3), ENTRIES, st.booleans())
+def test_a_large_bundle_parsed_entry_by_entry_equals_the_whole_parse(extra, entries, indent):
+    import service.limits as limits
+
+    value = {**extra, "resourceType": "Bundle", "entry": entries}
+    body = json.dumps(value, ensure_ascii=False, indent=2 if indent else None).encode()
+    wide = Limits(10**7, 64, 40, 10, 10**6)
+    saved, limits.PIECEWISE_BYTES = limits.PIECEWISE_BYTES, 0  # every body takes the piecewise path
+    try:
+        assert limits.parse_bundle(body, wide) == json.loads(body)
+    finally:
+        limits.PIECEWISE_BYTES = saved
