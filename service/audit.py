@@ -107,6 +107,11 @@ def _answer_patient(c: Context) -> list[str]:
     return [patient] if isinstance(patient, str) else _alert_owner(c.match.group(1))
 
 
+def _body_patient(c: Context) -> list[str]:
+    patient = c.body.get("patient") if isinstance(c.body, dict) else None
+    return [patient] if isinstance(patient, str) else []
+
+
 def _alert_owner(alert_id: str | None) -> list[str]:
     if not alert_id or not _ID.match(alert_id):
         return []
@@ -185,7 +190,14 @@ AUDITED: tuple[Audited, ...] = (
         _answer_patient,
         resource=_alert_resource,
     ),
+    _r("GET", "/api/review/patients", "search", "search-type", "E", _alert_patients("groups")),
+    _r("POST", f"/api/review/patients/{_SEG}/acknowledge", "transition", "update", "U", _from_path),
+    _r("GET", "/api/review/data-problems", "search", "search-type", "E", _alert_patients("items")),
+    _r("POST", f"/api/review/data-problems/{_SEG}/transitions", "transition", "update", "U", _body_patient),
     _r("GET", "/review", "read", "search-type", "E", _page_alert, resource=_page_resource),
+    _r("POST", f"/review/patients/{_SEG}/acknowledge", "transition", "update", "U", _from_path),
+    _r("GET", "/review/data-problems", "search", "search-type", "E", lambda c: []),
+    _r("POST", f"/review/data-problems/{_SEG}/{_SEG}", "transition", "update", "U", lambda c: []),
     _r("POST", f"/review/alerts/{_SEG}/{_SEG}", "transition", "update", "U", _answer_patient, resource=_alert_resource),
     _r("GET", "/api/review/audit", "export", "search-system", "E", lambda c: [], streamed=True),
     _r("POST", f"/cds-services/{_SEG}", "read", "operation", "E", _cds_patient),

@@ -22,6 +22,7 @@ SAMPLE = {
     "alert_id": "a-1",
     "service_id": "mg-k-patient-view",
     "action": "acknowledge",
+    "item_id": "dp-1",
 }
 METRICS_TOKEN = "scrape-secret-0123456789"
 

@@ -47,12 +47,20 @@ ROUTES: dict[tuple[str, str], Access] = {
     # review API and page
     ("GET", "/api/review/alerts"): Access(VIEWER),
     ("GET", "/api/review/alerts/{alert_id}"): Access(VIEWER),
+    ("GET", "/api/review/patients"): Access(VIEWER),
+    ("GET", "/api/review/updates"): Access(VIEWER),
+    ("POST", "/api/review/patients/{patient_id}/acknowledge"): Access(PHARMACIST),
+    ("GET", "/api/review/data-problems"): Access(VIEWER),
+    ("POST", "/api/review/data-problems/{item_id}/transitions"): Access(PHARMACIST),
     ("POST", "/api/review/alerts/{alert_id}/transitions"): Access(PHARMACIST),
     ("GET", "/api/review/analytics"): Access(ADMIN),
     ("GET", "/api/review/audit"): Access(ADMIN),
     ("GET", "/review"): Access(VIEWER, anonymous=303),
     ("GET", "/review/analytics"): Access(ADMIN, anonymous=303),
     ("POST", "/review/alerts/{alert_id}/{action}"): Access(PHARMACIST, anonymous=303),
+    ("POST", "/review/patients/{patient_id}/acknowledge"): Access(PHARMACIST, anonymous=303),
+    ("GET", "/review/data-problems"): Access(VIEWER, anonymous=303),
+    ("POST", "/review/data-problems/{item_id}/{action}"): Access(PHARMACIST, anonymous=303),
     ("GET", "/review/login"): Access(PUBLIC, anonymous=200),  # the sign-in form
     ("POST", "/review/login"): Access(PUBLIC, anonymous=303),  # checks the token it is given
     ("POST", "/review/logout"): Access(PUBLIC, anonymous=303),  # clears the cookie
