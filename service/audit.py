@@ -6,7 +6,8 @@ How: the authentication dependencies leave the verified caller on the request
 (``service.security.identity``); :class:`AuditMiddleware` matches the request against :data:`AUDITED`,
 holds the response of an audited route until its AuditEvent is stored (a streamed export is audited when it
 starts), then sends it. The patients come from the path, the call, the answer, or what the ingestion route
-noted (:func:`note_access`). If the event cannot be stored, the caller gets 503 instead of the data. A
+noted (:func:`note_access`). If the event cannot be stored, the caller gets 503 instead of the data (an
+error answer, which serves no data, goes out as it is). A
 request refused before any identity was verified (401) is not audited (the refusal is counted in the
 ``ehr_alerts_auth_failures_total`` metric). Audit records are data, not logs: nothing of them is logged.
 """
@@ -390,9 +391,10 @@ class AuditMiddleware:
                 await anyio.to_thread.run_sync(self._store, scope, rule, match, status, identity, bodies)
             except (redis.RedisError, ValueError) as exc:
                 log.error("access audit could not be stored", extra={"error": type(exc).__name__})
-                scope[_REFUSED] = True
-                await _refuse(send)
-                return
+                if status < 400:  # data was about to be served: withheld; an error answer goes out as it is
+                    scope[_REFUSED] = True
+                    await _refuse(send)
+                    return
         for message in held:
             await send(message)
 

@@ -481,9 +481,10 @@ def test_every_documented_status_filters_on_both_apis(store, api):
     assert (counts["todo"], counts["open"], counts["closed"], counts["all"]) == (3, 4, 2, 6)
     assert (counts["expired"], counts["withdrawn"], counts["accepted"]) == (1, 1, 1)
     for status in ("accepted", "expired", "withdrawn", "overridden"):  # the hospital-wide read API too
-        response = api.get("/alerts", params={"status": status})
+        response = api.get("/alerts", params={"status": status}, headers=VIEWER)
         assert response.status_code == 200, (status, response.text)
-    assert [a["patient"] for a in api.get("/alerts", params={"status": "accepted"}).json()["alerts"]] == ["p2"]
+    accepted = api.get("/alerts", params={"status": "accepted"}, headers=VIEWER).json()["alerts"]
+    assert [a["patient"] for a in accepted] == ["p2"]
     expired = api.get(f"/api/review/alerts/{p3['id']}", headers=PHARMACIST).json()
     for action in ("acknowledge", "override", "snooze", "resolve", "reopen"):  # closed by the pipeline: final
         assert _act(api, p3["id"], action, expired["revision"], **_fields(action)).status_code == 409
