@@ -61,56 +61,31 @@ app.conf.update(
 )
 
 
-class InboxSweep(bootsteps.StartStopStep):
-    """Every worker re-publishes overdue inbox batches on its timer (see ``workers.inbox.sweep``)."""
+class _Periodic(bootsteps.StartStopStep):
+    """A sweep every worker runs on its timer; a failure is logged and the next round tries again."""
 
     requires: ClassVar[set[str]] = {"celery.worker.components:Timer"}
+    name_for_logs = "sweep"
+    run_at_start = False
+    log_level = logging.INFO  # of what a round did
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         self.timer_ref: Any = None
 
-    def start(self, worker: Any) -> None:
-        """Start the periodic sweep (first one right away: a restarted worker recovers quickly)."""
-        interval = max(0.5, min(10.0, settings.redelivery_timeout / 4))
-        self.timer_ref = worker.timer.call_repeatedly(interval, _sweep, priority=10)
-        _sweep()
+    def interval(self) -> float:
+        """Seconds between two rounds."""
+        raise NotImplementedError
 
-    def stop(self, worker: Any) -> None:
-        """Stop sweeping."""
-        if self.timer_ref is not None:
-            self.timer_ref.cancel()
-            self.timer_ref = None
-
-
-def _sweep() -> None:
-    from workers import inbox
-    from workers.state.connection import get_redis
-
-    try:
-        republished = inbox.sweep(get_redis(), settings.redelivery_timeout)
-    except Exception:  # a broker hiccup must not stop the worker; the next sweep tries again
-        log.warning("inbox sweep failed", exc_info=True)
-        return
-    if republished:
-        log.warning("inbox sweep re-published %d unfinished batches", republished)
-
-
-app.steps["worker"].add(InboxSweep)
-
-
-class DueSweep(bootsteps.StartStopStep):
-    """Every worker ticks the patients whose alerts are due for re-evaluation by time alone (``workers.due``)."""
-
-    requires: ClassVar[set[str]] = {"celery.worker.components:Timer"}
-
-    def __init__(self, worker: Any, **kwargs: Any) -> None:
-        super().__init__(worker, **kwargs)
-        self.timer_ref: Any = None
+    def sweep(self) -> str | None:
+        """One round; returns what to log when it did something."""
+        raise NotImplementedError
 
     def start(self, worker: Any) -> None:
         """Start the periodic sweep."""
-        self.timer_ref = worker.timer.call_repeatedly(settings.due_sweep_interval, _due_sweep, priority=10)
+        self.timer_ref = worker.timer.call_repeatedly(self.interval(), self._round, priority=10)
+        if self.run_at_start:
+            self._round()
 
     def stop(self, worker: Any) -> None:
         """Stop sweeping."""
@@ -118,20 +93,52 @@ class DueSweep(bootsteps.StartStopStep):
             self.timer_ref.cancel()
             self.timer_ref = None
 
+    def _round(self) -> None:
+        try:
+            done = self.sweep()
+        except Exception:  # a broker hiccup must not stop the worker; the next round tries again
+            log.warning("%s failed", self.name_for_logs, exc_info=True)
+            return
+        if done:
+            log.log(self.log_level, done)
 
-def _due_sweep() -> None:
-    from workers import due
-    from workers.state.connection import get_redis
 
-    try:
+class InboxSweep(_Periodic):
+    """Every worker re-publishes overdue inbox batches (``workers.inbox.sweep``); the first round at start, so a
+    restarted worker recovers quickly."""
+
+    name_for_logs = "inbox sweep"
+    run_at_start = True
+    log_level = logging.WARNING  # a re-published batch means something was lost on the way
+
+    def interval(self) -> float:
+        return max(0.5, min(10.0, settings.redelivery_timeout / 4))
+
+    def sweep(self) -> str | None:
+        from workers import inbox
+        from workers.state.connection import get_redis
+
+        republished = inbox.sweep(get_redis(), settings.redelivery_timeout)
+        return f"inbox sweep re-published {republished} unfinished batches" if republished else None
+
+
+class DueSweep(_Periodic):
+    """Every worker ticks the patients whose alerts are due for re-evaluation by time alone (``workers.due``)."""
+
+    name_for_logs = "due sweep"
+
+    def interval(self) -> float:
+        return settings.due_sweep_interval
+
+    def sweep(self) -> str | None:
+        from workers import due
+        from workers.state.connection import get_redis
+
         ticked = due.sweep(get_redis(), settings)
-    except Exception:  # a broker hiccup must not stop the worker; the next sweep tries again
-        log.warning("due sweep failed", exc_info=True)
-        return
-    if ticked:
-        log.info("due sweep ticked %d patients", ticked)
+        return f"due sweep ticked {ticked} patients" if ticked else None
 
 
+app.steps["worker"].add(InboxSweep)
 app.steps["worker"].add(DueSweep)
 
 # Operations: JSON logs, enqueue timestamps, latency metrics, heartbeats (signals and a bootstep).
