@@ -9,6 +9,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from auth_helpers import TestIssuer
+from cds_support import hook_request, prefetch_for
 from itest_builders import HYPOK, REFRACTORY, T0, furosemide, potassium, ts
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -105,17 +107,31 @@ def test_a_delete_before_its_put_is_processed_wins(stack):
     assert all(a["status"] == "retracted" for a in _alerts(stack, patient))
 
 
+def _patient_view(stack, issuer, patient: str, resources: list[dict[str, Any]]) -> list[str]:
+    """The card summaries of a CDS Hooks patient-view call carrying ``resources`` as its prefetch."""
+    url = f"{stack.base_url}/cds-services/mg-k-patient-view"
+    body = hook_request("patient-view", patient, prefetch_for(resources, patient))
+    response = stack.http.post(url, json=body, headers=issuer.headers(url))
+    assert response.status_code == 200, response.text
+    return [card["summary"] for card in response.json()["cards"]]
+
+
 def test_time_alone_closes_an_alert_through_the_due_sweep(stack):
     """Problem 1: a K 3.3 whose 72 h look-back ends in a few seconds; no further event arrives. The workers'
-    due sweep ticks the patient at that time and the alert expires; the API shows nothing open."""
-    stack.start_api()
+    due sweep ticks the patient at that time and the alert expires. Before and after, the store, the alert
+    API and a CDS Hooks call on the same data agree."""
+    issuer = TestIssuer(stack.tmp, name="ehr")
+    stack.start_api(**issuer.env())
     stack.start_worker(EHR_ALERTS_DUE_SWEEP_INTERVAL="1")
     patient = "time-alone"
-    at = datetime.now(UTC) - timedelta(hours=72) + timedelta(seconds=6)
-    assert _put(stack, potassium("k-ages", patient, 3.3, at)).status_code in (200, 201, 202)
+    at = datetime.now(UTC) - timedelta(hours=72) + timedelta(seconds=8)
+    low_k = potassium("k-ages", patient, 3.3, at)
+    assert _put(stack, low_k).status_code in (200, 201, 202)
     stack.drain()
     [alert] = _alerts(stack, patient)
     assert alert["status"] == "active"
+    assert [a["id"] for a in stack.open_alerts(patient)] == [alert["id"]]
+    assert _patient_view(stack, issuer, patient, [low_k]) == [alert["card"]["summary"]]
     deadline = time.monotonic() + 40
     while time.monotonic() < deadline and _alerts(stack, patient)[0]["status"] == "active":
         time.sleep(0.5)
@@ -124,6 +140,7 @@ def test_time_alone_closes_an_alert_through_the_due_sweep(stack):
     assert _actions(alert) == ["opened", "expired"]
     assert alert["closed_at"].startswith(ts(at + timedelta(hours=72)).removesuffix("Z")[:16])
     assert stack.open_alerts(patient) == []
+    assert _patient_view(stack, issuer, patient, [low_k]) == []
 
 
 def test_a_future_dated_result_is_flagged_and_never_blinds_the_patient(stack):
