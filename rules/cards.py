@@ -256,19 +256,22 @@ class ParamView:
         return bool(self._param.reference_low and latest is not None and latest.reference_low)
 
     def against(self, view: InputView) -> str:
-        """``3.3 mmol/L (the lab's lower reference limit)`` or ``3.5 mmol/L (ehr-alerts threshold)``."""
+        """``3.3 mmol/L (the lab's lower reference limit)`` or ``3.5 mmol/L (rule threshold)``."""
         if self.uses_lab_range(view) and view._latest is not None:
             return f"{view._latest.reference_low} (the lab's lower reference limit)"
-        return f"{self.value} {self.unit} (ehr-alerts threshold)"
+        return f"{self.value} {self.unit} (rule threshold)"
 
 
 _VIEWS = (FactView, InputView, ParamView)
 
 
-def template_context(rule: Rule, decision: Decision, chosen: Mapping[str, Selection]) -> dict[str, Any]:
-    """The names a card template may use."""
+def template_context(
+    rule: Rule, decision: Decision, chosen: Mapping[str, Selection], offered: Collection[str] = ()
+) -> dict[str, Any]:
+    """The names a card template may use (``suggestions``: the ids of the suggestions offered)."""
     zone = rule.display_zone
     return {
+        "suggestions": list(offered),
         "patient_id": decision.patient,
         "as_of": decision.as_of,
         "severity": decision.severity,
@@ -297,7 +300,7 @@ def render_card(
     ``offered``: the ids of the suggestions whose ``when`` holds (default: every suggestion)."""
     spec = rule.card
     suggestions = [s for s in spec.suggestions if offered is None or s.id in offered]
-    context = template_context(rule, decision, chosen)
+    context = template_context(rule, decision, chosen, [s.id for s in suggestions])
     summary = render_text(spec.summary, context)
     if len(summary) >= SUMMARY_LIMIT:  # odd data (a very long value) must not abort the evaluation
         summary = summary[: SUMMARY_LIMIT - 2].rstrip() + "…"
