@@ -93,6 +93,10 @@ class Event(BaseModel):
 
 
 def _fact_expiry(fact: Fact, received: datetime, settings: Settings) -> datetime:
+    if fact.kind == "patient":
+        return FOREVER  # who the patient is matters to every evaluation (age, deceased) and to the worklist
+    if fact.kind == "encounter":  # kept while in progress, then long enough to tell the patient's setting
+        return FOREVER if fact.end is None else later(fact.end, settings.retention_encounter_hours)
     if fact.kind == "medication":
         if fact.end is not None:
             return later(fact.end, settings.retention_medication_hours)

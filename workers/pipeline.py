@@ -17,6 +17,7 @@ import redis
 from config.settings import get_settings
 from rules.catalog import Catalog, load_catalog
 from rules.model import Rule
+from rules.site import read_site_profile
 from workers.events import Event, clock_text
 from workers.observability.logging import patient_ref
 from workers.state.alerts import decision_body
@@ -30,8 +31,13 @@ _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 @cache
 def get_catalog() -> Catalog:
-    """The rule catalog, loaded (and self-tested) once per process."""
-    return load_catalog()
+    """The rule catalog as this deployment runs it, loaded (and self-tested) once per process: the site profile
+    (``EHR_ALERTS_SITE_PROFILE``) applied and card times in ``EHR_ALERTS_DISPLAY_TIMEZONE``. The CDS Hooks service,
+    the review API and replay use this same catalog."""
+    settings = get_settings()
+    site = read_site_profile(settings.site_profile) if settings.site_profile else None
+    file = settings.site_profile.name if settings.site_profile else ""
+    return load_catalog().configure(site=site, display_zone=settings.display_timezone, file=file)
 
 
 @cache
