@@ -121,7 +121,9 @@ def encounter_fact(model: Any, base: dict[str, Any]) -> Fact:
     if status == "finished" and end is None:
         updated = base.get("updated")
         end = updated if updated is not None and (start is None or updated >= start) else start
-        notes.append("finished with no period end: ended " + ("when last updated" if end == updated else "at its start"))
+        notes.append(
+            "finished with no period end: ended " + ("when last updated" if end == updated else "at its start")
+        )
     if start is None:
         notes.append("no period start: not placed in time")
     code = model.class_fhir.code if model.class_fhir is not None else None

@@ -164,6 +164,8 @@ def normalize_resource(
     if model is None or problems:
         return NormalizeResult(rtype, rid, "rejected", issues=problems, reason=problems[0].message)
     patient = _patient_id(model, options)
+    if patient is None and rtype == "Patient":
+        return _rejected(rtype, rid, "Patient.id", "resource has no id (a Patient is known by its own id)")
     if patient is None:
         return _rejected(rtype, rid, f"{rtype}.subject", "no Patient reference in subject")
     if not rid:
