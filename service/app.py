@@ -27,6 +27,8 @@ from service.observability import install as install_observability
 from service.observability import readiness_response
 from service.process import freeze_startup_heap
 from service.review import install as install_review
+from service.review.patients import install as install_patients
+from service.review.patients import stored_directory
 from service.security import install_cors, log_security_warnings
 from service.subscriptions import parse_status, record_event_numbers
 from workers.pipeline import get_store
@@ -35,7 +37,16 @@ from workers.state.statuses import STATUSES
 FHIR_JSON = "application/fhir+json"
 JSON_TYPES = ("application/fhir+json", "application/json")
 NDJSON_TYPES = ("application/fhir+ndjson", "application/x-ndjson", "application/ndjson")
-RESOURCE_TYPES = ("Observation", "MedicationStatement", "MedicationRequest", "MedicationAdministration", "Condition")
+RESOURCE_TYPES = (
+    "Observation",
+    "MedicationStatement",
+    "MedicationRequest",
+    "MedicationAdministration",
+    "Condition",
+    "Procedure",
+    "Patient",
+    "Encounter",
+)
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
 app = FastAPI(
@@ -252,6 +263,7 @@ def get_alert(patient_id: str, alert_id: str) -> dict[str, Any]:
 
 
 install_review(app)  # pharmacist review: /api/review (JSON), /review (page)
+install_patients(stored_directory())  # who and where patients are, from the ingested Patient / Encounter resources
 
 
 @app.get("/healthz", tags=["operations"])

@@ -20,6 +20,7 @@ from rules.model import Rule
 from rules.site import read_site_profile
 from workers.events import Event, clock_text
 from workers.observability.logging import patient_ref
+from workers.state import context_index
 from workers.state.alerts import decision_body
 from workers.state.connection import get_redis
 from workers.state.store import Store
@@ -96,6 +97,7 @@ def process_batch(raw_events: Iterable[dict[str, Any]], store: Store | None = No
     settings = store.settings
     plans: dict[str, PatientPlan] = {}
     pruned: list[str] = []
+    context: list[tuple[str, int, dict[str, Any] | None]] = []
     for patient, window in store.timelines.store_many(by_patient, window_pad_hours(rules)).items():
         if isinstance(window, Exception):
             poison(patient, window)
@@ -118,11 +120,15 @@ def process_batch(raw_events: Iterable[dict[str, Any]], store: Store | None = No
             poison(patient, exc)
             continue
         counts.update(plans[patient].counts)
+        if context_index.touches_context(events, window):
+            summary = context_index.summary(context_index.final_facts(events, window), plans[patient].clock)
+            context.append((patient, plans[patient].version, summary))
 
     changed, due, failed = _apply(store, plans, counts, poison)
     received = {
         e.resource: p for p, events in by_patient.items() if p not in failed for e in events if e.kind == "resource"
     }
+    context_index.ContextIndex(store.client).write([c for c in context if c[0] not in failed])
     store.record(
         changed,
         patients={p for p, events in by_patient.items() if any(e.kind != "tick" for e in events)},
