@@ -190,8 +190,8 @@ class PatientContext:
             )
         )
         current = None
-        for encounter in encounters:
-            if encounter.start <= as_of and (encounter.end is None or encounter.end >= as_of):  # type: ignore[operator]
+        for encounter in encounters:  # the period's end is exclusive: discharged at 10:00 is gone at 10:00
+            if encounter.start <= as_of and (encounter.end is None or encounter.end > as_of):  # type: ignore[operator]
                 current = encounter
         return PatientContext(as_of, patient, encounters, current)
 

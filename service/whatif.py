@@ -11,7 +11,7 @@ are included: that is how a site sees a shadow rule's burden before promoting it
 The comparison matches alerts of the same patient and rule whose episodes overlap in time (a threshold change
 moves an episode's start; it is still the same alert); the others are *added* (only under the candidate) or
 *removed* (only under the base). Burden is alerts per 1,000 patient-days, a patient-day being a calendar day
-(UTC) on which the patient has an event in the extract.
+(UTC) on which the patient has a clinical event in the extract.
 """
 
 from __future__ import annotations
@@ -156,8 +156,10 @@ def _worse(a: str, b: str) -> str:
 
 
 def patient_days(events: Sequence[Event]) -> int:
-    """Calendar days (UTC) on which a patient has an event, summed over patients."""
-    return len({(e.patient, e.event_time.date()) for e in events if e.kind == "resource" and not e.is_delete})
+    """Calendar days (UTC) on which a patient has a clinical event (a result, an order, a diagnosis, an encounter;
+    not a Patient record), summed over patients."""
+    clinical = [e for e in events if e.kind == "resource" and not e.is_delete and not e.context_only]
+    return len({(e.patient, e.event_time.date()) for e in clinical})
 
 
 @dataclass
