@@ -229,7 +229,7 @@ def compare(paths: list[Path], base: Setup, candidate: Setup, console: Console) 
 def print_comparison(found: Comparison, console: Console) -> None:
     """The per-rule table and the alerts added and removed, as a pharmacy team reads them."""
     console.print(
-        f"extract: {found.patients} patients, {found.patient_days} patient-days (days with an event); "
+        f"extract: {found.patients} patients, {found.patient_days} patient-days (days with a clinical event); "
         f"base: {found.base.name}; candidate: {found.candidate.name}"
     )
     table = Table("rule", "status", "alerts base", "alerts cand.", "added", "removed", "/1,000 pt-days base",

@@ -403,3 +403,34 @@ def test_synthea_deceased_patients_are_not_alerted_after_death():
     low_k = facts_of(potassium(2.9, at=(died + timedelta(hours=1)).isoformat(), patient=patient["id"]))
     decision = evaluate_rule(packaged_catalog().get(HYPOK), [*facts, *low_k], died + timedelta(hours=2), patient["id"])
     assert decision.outcome == "not-fires" and "deceased" in decision.explanation
+
+
+# --- every rule's applicability ---------------------------------------------------------------------------------
+
+FIRING = {
+    HYPOK: lambda: [potassium(3.2, at=ago(3))],
+    REFRACTORY: lambda: [
+        med_statement(FUROSEMIDE, start="2024-04-01"),
+        potassium(3.2, at=ago(40)),
+        potassium(3.3, at=ago(3)),
+    ],
+    ARRHYTHMIA: lambda: [ecg(at=ago(3)), magnesium(0.6, at=ago(4))],
+    LOW_K_WITH_LOW_MG: lambda: [potassium(3.2, at=ago(3)), magnesium(0.6, at=ago(3))],
+    SEVERE_MG: lambda: [magnesium(0.4, at=ago(3))],
+    DIGOXIN: lambda: [med_statement(rxnorm("3407", "digoxin"), start="2024-01-01"), potassium(3.2, at=ago(3))],
+    QTC_K: lambda: [qtc(520, at=ago(3)), potassium(3.2, at=ago(3))],
+}
+HOSPITAL_ONLY = {HYPOK, ARRHYTHMIA}
+
+
+@pytest.mark.parametrize("rule_id", sorted(FIRING))
+def test_each_rule_applies_by_age_encounter_class_and_unknown_context(rule_id: str):
+    data = FIRING[rule_id]()
+    assert decide(rule_id, *data).fires  # unknown age and encounter: the shipped policy applies
+    assert decide(rule_id, _adult(), encounter("IMP", start=ago(50)), *data).fires
+    child = patient_resource(birth=f"{NOW.year - 12}-01-01")
+    assert decide(rule_id, child, encounter("IMP", start=ago(50)), *data).outcome == "not-fires"
+    outpatient = decide(rule_id, _adult(), encounter("AMB", start=ago(5)), *data)
+    assert outpatient.fires is (rule_id not in HOSPITAL_ONLY)
+    dead = decide(rule_id, _adult(deceasedDateTime=ago(1)), *data)
+    assert dead.outcome == "not-fires" and "deceased" in dead.explanation

@@ -167,3 +167,17 @@ def test_user_transitions_are_counted_once_per_idempotency_key(store: Store):
     assert store.counters()[field] == before + 1
     store.transition(alert["id"], "resolve", "user:alice", at.replace(minute=10))
     assert store.counters()[f"alerts_resolved-by-user:{alert['rule_id']}"] >= 1
+
+
+def test_the_fact_schema_2_fixture_reads_back_with_patient_context():
+    """stored-v1-f2.json (this release, written by make_stored_data.py): Patient facts with their details, and the
+    worklist's context index beside the timelines."""
+    from workers.state.timeline import parse_facts
+
+    v2 = json.loads((FIXTURES / "stored-v1-f2.json").read_text())
+    assert v2["fact_schema_version"] == 2
+    payloads = [v for k, item in v2["keys"].items() if k.endswith(":facts") for v in item["value"].values()]
+    facts = [f for value in payloads for f in parse_facts(value.split("\t", 2)[2])]
+    people = [f for f in facts if f.concept == "patient"]
+    assert len(people) == 12 and all(f.patient_info and f.patient_info.birth_date for f in people)
+    assert v2["keys"]["fx:context:patients"]["value"]["ex-alpha"].startswith(tuple("0123456789"))
