@@ -668,6 +668,24 @@ def evaluate_rule(rule: Rule, facts: Sequence[Fact], as_of: datetime, patient: s
     return _evaluate_rule(rule, FactPool(facts, patient), as_of, patient)
 
 
+class _Chosen(dict[str, Selection]):
+    """The inputs of one evaluation, each selected when a condition (or another input's window) first reads it:
+    a rule that does not fire never selects the inputs only its card reads."""
+
+    def __init__(self, rule: Rule, pool: FactPool, as_of: datetime) -> None:
+        super().__init__()
+        self.rule, self.pool, self.as_of = rule, pool, as_of
+
+    def __missing__(self, name: str) -> Selection:
+        selection = self[name] = select(self.rule, name, self.pool, self.as_of, self)
+        return selection
+
+    def select_all(self) -> None:
+        """Select every input (in declaration order)."""
+        for name in self.rule.inputs:
+            self[name]
+
+
 def _context_change(rule: Rule, context: PatientContext) -> datetime | None:
     """When the rule's applicability could next change by time alone (an encounter begins or ends, the patient
     comes of age or dies)."""
@@ -692,17 +710,14 @@ def _evaluate_rule(rule: Rule, pool: FactPool, as_of: datetime, patient: str) ->
     if not verdict.applies:
         decision.explanation = "Does not apply: " + verdict.why_not
         return decision
-    chosen: dict[str, Selection] = {}
-    for name in rule.inputs:
-        chosen[name] = select(rule, name, pool, as_of, chosen)
-    changes = [c.next_change for c in chosen.values() if c.next_change is not None]
+    chosen = _Chosen(rule, pool, as_of)
     result = check(rule, chosen, rule.when)
     outcome = _OUTCOMES[result.value]
     decision.outcome = outcome
-    decision.next_change = min([*changes, *([context_change] if context_change else [])], default=None)
     decision._evidence_pairs = result.evidence
     severity = resolved = None
     if outcome == "fires":
+        chosen.select_all()  # the card, severity and suggestions may read every input
         severity = _severity(rule, chosen)
         decision.severity = severity[0]
         decision.escalators = [{"id": e.id, "label": e.label} for e in rule.escalation if _holds(rule, chosen, e.when)]
@@ -711,6 +726,10 @@ def _evaluate_rule(rule: Rule, pool: FactPool, as_of: datetime, patient: str) ->
     else:
         resolved = check(rule, chosen, rule.resolve_when)
         decision.resolves = resolved.value is Tri.TRUE
+    # Only the inputs the decision read can change it by time alone (an input not read, e.g. the renal function
+    # a card shows, is selected when the rule fires).
+    changes = [c.next_change for c in chosen.values() if c.next_change is not None]
+    decision.next_change = min([*changes, *([context_change] if context_change else [])], default=None)
     decision.explanation = _explanation(outcome, result, severity, resolved)
     if verdict.unknown:
         decision.explanation += f". Applied although {verdict.unknown} (the rule's policy for an unknown context)"
