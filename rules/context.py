@@ -22,7 +22,6 @@ from rules.facts import EncounterInfo, Fact, PatientInfo
 from rules.fhirtime import is_placeholder, to_utc
 
 _FOREVER_DEAD = datetime.min.replace(tzinfo=UTC)
-_NOT_THERE = frozenset({"planned", "cancelled", "entered-in-error"})
 
 
 @cache
@@ -133,7 +132,7 @@ def encounter_fact(model: Any, base: dict[str, Any]) -> Fact:
         **base,
         concept="encounter",
         kind="encounter",
-        counts=status not in _NOT_THERE and start is not None,
+        counts=status in _context()["encounter_present_statuses"] and start is not None,
         retracted=status == "entered-in-error",
         start=start,
         end=end,

@@ -1,4 +1,5 @@
-"""FHIR R4 resources -> facts. The one place that reads FHIR for the rules.
+"""FHIR R4 resources -> facts. The one place that reads FHIR for the rules (with :mod:`rules.context`, which reads
+the Patient and Encounter resources it is handed from here).
 
 Each resource is validated with the ``fhir.resources`` R4B models (the closest to R4 4.0.1) plus the
 required-binding code checks those models leave out (status, comparator, intent). A resource that fails
