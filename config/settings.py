@@ -102,6 +102,21 @@ class Settings(BaseSettings):
         description="a medication without an end date is kept this long after its start or its last update, "
         "whichever is later (a medication list entry nobody touched for that long is no longer evidence)",
     )
+    retention_encounter_hours: float = Field(
+        default=24 * 365,
+        gt=0,
+        description="an Encounter is kept this long after it ended (one in progress is kept until it ends); keep it "
+        "at least as long as the rules' encounter_lookback_hours (365 days), or the stream forgets encounters a CDS "
+        "Hooks call still sees; the Patient resource is kept as long as the patient has data",
+    )
+
+    # --- rules ---
+    site_profile: Path | None = Field(
+        default=None,
+        description="YAML site profile changing rule status, thresholds, windows and applicability without editing "
+        "the rule files (validated against the rules at start; `ehr-alerts rules check --site FILE`); unset: the "
+        "rules as shipped",
+    )
     future_tolerance_hours: float = Field(
         default=24.0,
         ge=0,
@@ -517,6 +532,18 @@ class Settings(BaseSettings):
         if not issuer:
             raise ValueError("set EHR_ALERTS_REVIEW_ISSUER, the issuer these keys belong to")
         check_jwks_source(value, "review JWKS")
+        return value
+
+    @field_validator("site_profile", mode="before")
+    @classmethod
+    def _site_profile_empty(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("site_profile")
+    @classmethod
+    def _site_profile_readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a readable file")
         return value
 
     @field_validator("display_timezone")

@@ -16,12 +16,12 @@ from jinja2 import StrictUndefined, Template
 from jinja2.sandbox import SandboxedEnvironment
 
 from rules.facts import Fact, format_decimal
-from rules.fhirtime import isoformat
+from rules.fhirtime import isoformat, local_text
 from rules.units import unit_key
 
 if TYPE_CHECKING:
     from rules.engine import Decision, Selection
-    from rules.model import Rule
+    from rules.model import Parameter, Rule
 
 
 class _CardEnvironment(SandboxedEnvironment):
@@ -126,10 +126,11 @@ class _lazy:
 class FactView:
     """What a template sees of one fact (each field computed when a template first reads it: templates
     read a few fields of the latest fact, and building every field of every fact was most of the cost
-    of rendering a card)."""
+    of rendering a card). Times are shown in the display zone the catalog was set up with."""
 
-    def __init__(self, fact: Fact) -> None:
+    def __init__(self, fact: Fact, zone: str = "UTC") -> None:
         self._fact = fact
+        self._zone = zone
 
     @_lazy
     def value(self) -> str:
@@ -169,7 +170,21 @@ class FactView:
 
     @_lazy
     def date(self) -> str:
-        return self.time[:16].replace("T", " ") if self._fact.start else "unknown time"
+        """``31 Mar 2024 03:30 CEST`` in the display zone."""
+        return local_text(self._fact.start, self._zone) if self._fact.start else "unknown time"
+
+    @_lazy
+    def short(self) -> str:
+        """``31 Mar 03:30 CEST`` (summaries)."""
+        return local_text(self._fact.start, self._zone, "short") if self._fact.start else "unknown time"
+
+    @_lazy
+    def reference_low(self) -> str:
+        """The lab's lower reference limit in the result's unit (``3.3 mmol/L``), or ``""`` when not given."""
+        fact = self._fact
+        if fact.reference_low_reported is None:
+            return ""
+        return f"{format_decimal(fact.reference_low_reported, 4)} {self.reported_unit}".rstrip()
 
     @_lazy
     def ref(self) -> str:
@@ -191,19 +206,26 @@ class FactView:
 class InputView:
     """What a template sees of one input: ``present``, ``count``, the latest fact's fields, ``items``."""
 
-    def __init__(self, selection: Selection) -> None:
+    def __init__(self, selection: Selection, zone: str = "UTC") -> None:
         self._selection = selection
+        self._zone = zone
         self.present = bool(selection.facts)
         self.count = len(selection.facts)
-        self._latest = FactView(selection.facts[-1]) if selection.facts else None
+        self._latest = FactView(selection.facts[-1], zone) if selection.facts else None
 
     @_lazy
     def items(self) -> list[FactView]:
-        return [FactView(f) for f in self._selection.facts]
+        return [FactView(f, self._zone) for f in self._selection.facts]
 
     @_lazy
     def window_start(self) -> str:
         return isoformat(self._selection.window_start) or "the start of the record"
+
+    @_lazy
+    def since(self) -> str:
+        """The window's start in the display zone (``28 Apr 2024 08:00 CEST``)."""
+        start = self._selection.window_start
+        return local_text(start, self._zone) if start else "the start of the record"
 
     @_lazy
     def window_end(self) -> str | None:
@@ -215,28 +237,48 @@ class InputView:
         return getattr(self._latest, name)
 
 
-_VIEWS = (FactView, InputView)
+class ParamView:
+    """What a template sees of one parameter: ``value``, ``unit``, ``hours``, ``count``, and ``against(input)``:
+    the threshold the input's latest result was compared with, in words (the lab's lower reference limit when
+    the parameter uses it and the result has one)."""
+
+    def __init__(self, param: Parameter) -> None:
+        self._param = param
+        self.value = format_decimal(param.value, 4) if param.value is not None else None
+        self.unit = param.unit
+        self.hours = format_decimal(Decimal(str(param.hours))) if param.hours is not None else None
+        self.count = param.count
+        self.reference_low = param.reference_low
+
+    def uses_lab_range(self, view: InputView) -> bool:
+        """True when the input's latest result is compared with the lab's lower reference limit."""
+        latest = view._latest
+        return bool(self._param.reference_low and latest is not None and latest.reference_low)
+
+    def against(self, view: InputView) -> str:
+        """``3.3 mmol/L (the lab's lower reference limit)`` or ``3.5 mmol/L (rule threshold)``."""
+        if self.uses_lab_range(view) and view._latest is not None:
+            return f"{view._latest.reference_low} (the lab's lower reference limit)"
+        return f"{self.value} {self.unit} (rule threshold)"
 
 
-def template_context(rule: Rule, decision: Decision, chosen: Mapping[str, Selection]) -> dict[str, Any]:
-    """The names a card template may use."""
-    params = {
-        name: {
-            "value": format_decimal(p.value, 4) if p.value is not None else None,
-            "unit": p.unit,
-            "hours": format_decimal(Decimal(str(p.hours))) if p.hours is not None else None,
-            "count": p.count,
-        }
-        for name, p in rule.parameters.items()
-    }
+_VIEWS = (FactView, InputView, ParamView)
+
+
+def template_context(
+    rule: Rule, decision: Decision, chosen: Mapping[str, Selection], offered: Collection[str] = ()
+) -> dict[str, Any]:
+    """The names a card template may use (``suggestions``: the ids of the suggestions offered)."""
+    zone = rule.display_zone
     return {
+        "suggestions": list(offered),
         "patient_id": decision.patient,
         "as_of": decision.as_of,
         "severity": decision.severity,
         "escalators": [e["id"] for e in decision.escalators],
         "rule": {"id": rule.id, "version": rule.version, "title": rule.title},
-        "params": params,
-        **{name: InputView(selection) for name, selection in chosen.items()},
+        "params": {name: ParamView(p) for name, p in rule.parameters.items()},
+        **{name: InputView(selection, zone) for name, selection in chosen.items()},
     }
 
 
@@ -258,11 +300,14 @@ def render_card(
     ``offered``: the ids of the suggestions whose ``when`` holds (default: every suggestion)."""
     spec = rule.card
     suggestions = [s for s in spec.suggestions if offered is None or s.id in offered]
-    context = template_context(rule, decision, chosen)
+    context = template_context(rule, decision, chosen, [s.id for s in suggestions])
     summary = render_text(spec.summary, context)
     if len(summary) >= SUMMARY_LIMIT:  # odd data (a very long value) must not abort the evaluation
         summary = summary[: SUMMARY_LIMIT - 2].rstrip() + "…"
-    source: dict[str, Any] = {"label": spec.source.label, "url": spec.source.url}
+    label = spec.source.label
+    if rule.site_profile:
+        label += f" · site profile {rule.site_profile}"
+    source: dict[str, Any] = {"label": label, "url": spec.source.url}
     if spec.source.topic:
         source["topic"] = spec.source.topic.model_dump()
     card: dict[str, Any] = {

@@ -21,6 +21,7 @@ from rules.facts import Fact
 from rules.model import Rule
 from rules.normalize import normalize_resource
 from rules.shorthand import expand
+from rules.site import SiteProfile, apply_site_profile
 
 
 class RuleLoadError(Exception):
@@ -48,6 +49,16 @@ class Catalog:
     rules: list[Rule]
     files: dict[str, Path] = field(default_factory=dict)
     test_reports: list[TestReport] = field(default_factory=list)
+    site: SiteProfile | None = None  # the site profile applied (None: the rule files as shipped)
+    display_zone: str = "UTC"  # the IANA zone card text shows times in
+
+    def configure(self, *, site: SiteProfile | None = None, display_zone: str = "UTC", file: str = "") -> Catalog:
+        """The catalog as a deployment runs it: the site profile's overrides applied (validated against these
+        rules; :class:`rules.site.SiteProfileError` names every problem) and card times in ``display_zone``."""
+        rules = apply_site_profile(self.rules, site, file or "site profile") if site else list(self.rules)
+        name = site.name if site else None
+        configured = [rule.configured(site_profile=name, display_zone=display_zone) for rule in rules]
+        return Catalog(configured, dict(self.files), list(self.test_reports), site, display_zone)
 
     def evaluated(self) -> list[Rule]:
         """Rules the engine runs: active and shadow (shadow decisions are recorded, never shown)."""

@@ -128,3 +128,41 @@ def arrhythmia_coding(codings: Iterable[Coding]) -> Coding | None:
 def arrhythmia_concept_display(concept: str) -> str:
     """Human name of an arrhythmia concept (``high-risk-arrhythmia`` -> ``Torsades de pointes, ...``)."""
     return str(load_valueset("arrhythmia")["concepts"].get(concept, concept))
+
+
+@dataclass(frozen=True)
+class _DialysisSet:
+    systems: dict[str, str]  # system url -> snomed | icd10 | icd9 | cpt
+    codes: dict[tuple[str, str, str], str]  # (resource kind, system kind, compact code) -> display
+
+
+def _compact(system_kind: str, code: str) -> str:
+    return code.replace(".", "").upper() if system_kind in ("icd10", "icd9") else code
+
+
+@cache
+def _dialysis() -> _DialysisSet:
+    data = load_valueset("context")["dialysis"]
+    systems = {url: kind.removesuffix("_systems") for kind in ("snomed_systems", "icd10_systems", "icd9_systems",
+                                                               "cpt_systems") for url in data[kind]}  # fmt: skip
+    codes = {
+        (resource_kind, system_kind, _compact(system_kind, str(item["code"]))): str(item["display"])
+        for resource_kind in ("conditions", "procedures")
+        for system_kind, items in data[resource_kind].items()
+        for item in items
+    }
+    return _DialysisSet(systems, codes)
+
+
+def dialysis_coding(codings: Iterable[Coding], resource_kind: str) -> tuple[Coding, str] | None:
+    """The first coding that names dialysis (``resource_kind``: conditions | procedures), with the value set's
+    display; ICD codes match exactly with the dot removed."""
+    value_set = _dialysis()
+    for coding in codings:
+        kind = value_set.systems.get(coding.system or "")
+        if kind is None or not coding.code:
+            continue
+        display = value_set.codes.get((resource_kind, kind, _compact(kind, coding.code.strip())))
+        if display is not None:
+            return coding, display
+    return None

@@ -18,9 +18,10 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from rules.cards import render_card
+from rules.context import PatientContext, applicability
 from rules.facts import Fact, format_decimal
 from rules.fhirtime import isoformat
-from rules.model import Compare, Condition, InputSpec, Parameter, Rule
+from rules.model import Compare, Condition, Equivalent, InputSpec, Parameter, Rule
 from rules.units import unit_key
 
 Outcome = Literal["fires", "not-fires", "indeterminate"]
@@ -102,6 +103,7 @@ class _DecisionRecord(BaseModel):
     evidence: list[Evidence] = []
     explanation: str
     card: dict[str, Any] | None = None
+    parameters: dict[str, str] = {}
 
 
 @dataclass(eq=False)
@@ -129,6 +131,7 @@ class Decision:
     next_change: datetime | None = None
     explanation: str = ""
     card: dict[str, Any] | None = None
+    parameters: dict[str, str] = field(default_factory=dict)
     _evidence_pairs: list[tuple[str, Fact]] = field(default_factory=list, repr=False)
     _evidence: list[Evidence] | None = field(default=None, repr=False)
 
@@ -174,6 +177,7 @@ class Decision:
             evidence=self.evidence,
             explanation=self.explanation,
             card=self.card,
+            parameters=self.parameters,
         )
         return record.model_dump(**kwargs)
 
@@ -278,7 +282,31 @@ def compare_above(fact: Fact, param: Parameter) -> Tri:
             return Tri.FALSE if value <= threshold else Tri.UNKNOWN
 
 
+def threshold_for(fact: Fact, param: Parameter) -> Parameter:
+    """The threshold a fact is compared with: the lab's own lower reference limit when the parameter says so and
+    the result carries one (compared in the result's unit), else the parameter itself."""
+    if not param.reference_low or fact.reference_low is None or fact.reference_low_reported is None:
+        return param
+    return Parameter.model_construct(
+        value=fact.reference_low,
+        unit=param.unit,
+        equivalents=[Equivalent.model_construct(value=fact.reference_low_reported, unit=fact.reported_unit or "")],
+        source="the lab's reference range",
+        description="lab",
+        reference_low=False,
+    )
+
+
+def from_lab(param: Parameter) -> bool:
+    """True for a threshold taken from the lab's reference range (see :func:`threshold_for`)."""
+    return param.description == "lab" and param.source == "the lab's reference range"
+
+
 def _threshold_text(param: Parameter) -> str:
+    if from_lab(param):
+        shown = param.equivalents[0] if param.equivalents else None
+        text = f"{format_decimal(shown.value, 4)} {shown.unit}" if shown else f"{format_decimal(param.value, 4)}"
+        return text + " (the lab's lower reference limit)"
     text = f"{format_decimal(param.value, 4)} {param.unit}"
     if param.equivalents:
         text += " (" + ", ".join(f"{format_decimal(e.value, 4)} {e.unit}" for e in param.equivalents) + ")"
@@ -365,6 +393,14 @@ class FactPool:
         self.by_concept: dict[str, list[Fact]] = {}
         for fact in self.ordered:
             self.by_concept.setdefault(fact.concept, []).append(fact)
+        self._context: PatientContext | None = None
+
+    def context(self, as_of: datetime) -> PatientContext:
+        """The patient's context (age, encounter in progress) as of ``as_of``."""
+        if self._context is None or self._context.as_of != as_of:
+            facts = [*self.by_concept.get("patient", []), *self.by_concept.get("encounter", [])]
+            self._context = PatientContext.of(facts, as_of)
+        return self._context
 
     def of(self, concepts: tuple[str, ...], kinds: frozenset[str] | None = None) -> list[Fact]:
         """The facts of these concepts (and kinds), in order (filtering a sorted list keeps it sorted)."""
@@ -431,7 +467,7 @@ def select(rule: Rule, name: str, pool: FactPool, as_of: datetime, chosen: dict[
         selection.facts = [newest]
     if spec.where_below:
         param = rule.parameters[spec.where_below]
-        verdicts = [(f, compare_below(f, param)) for f in selection.facts]
+        verdicts = [(f, compare_below(f, threshold_for(f, param))) for f in selection.facts]
         selection.facts = [f for f, v in verdicts if v is Tri.TRUE]
         selection.uncertain = [f for f, v in verdicts if v is Tri.UNKNOWN]
     return selection
@@ -450,11 +486,12 @@ _COMPARE_WORDS = {"below": "below", "at_least": "at or above", "above": "above"}
 
 def _compare(rule: Rule, chosen: dict[str, Selection], compare: Compare, op: str) -> Result:
     selection = chosen[compare.input]
-    param = rule.parameters[compare.threshold]
     fact = selection.latest
+    param = rule.parameters[compare.threshold]
     if fact is None:
         return Result(Tri.FALSE, lambda: f"no {_label(selection)} result {selection.describe_window()}")
     evidence = [(selection.name, fact)]
+    param = threshold_for(fact, param)
     if not fact.determinate:
         return Result(
             Tri.UNKNOWN,
@@ -570,6 +607,10 @@ def check(rule: Rule, chosen: dict[str, Selection], condition: Condition) -> Res
     if condition.not_ is not None:
         inner = check(rule, chosen, condition.not_)
         return Result(inner.value.negate(), lambda: f"not ({inner.why})", inner.evidence)
+    if condition.possibly is not None:
+        inner = check(rule, chosen, condition.possibly)
+        truth = Tri.FALSE if inner.value is Tri.FALSE else Tri.TRUE
+        return Result(truth, lambda: f"possibly ({inner.why})", inner.evidence)
     if condition.present is not None:
         return _presence(chosen, condition.present, want_present=True)
     if condition.absent is not None:
@@ -637,25 +678,56 @@ def evaluate_rule(rule: Rule, facts: Sequence[Fact], as_of: datetime, patient: s
     return _evaluate_rule(rule, FactPool(facts, patient), as_of, patient)
 
 
+class _Chosen(dict[str, Selection]):
+    """The inputs of one evaluation, each selected when a condition (or another input's window) first reads it:
+    a rule that does not fire never selects the inputs only its card reads."""
+
+    def __init__(self, rule: Rule, pool: FactPool, as_of: datetime) -> None:
+        super().__init__()
+        self.rule, self.pool, self.as_of = rule, pool, as_of
+
+    def __missing__(self, name: str) -> Selection:
+        selection = self[name] = select(self.rule, name, self.pool, self.as_of, self)
+        return selection
+
+    def select_all(self) -> None:
+        """Select every input (in declaration order)."""
+        for name in self.rule.inputs:
+            self[name]
+
+
+def _context_change(rule: Rule, context: PatientContext) -> datetime | None:
+    """When the rule's applicability could next change by time alone (an encounter begins or ends, the patient
+    comes of age or dies)."""
+    app = rule.applicability
+    return context.next_change(app.min_age_years, encounters=app.encounter_classes is not None)
+
+
 def _evaluate_rule(rule: Rule, pool: FactPool, as_of: datetime, patient: str) -> Decision:
-    chosen: dict[str, Selection] = {}
-    for name in rule.inputs:
-        chosen[name] = select(rule, name, pool, as_of, chosen)
-    changes = [c.next_change for c in chosen.values() if c.next_change is not None]
-    result = check(rule, chosen, rule.when)
-    outcome = _OUTCOMES[result.value]
+    context = pool.context(as_of)
+    verdict = applicability(rule.applicability, context)
+    context_change = _context_change(rule, context)
     decision = Decision(
         rule_id=rule.id,
         rule_version=rule.version,
         rule_status=rule.status,
         patient=patient,
         as_of=isoformat(as_of) or "",
-        outcome=outcome,
-        next_change=min(changes, default=None),
-        _evidence_pairs=result.evidence,
+        outcome="not-fires",
+        next_change=context_change,
+        parameters=rule.parameter_record(),
     )
+    if not verdict.applies:
+        decision.explanation = "Does not apply: " + verdict.why_not
+        return decision
+    chosen = _Chosen(rule, pool, as_of)
+    result = check(rule, chosen, rule.when)
+    outcome = _OUTCOMES[result.value]
+    decision.outcome = outcome
+    decision._evidence_pairs = result.evidence
     severity = resolved = None
     if outcome == "fires":
+        chosen.select_all()  # the card, severity and suggestions may read every input
         severity = _severity(rule, chosen)
         decision.severity = severity[0]
         decision.escalators = [{"id": e.id, "label": e.label} for e in rule.escalation if _holds(rule, chosen, e.when)]
@@ -664,7 +736,13 @@ def _evaluate_rule(rule: Rule, pool: FactPool, as_of: datetime, patient: str) ->
     else:
         resolved = check(rule, chosen, rule.resolve_when)
         decision.resolves = resolved.value is Tri.TRUE
+    # Only the inputs the decision read can change it by time alone (an input not read, e.g. the renal function
+    # a card shows, is selected when the rule fires).
+    changes = [c.next_change for c in chosen.values() if c.next_change is not None]
+    decision.next_change = min([*changes, *([context_change] if context_change else [])], default=None)
     decision.explanation = _explanation(outcome, result, severity, resolved)
+    if verdict.unknown:
+        decision.explanation += f". Applied although {verdict.unknown} (the rule's policy for an unknown context)"
     return decision
 
 

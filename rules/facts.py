@@ -15,11 +15,34 @@ from pydantic import BaseModel, ConfigDict
 
 from rules.fhirtime import isoformat
 
-FactKind = Literal["lab", "finding", "medication", "condition", "order"]
+FactKind = Literal["lab", "finding", "medication", "condition", "order", "procedure", "patient", "encounter"]
 
 #: Schema version of a serialised fact; bump when a stored fact would no longer read back.
-FACT_SCHEMA_VERSION = 1
+#: 2: patient context (``patient_info``, ``encounter_info``), ``encounter`` links and the lab's ``reference_low``.
+FACT_SCHEMA_VERSION = 2
 _EPOCH = datetime.min.replace(tzinfo=UTC)
+
+
+class PatientInfo(BaseModel):
+    """Who the patient is (from a Patient resource). PHI: shown to signed-in users, never logged or counted."""
+
+    model_config = ConfigDict(frozen=True)
+
+    birth_date: str | None = None  # FHIR date as sent: 1944-07-09, 1944-07 or 1944 (age bounds use the precision)
+    gender: str | None = None  # administrative-gender: male | female | other | unknown
+    name: str | None = None  # as the EHR displays it: "FAMILY, Given" (official name first)
+    mrns: tuple[str, ...] = ()  # identifiers typed MR (v2-0203), else the first identifier
+    deceased: datetime | None = None  # from when the patient is dead (deceasedBoolean true: from its record time)
+
+
+class EncounterInfo(BaseModel):
+    """Where the patient is being cared for (from an Encounter resource)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    class_code: str | None = None  # HL7 v3 ActCode: IMP, ACUTE, NONAC, EMER, OBSENC, SS, AMB, HH, VR, ...
+    ward: str | None = None  # Encounter.location display (physicalType wa / ro, or the first location)
+    bed: str | None = None  # Encounter.location display whose physicalType is bd
 
 
 class Fact(BaseModel):
@@ -47,6 +70,11 @@ class Fact(BaseModel):
     display: str | None = None  # what the source called it (code display / drug name)
     problem: str | None = None  # why the fact is indeterminate (unknown unit, unparseable value)
     notes: tuple[str, ...] = ()  # "unit inferred from LOINC property", "matched by free text", ...
+    encounter: str | None = None  # the stay a result or order belongs to ("Encounter/<id>", as referenced)
+    reference_low: Decimal | None = None  # the lab's referenceRange.low in the canonical unit
+    reference_low_reported: Decimal | None = None  # the same limit in the result's own unit (compared in it)
+    patient_info: PatientInfo | None = None  # kind "patient" only
+    encounter_info: EncounterInfo | None = None  # kind "encounter" only
     schema_version: int = FACT_SCHEMA_VERSION
 
     @property

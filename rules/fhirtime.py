@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, date, datetime, timedelta
-from functools import lru_cache
+from functools import cache, lru_cache
+from zoneinfo import ZoneInfo
 
 _PARTIAL = re.compile(r"^(\d{4})(?:-(\d{2}))?(?:-(\d{2}))?$")
 
@@ -63,3 +64,19 @@ def isoformat(value: datetime | None) -> str | None:
 def hours(n: float) -> timedelta:
     """A timedelta of ``n`` hours."""
     return timedelta(hours=n)
+
+
+#: How card text shows an instant: the month named and the zone abbreviation always given, so a time is never
+#: ambiguous across a daylight-saving change nor between day-month and month-day readers (as config.localtime).
+LOCAL_FORMATS = {"date": "%d %b %Y %H:%M %Z", "short": "%d %b %H:%M %Z"}
+
+
+@cache
+def _zone(name: str) -> ZoneInfo:
+    return ZoneInfo(name)
+
+
+@lru_cache(maxsize=65_536)
+def local_text(value: datetime, zone: str, style: str = "date") -> str:
+    """An instant as card text shows it in the display time zone ``zone`` (``31 Mar 2024 03:30 CEST``)."""
+    return value.astimezone(_zone(zone)).strftime(LOCAL_FORMATS[style])

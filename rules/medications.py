@@ -48,6 +48,7 @@ class _Index:
     ndc: dict[str, tuple[str, ...]] = field(default_factory=dict)
     names: list[tuple[re.Pattern[str], str]] = field(default_factory=list)
     exclusions: list[str] = field(default_factory=list)
+    fluids: list[str] = field(default_factory=list)
     class_display: dict[str, str] = field(default_factory=dict)
 
 
@@ -74,6 +75,7 @@ def _index() -> _Index:
         for item in data.get(key) or []:
             target[str(item["code"])] = tuple(item["ingredients"])
     index.exclusions = sorted((e["phrase"].lower() for e in data.get("text_exclusions") or []), key=len)[::-1]
+    index.fluids = [e["phrase"].lower() for e in data.get("fluid_exclusions") or []]
     return index
 
 
@@ -115,8 +117,13 @@ def _match_coding(coding: Coding, index: _Index) -> list[Match]:
     return []
 
 
+_ADDED_AMOUNT = re.compile(r"\d+(?:\.\d+)?\s*(?:meq|mmol)\b")
+
+
 def _match_text(text: str, index: _Index) -> list[Match]:
     lowered = " ".join(text.lower().split())
+    if any(fluid in lowered for fluid in index.fluids) and not _ADDED_AMOUNT.search(lowered):
+        return []  # a balanced crystalloid: its K / Mg salts are maintenance, not replacement
     for phrase in index.exclusions:
         lowered = lowered.replace(phrase, " ")
     found: dict[str, Match] = {}

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from decimal import Decimal
+from functools import cache
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from rules.facts import FactKind
-from rules.units import analyte_units, unit_key
+from rules.datafiles import load_valueset
+from rules.facts import FactKind, format_decimal
+from rules.units import analyte_units, quantitative_concepts, unit_key
 
+#: How far a threshold's equivalent (as labs write it) may be from its value after conversion: labs round
+#: (0.70 mmol/L is written 1.7 mg/dL = 0.699 mmol/L; 0.5 mmol/L is 1.2 mg/dL = 0.494 mmol/L).
+EQUIVALENT_TOLERANCE = Decimal("0.02")
 SEMVER = r"^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?$"
 SLUG = r"^[a-z][a-z0-9-]{1,63}$"
-QUANTITATIVE = ("potassium", "magnesium", "qtc")
 
 
 class _Strict(BaseModel):
@@ -47,6 +51,11 @@ class Parameter(_Strict):
     equivalents: list[Equivalent] = Field(default_factory=list)
     hours: float | None = Field(default=None, gt=0)
     count: int | None = Field(default=None, ge=1)
+    reference_low: bool = Field(
+        default=False,
+        description="threshold only: compare with the lab's own lower reference limit (the result's "
+        "referenceRange.low) when the result carries one, else with `value`",
+    )
     description: str | None = None
     source: str = Field(min_length=3, description="Where the number comes from (citation or rationale).")
 
@@ -57,7 +66,25 @@ class Parameter(_Strict):
             raise ValueError("a parameter is exactly one of: a threshold (value + unit), hours, or count")
         if self.value is not None and not self.unit:
             raise ValueError("a threshold needs a unit")
+        if self.reference_low and self.value is None:
+            raise ValueError("reference_low applies to a threshold (value + unit) only")
         return self
+
+    @property
+    def kind(self) -> Literal["threshold", "hours", "count"]:
+        """What the parameter is."""
+        return "threshold" if self.value is not None else "hours" if self.hours is not None else "count"
+
+    def text(self) -> str:
+        """The value as a decision records it: ``3.5 mmol/L (1.7 mg/dL)``, ``72 h``, ``2``."""
+        if self.value is not None:
+            shown = f"{format_decimal(self.value, 4)} {self.unit}"
+            if self.equivalents:
+                shown += " (" + ", ".join(f"{format_decimal(e.value, 4)} {e.unit}" for e in self.equivalents) + ")"
+            return shown + ("; the lab's lower reference limit when given" if self.reference_low else "")
+        if self.hours is not None:
+            return f"{format_decimal(Decimal(str(self.hours)))} h"
+        return str(self.count)
 
     @property
     def duration(self) -> timedelta:
@@ -141,13 +168,18 @@ class Condition(_Strict):
     at_least: Compare | None = None
     above: Compare | None = None
     spaced: Spaced | None = None
+    possibly: Condition | None = Field(
+        default=None,
+        description="true unless the inner condition is certainly false (it holds or cannot be ruled out): "
+        "e.g. offer the cautious suggestion when renal impairment cannot be ruled out",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Condition:
         set_members = [name for name in type(self).model_fields if getattr(self, name) is not None]
         if len(set_members) != 1:
             raise ValueError(
-                f"a condition has exactly one of all/any/not/present/absent/below/at_least/above/"
+                f"a condition has exactly one of all/any/not/possibly/present/absent/below/at_least/above/"
                 f"spaced; got {set_members or 'none'}"
             )
         return self
@@ -155,7 +187,9 @@ class Condition(_Strict):
     def walk(self) -> list[Condition]:
         """This condition and every nested one."""
         found = [self]
-        for child in [*(self.all or []), *(self.any or []), *([self.not_] if self.not_ else [])]:
+        nested = [*(self.all or []), *(self.any or []), *([self.not_] if self.not_ else [])]
+        nested += [self.possibly] if self.possibly else []
+        for child in nested:
             found.extend(child.walk())
         return found
 
@@ -266,6 +300,65 @@ class RuleTest(_Strict):
         return value
 
 
+@cache
+def encounter_class_codes() -> dict[str, str]:
+    """HL7 v3 ActCode encounter classes a rule may name (rules/valuesets/context.yaml)."""
+    return dict(load_valueset("context")["encounter_classes"]["codes"])
+
+
+class Applicability(_Strict):
+    """Where a rule applies, decided by the engine from the patient's context facts at the evaluation instant.
+
+    A rule that does not apply does not fire (``not-fires``, with the reason), so an open alert of it closes."""
+
+    min_age_years: int | None = Field(
+        default=18, ge=0, le=130, description="youngest age (whole years at the evaluation instant); null: any age"
+    )
+    encounter_classes: list[str] | None = Field(
+        default=None,
+        description="HL7 v3 ActCode classes of the encounter in progress (IMP, EMER, ...); null: any setting, "
+        "including no encounter",
+    )
+    unknown_age: Literal["apply", "skip"] = Field(
+        default="apply", description="no Patient birth date for the patient: apply the rule anyway, or skip it"
+    )
+    unknown_encounter: Literal["apply", "skip"] = Field(
+        default="apply",
+        description="no Encounter of the patient in the last encounter_lookback_hours (the feed sends none): "
+        "apply the rule anyway, or skip it",
+    )
+    encounter_lookback_hours: float = Field(
+        default=8760,
+        gt=0,
+        description="an Encounter that ended longer ago than this does not tell where the patient is now; with "
+        "none in this window the encounter is unknown",
+    )
+    source: str = Field(
+        default="DESIGN.md §2: adults only (>= 18 y) until paediatric ranges exist",
+        min_length=3,
+        description="why the rule applies there",
+    )
+
+    @field_validator("encounter_classes")
+    @classmethod
+    def _known_classes(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        known = encounter_class_codes()
+        unknown = [code for code in value if code not in known]
+        if unknown:
+            raise ValueError(f"{unknown} not HL7 v3 ActCode encounter classes ({', '.join(known)})")
+        if not value:
+            raise ValueError("an empty list would never apply; omit it (or null) for any setting")
+        return value
+
+    def text(self) -> str:
+        """The applicability as a decision records it."""
+        age = f"from {self.min_age_years} y" if self.min_age_years else "any age"
+        where = ", ".join(self.encounter_classes) if self.encounter_classes else "any setting"
+        return f"{age}; {where}; unknown age: {self.unknown_age}; unknown encounter: {self.unknown_encounter}"
+
+
 class Rule(_Strict):
     """A declarative clinical rule."""
 
@@ -283,8 +376,40 @@ class Rule(_Strict):
     escalation: list[Escalator] = Field(
         default_factory=list, description="escalating evidence beyond a higher severity (torsades, K < 3.0, ...)"
     )
+    applicability: Applicability = Field(
+        default_factory=Applicability, description="where the rule applies: age, encounter classes, unknown context"
+    )
     card: CardSpec
     tests: list[RuleTest] = Field(min_length=1)
+
+    _site_profile: str | None = PrivateAttr(default=None)
+    _display_zone: str = PrivateAttr(default="UTC")
+    _record: dict[str, str] | None = PrivateAttr(default=None)
+
+    @property
+    def site_profile(self) -> str | None:
+        """The site profile whose overrides this rule carries (None: the rule file as shipped)."""
+        return self._site_profile
+
+    @property
+    def display_zone(self) -> str:
+        """The IANA time zone card text shows times in (configuration, passed in when the catalog is set up)."""
+        return self._display_zone
+
+    def configured(self, *, site_profile: str | None, display_zone: str) -> Rule:
+        """This rule as a deployment runs it (a copy): the site profile it carries and the card time zone."""
+        copy = self.model_copy()
+        copy._site_profile, copy._display_zone, copy._record = site_profile, display_zone, None
+        return copy
+
+    def parameter_record(self) -> dict[str, str]:
+        """The parameter values a decision of this rule used (and its applicability and site profile)."""
+        if self._record is None:
+            record = {name: param.text() for name, param in self.parameters.items()}
+            record["applicability"] = self.applicability.text()
+            record["site_profile"] = self._site_profile or "none"
+            self._record = record
+        return self._record
 
     @model_validator(mode="after")
     def _references(self) -> Rule:
@@ -320,7 +445,7 @@ def _param(rule: Rule, name: str, kind: Literal["threshold", "hours", "count"], 
 def _check_threshold_unit(rule: Rule, spec: InputSpec, param_name: str, where: str) -> None:
     param = _param(rule, param_name, "threshold", where)
     for concept in spec.concepts:
-        if concept not in QUANTITATIVE:
+        if concept not in quantitative_concepts():
             raise ValueError(f"{where}: concept {concept!r} has no value to compare")
         table = analyte_units(concept)
         for unit in [param.unit, *(e.unit for e in param.equivalents)]:
@@ -331,6 +456,15 @@ def _check_threshold_unit(rule: Rule, spec: InputSpec, param_name: str, where: s
                 )
         if unit_key(param.unit) != unit_key(table.canonical):
             raise ValueError(f"{where}: parameter {param_name!r} must be in the canonical unit {table.canonical}")
+        for equivalent in param.equivalents:
+            converted = equivalent.value * (table.factor(equivalent.unit) or Decimal(0))
+            assert param.value is not None
+            if param.value and abs(converted - param.value) > EQUIVALENT_TOLERANCE * abs(param.value):
+                raise ValueError(
+                    f"{where}: equivalent {format_decimal(equivalent.value, 4)} {equivalent.unit} of parameter "
+                    f"{param_name!r} is {format_decimal(converted, 4)} {table.canonical}, not "
+                    f"{format_decimal(param.value, 4)} {table.canonical} (give equivalents that match the value)"
+                )
 
 
 def _check_inputs(rule: Rule) -> None:

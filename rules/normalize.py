@@ -1,4 +1,5 @@
-"""FHIR R4 resources -> facts. The one place that reads FHIR for the rules.
+"""FHIR R4 resources -> facts. The one place that reads FHIR for the rules (with :mod:`rules.context`, which reads
+the Patient and Encounter resources it is handed from here).
 
 Each resource is validated with the ``fhir.resources`` R4B models (the closest to R4 4.0.1) plus the
 required-binding code checks those models leave out (status, comparator, intent). A resource that fails
@@ -17,12 +18,21 @@ from typing import Any, Literal
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
-from rules.codes import ArrhythmiaMatch, Coding, LabCode, arrhythmia_match, excluded_lab_reason, lab_code
+from rules.codes import (
+    ArrhythmiaMatch,
+    Coding,
+    LabCode,
+    arrhythmia_match,
+    dialysis_coding,
+    excluded_lab_reason,
+    lab_code,
+)
+from rules.context import encounter_fact, patient_fact
 from rules.facts import Fact
 from rules.fhirtime import is_placeholder, to_utc
 from rules.medications import class_display, classify
 from rules.orders import order_concepts_for_class, order_concepts_for_lab, order_counts, order_display
-from rules.units import analyte_units, resolve_unit
+from rules.units import analyte_units, quantitative_concepts, resolve_unit, unit_key
 
 SUPPORTED_TYPES = (
     "Observation",
@@ -31,6 +41,9 @@ SUPPORTED_TYPES = (
     "MedicationAdministration",
     "Condition",
     "ServiceRequest",
+    "Procedure",
+    "Patient",
+    "Encounter",
 )
 
 # Required bindings of FHIR R4 that the fhir.resources models do not enforce.
@@ -53,6 +66,23 @@ _REQUIRED_CODES: dict[tuple[str, str], frozenset[str]] = {
     ("ServiceRequest", "status"): frozenset(
         ["draft", "active", "on-hold", "revoked", "completed", "entered-in-error", "unknown"]
     ),
+    ("Procedure", "status"): frozenset(
+        ["preparation", "in-progress", "not-done", "on-hold", "stopped", "completed", "entered-in-error", "unknown"]
+    ),
+    ("Encounter", "status"): frozenset(
+        [
+            "planned",
+            "arrived",
+            "triaged",
+            "in-progress",
+            "onleave",
+            "finished",
+            "cancelled",
+            "entered-in-error",
+            "unknown",
+        ]
+    ),
+    ("Patient", "gender"): frozenset(["male", "female", "other", "unknown"]),
     ("ServiceRequest", "intent"): frozenset(
         [
             "proposal",
@@ -76,6 +106,8 @@ _CONDITION_UNCONFIRMED = frozenset({"refuted", "entered-in-error", "differential
 _VALUE_STRING = re.compile(r"^\s*(<=|>=|<|>)?\s*([-+]?\d+(?:\.\d+)?)\s*(\S.*)?$")
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _PATIENT_REF = re.compile(r"(?:^|/)Patient/([A-Za-z0-9\-.]{1,64})(?:/_history/.*)?$")
+_ENCOUNTER_REF = re.compile(r"(?:^|/)(Encounter/[A-Za-z0-9\-.]{1,64})(?:/_history/.*)?$")
+_PROCEDURE_COUNTING = frozenset({"in-progress", "completed", "stopped"})
 
 Severity = Literal["error", "warning", "information"]
 
@@ -134,6 +166,8 @@ def normalize_resource(
     if model is None or problems:
         return NormalizeResult(rtype, rid, "rejected", issues=problems, reason=problems[0].message)
     patient = _patient_id(model, options)
+    if patient is None and rtype == "Patient":
+        return _rejected(rtype, rid, "Patient.id", "resource has no id (a Patient is known by its own id)")
     if patient is None:
         return _rejected(rtype, rid, f"{rtype}.subject", "no Patient reference in subject")
     if not rid:
@@ -149,7 +183,9 @@ def normalize_resource(
         )
     if not result.facts and result.outcome == "accepted":
         result.outcome = "ignored"
-        result.reason = result.reason or "no potassium, magnesium, QTc, arrhythmia, K/Mg drug or order content"
+        result.reason = result.reason or (
+            "no potassium, magnesium, QTc, renal, arrhythmia, dialysis, K/Mg drug or order content"
+        )
     return result
 
 
@@ -209,6 +245,8 @@ def _rejected(rtype: str, rid: str | None, path: str, message: str) -> Normalize
 
 
 def _patient_id(model: Any, options: NormalizeOptions) -> str | None:
+    if model.get_resource_type() == "Patient":
+        return model.id if isinstance(model.id, str) and model.id else None
     subject = getattr(model, "subject", None)
     reference = getattr(subject, "reference", None) if subject is not None else None
     if reference:
@@ -240,6 +278,17 @@ def _version(model: Any) -> str | None:
     return getattr(meta, "versionId", None) if meta is not None else None
 
 
+def _encounter_ref(model: Any) -> str | None:
+    """``Encounter/<id>`` of the stay a resource belongs to (its ``encounter`` reference), if any."""
+    reference = getattr(getattr(model, "encounter", None), "reference", None)
+    if not isinstance(reference, str):
+        return None
+    if reference.startswith("urn:uuid:"):  # a Bundle-internal reference: the element only ever names an Encounter
+        return "Encounter/" + reference.removeprefix("urn:uuid:")
+    match = _ENCOUNTER_REF.search(reference)
+    return match.group(1) if match else None
+
+
 def _base_fact(model: Any, patient: str, **fields: Any) -> dict[str, Any]:
     return {
         "patient": patient,
@@ -248,6 +297,7 @@ def _base_fact(model: Any, patient: str, **fields: Any) -> dict[str, Any]:
         "version": _version(model),
         "updated": to_utc(getattr(getattr(model, "meta", None), "lastUpdated", None)),
         "status": getattr(model, "status", None),
+        "encounter": _encounter_ref(model),
         **fields,
     }
 
@@ -275,8 +325,9 @@ def _observation(model: Any, patient: str, options: NormalizeOptions, _: Mapping
         base["counts"] = False
 
     lab = lab_code(codings)
-    if lab is not None and lab.concept in ("potassium", "magnesium", "qtc"):
-        result.facts.append(_quantity_fact(base, lab, model, notes))
+    if lab is not None and lab.concept in quantitative_concepts():
+        fact = _quantity_fact(base, lab, model, notes)
+        result.facts.append(_with_reference_low(fact, model.referenceRange))
     elif lab is None:
         excluded = excluded_lab_reason(codings)
         if excluded:
@@ -386,6 +437,40 @@ def _quantity_fact(base: dict[str, Any], lab: LabCode, holder: Any, notes: list[
         reported_unit=reported_unit,
         notes=tuple(notes),
     )
+
+
+_RANGE_TYPES = frozenset({"normal"})
+
+
+def _with_reference_low(fact: Fact, ranges: Any) -> Fact:
+    """The fact with the lab's own lower reference limit (``referenceRange.low``) in its unit and the canonical one.
+
+    Only a general range is read: type normal (or none), not restricted to a population (``appliesTo``) or an age.
+    A range without a unit is in the result's unit; one whose unit cannot be converted, or outside the analyte's
+    plausible values, is not used (the rule's own threshold then applies)."""
+    if fact.value is None or fact.problem is not None or not ranges:
+        return fact
+    table = analyte_units(fact.concept)
+    for item in ranges:
+        low = getattr(item, "low", None)
+        if low is None or low.value is None or item.appliesTo or item.age is not None:
+            continue
+        kinds = {c.code for c in (item.type.coding or [])} if item.type is not None else set()
+        if kinds and not kinds & _RANGE_TYPES:
+            continue
+        reported_factor = table.factor(fact.reported_unit)
+        range_unit = low.code if low.code and low.system in (None, "http://unitsofmeasure.org") else low.unit
+        range_factor = table.factor(range_unit) if range_unit else reported_factor
+        if reported_factor is None or range_factor is None:
+            return fact
+        value = Decimal(low.value)
+        canonical = value * range_factor
+        if table.implausible(canonical):
+            return fact
+        same_unit = range_unit is None or unit_key(range_unit) == unit_key(fact.reported_unit)
+        reported = value if same_unit else canonical / reported_factor
+        return fact.model_copy(update={"reference_low": canonical, "reference_low_reported": reported})
+    return fact
 
 
 # --- Medications -------------------------------------------------------------------------------------
@@ -592,10 +677,8 @@ def _first_code(concept: Any) -> str | None:
     return next((c.code for c in concept.coding or [] if c.code), None)
 
 
-def _condition(model: Any, patient: str, _: NormalizeOptions, __: Mapping, result: NormalizeResult) -> None:
-    finding = arrhythmia_match(_codings(model.code))
-    if finding is None:
-        return
+def _condition_status(model: Any) -> tuple[bool, str | None, str | None, list[str]]:
+    """(counts, clinicalStatus, verificationStatus, notes) of a Condition."""
     clinical = _first_code(model.clinicalStatus)
     verification = _first_code(model.verificationStatus)
     notes: list[str] = []
@@ -611,25 +694,73 @@ def _condition(model: Any, patient: str, _: NormalizeOptions, __: Mapping, resul
     categories = {c.code for category in model.category or [] for c in category.coding or [] if c.code}
     if "encounter-diagnosis" in categories:
         notes.append("encounter diagnosis")
+    return counts, clinical, verification, notes
+
+
+def _condition(model: Any, patient: str, _: NormalizeOptions, __: Mapping, result: NormalizeResult) -> None:
+    codings = _codings(model.code)
+    finding = arrhythmia_match(codings)
+    dialysis = dialysis_coding(codings, "conditions")
+    if finding is None and dialysis is None:
+        return
+    counts, clinical, verification, notes = _condition_status(model)
     start, start_notes = _condition_start(model)
     notes.extend(start_notes)
     end = to_utc(model.abatementDateTime or getattr(model.abatementPeriod, "end", None))
     if is_placeholder(end):
         notes.append(f"abatement {end.date().isoformat()} read as not abated")  # type: ignore[union-attr]
         end = None
-    display = finding.coding.display or (model.code.text if model.code else None) or finding.display
-    fact = Fact(
+    text = model.code.text if model.code else None
+    common = {
         **_base_fact(model, patient, status=clinical),
-        concept="arrhythmia",
-        kind="condition",
-        counts=counts,
-        retracted=verification == "entered-in-error",
-        start=start,
-        end=end,
-        display=display,
-        notes=tuple(notes),
+        "kind": "condition",
+        "counts": counts,
+        "retracted": verification == "entered-in-error",
+        "start": start,
+        "end": end,
+        "notes": tuple(notes),
+    }
+    if finding is not None:
+        display = finding.coding.display or text or finding.display
+        _arrhythmia_facts(Fact(**common, concept="arrhythmia", display=display), finding, result)
+    if dialysis is not None:
+        result.facts.append(Fact(**common, concept="dialysis", display=dialysis[0].display or text or dialysis[1]))
+
+
+# --- Procedure, Patient, Encounter --------------------------------------------------------------------
+
+
+def _procedure(model: Any, patient: str, _: NormalizeOptions, __: Mapping, result: NormalizeResult) -> None:
+    found = dialysis_coding(_codings(model.code), "procedures")
+    if found is None:
+        return
+    period = model.performedPeriod
+    start = to_utc(model.performedDateTime or getattr(period, "start", None))
+    end = to_utc(getattr(period, "end", None)) if period is not None else start
+    notes = [] if model.status in _PROCEDURE_COUNTING else [f"status {model.status}: not a dialysis done"]
+    if start is None:
+        notes.append("no performed time")
+    result.facts.append(
+        Fact(
+            **_base_fact(model, patient),
+            concept="dialysis",
+            kind="procedure",
+            counts=model.status in _PROCEDURE_COUNTING and start is not None,
+            retracted=model.status == "entered-in-error",
+            start=start,
+            end=end if end is not None or model.status != "completed" else start,
+            display=found[0].display or (model.code.text if model.code else None) or found[1],
+            notes=tuple(notes),
+        )
     )
-    _arrhythmia_facts(fact, finding, result)
+
+
+def _patient(model: Any, patient: str, _: NormalizeOptions, __: Mapping, result: NormalizeResult) -> None:
+    result.facts.append(patient_fact(model, _base_fact(model, patient, status=None)))
+
+
+def _encounter(model: Any, patient: str, _: NormalizeOptions, __: Mapping, result: NormalizeResult) -> None:
+    result.facts.append(encounter_fact(model, _base_fact(model, patient)))
 
 
 def _condition_start(model: Any) -> tuple[datetime | None, list[str]]:
@@ -653,6 +784,9 @@ _TIME_FIELDS = {  # where each type's time comes from, for the message that reje
     "MedicationRequest": "authoredOn",
     "Condition": "onset[x] / recordedDate",
     "ServiceRequest": "authoredOn",
+    "Procedure": "performed[x]",
+    "Patient": "birthDate",
+    "Encounter": "period.start",
 }
 
 _EXTRACTORS = {
@@ -662,6 +796,9 @@ _EXTRACTORS = {
     "MedicationAdministration": _medication,
     "Condition": _condition,
     "ServiceRequest": _service_request,
+    "Procedure": _procedure,
+    "Patient": _patient,
+    "Encounter": _encounter,
 }
 
 

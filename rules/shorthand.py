@@ -10,7 +10,11 @@ effectivePeriod; request: authoredOn and dispenseRequest.validityPeriod.end), ``
 ``updated`` (meta.lastUpdated); ``lab_order`` (potassium | magnesium: a ServiceRequest for that lab) with
 ``status`` (default draft), ``intent``, ``at`` (authoredOn); ``condition`` (a code: SNOMED, or ``system:
 icd-10-cm | icd-9-cm``) with ``start`` (onset), ``recorded``, ``category`` (e.g. encounter-diagnosis),
-``clinical_status``; ``ecg`` (a SNOMED rhythm code) with ``at``; or ``resource`` holding any FHIR resource as is.
+``clinical_status``; ``ecg`` (a SNOMED rhythm code) with ``at``; ``patient`` (a birth date, or null for none) with
+``gender`` and ``deceased`` (the test's own patient); ``encounter`` (an HL7 v3 ActCode class such as IMP) with
+``start``, ``end``, ``status`` (default in-progress, finished with an end), ``ward``, ``bed``; ``procedure`` (a
+SNOMED code, e.g. 302497006 hemodialysis) with ``at`` and ``status``; or ``resource`` holding any FHIR resource as
+is. ``lab`` also takes egfr and creatinine.
 """
 
 from __future__ import annotations
@@ -20,7 +24,14 @@ from typing import Any
 from rules.datafiles import load_valueset
 
 UCUM = "http://unitsofmeasure.org"
-_DEFAULT_LOINC = {"potassium": "2823-3", "magnesium": "2601-3", "qtc": "8636-3"}
+_DEFAULT_LOINC = {
+    "potassium": "2823-3",
+    "magnesium": "2601-3",
+    "qtc": "8636-3",
+    "egfr": "33914-3",
+    "creatinine": "2160-0",
+}
+_ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 _CONDITION_SYSTEMS = {
     "snomed": "http://snomed.info/sct",
     "icd-10-cm": "http://hl7.org/fhir/sid/icd-10-cm",
@@ -136,9 +147,44 @@ def expand(item: dict[str, Any], patient: str, index: int) -> dict[str, Any]:
             "effectiveDateTime": item["at"],
             "valueCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": str(item["ecg"])}]},
         }
+    elif "patient" in item:
+        resource = {"resourceType": "Patient", "id": patient, "gender": item.get("gender", "female")}
+        if item["patient"]:
+            resource["birthDate"] = str(item["patient"])
+        if "deceased" in item:
+            resource["deceasedDateTime"] = item["deceased"]
+    elif "encounter" in item:
+        status = item.get("status", "finished" if "end" in item else "in-progress")
+        period = {k: item[k] for k in ("start", "end") if k in item}
+        resource = {
+            "resourceType": "Encounter",
+            "id": rid,
+            "status": status,
+            "class": {"system": _ACT_CODE, "code": str(item["encounter"])},
+            "subject": subject,
+            **({"period": period} if period else {}),
+        }
+        places = [("ward", "wa"), ("bed", "bd")]
+        locations = [
+            {"location": {"display": item[key]}, "physicalType": {"coding": [{"code": code}]}}
+            for key, code in places
+            if key in item
+        ]
+        if locations:
+            resource["location"] = locations
+    elif "procedure" in item:
+        resource = {
+            "resourceType": "Procedure",
+            "id": rid,
+            "status": item.get("status", "completed"),
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": str(item["procedure"])}]},
+            "subject": subject,
+            "performedDateTime": item["at"],
+        }
     else:
         raise ValueError(
-            f"fact #{index}: expected one of lab, med, lab_order, condition, ecg, resource; got {sorted(item)}"
+            f"fact #{index}: expected one of lab, med, lab_order, condition, ecg, patient, encounter, procedure, "
+            f"resource; got {sorted(item)}"
         )
     if meta:
         resource["meta"] = meta

@@ -33,11 +33,30 @@ _ALWAYS_READ = ("resourceType", "id", "meta", "subject", "status")
 #: (``tests/cds/test_cds_tolerance.py`` checks on real data that dropping every other member changes no fact).
 READ_MEMBERS: dict[str, frozenset[str]] = {
     "Observation": frozenset(
-        [*_ALWAYS_READ, "code", "effective[x]", "issued", "value[x]", "dataAbsentReason", "component"]
+        [
+            *_ALWAYS_READ,
+            "code",
+            "effective[x]",
+            "issued",
+            "value[x]",
+            "dataAbsentReason",
+            "component",
+            "referenceRange",
+            "encounter",
+        ]
     ),
     "MedicationStatement": frozenset([*_ALWAYS_READ, "medication[x]", "contained", "effective[x]"]),
     "MedicationRequest": frozenset(
-        [*_ALWAYS_READ, "intent", "doNotPerform", "medication[x]", "contained", "authoredOn", "dispenseRequest"]
+        [
+            *_ALWAYS_READ,
+            "intent",
+            "doNotPerform",
+            "medication[x]",
+            "contained",
+            "authoredOn",
+            "dispenseRequest",
+            "encounter",
+        ]
     ),
     "MedicationAdministration": frozenset([*_ALWAYS_READ, "medication[x]", "contained", "effective[x]"]),
     "Condition": frozenset(
@@ -50,9 +69,13 @@ READ_MEMBERS: dict[str, frozenset[str]] = {
             "onset[x]",
             "abatement[x]",
             "recordedDate",
+            "encounter",
         ]
     ),
-    "ServiceRequest": frozenset([*_ALWAYS_READ, "intent", "doNotPerform", "code", "authoredOn"]),
+    "ServiceRequest": frozenset([*_ALWAYS_READ, "intent", "doNotPerform", "code", "authoredOn", "encounter"]),
+    "Procedure": frozenset([*_ALWAYS_READ, "code", "performed[x]", "encounter"]),
+    "Patient": frozenset([*_ALWAYS_READ, "birthDate", "gender", "name", "identifier", "deceased[x]"]),
+    "Encounter": frozenset([*_ALWAYS_READ, "class", "period", "location", "type"]),
 }
 #: Modifier elements: a reader that does not understand them must not use the resource, so they are never
 #: dropped (an invalid one keeps the resource rejected).

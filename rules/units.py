@@ -53,6 +53,12 @@ class AnalyteUnits:
 
 
 @cache
+def quantitative_concepts() -> frozenset[str]:
+    """Concepts whose results are numbers with a unit table (potassium, magnesium, qtc, egfr, creatinine)."""
+    return frozenset(load_valueset("units")["analytes"])
+
+
+@cache
 def analyte_units(analyte: str) -> AnalyteUnits:
     """The unit table for ``analyte`` (potassium, magnesium, qtc)."""
     entry = load_valueset("units")["analytes"][analyte]

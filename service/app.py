@@ -21,6 +21,8 @@ from service.observability import install as install_observability
 from service.observability import readiness_response
 from service.process import freeze_startup_heap
 from service.review import install as install_review
+from service.review.patients import install as install_patients
+from service.review.patients import stored_directory
 from service.security import install_cors, log_security_warnings
 from service.security.access import alert_reader
 from service.security.identity import Identity
@@ -90,6 +92,7 @@ def get_alert(_: Reader, patient_id: str, alert_id: str) -> dict[str, Any]:
 
 install_review(app)  # pharmacist review: /api/review (JSON), /review (page)
 apidocs.install(app)  # /docs, /openapi.json: local assets, dev profile or signed-in users
+install_patients(stored_directory())  # who and where patients are, from the ingested Patient / Encounter resources
 
 
 @app.get("/healthz", tags=["operations"])

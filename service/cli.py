@@ -14,12 +14,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from rules.catalog import RuleLoadError, load_catalog
+from rules.catalog import Catalog, RuleLoadError, load_catalog
 from rules.engine import Decision, evaluate
 from rules.facts import Fact, latest_versions
 from rules.fhirtime import isoformat, parse_time
 from rules.model import rule_json_schema
 from rules.normalize import NormalizeOptions, normalize_resources
+from rules.site import SiteProfile, SiteProfileError, read_site_profile
 from workers.sources import read_all
 
 app = typer.Typer(help="ehr-alerts: Mg/K clinical alerting for FHIR R4 data.", no_args_is_help=True)
@@ -31,28 +32,67 @@ console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 
-def _catalog_or_exit(directory: Path | None) -> Any:
+def _catalog_or_exit(directory: Path | None, site: Path | None = None) -> Catalog:
+    """The catalog (rule folder or packaged) with the site profile applied and card times in the display zone;
+    exit 2 naming every problem of the rules or the profile."""
+    from config.settings import get_settings
+
     try:
-        return load_catalog(directory)
+        catalog = load_catalog(directory)
     except RuleLoadError as exc:
         err.print("[bold red]Rule catalog refused[/]")
         for problem in exc.problems:
             err.print(f"  - {problem}")
         raise typer.Exit(2) from exc
+    try:
+        profile = read_site_profile(site) if site else None
+        return catalog.configure(
+            site=profile, display_zone=get_settings().display_timezone, file=site.name if site else ""
+        )
+    except SiteProfileError as exc:
+        err.print("[bold red]Site profile refused[/]")
+        for problem in exc.problems:
+            err.print(f"  - {problem}")
+        raise typer.Exit(2) from exc
+
+
+def _default_site(site: Path | None) -> Path | None:
+    from config.settings import get_settings
+
+    return site if site is not None else get_settings().site_profile
+
+
+def _print_site(profile: SiteProfile) -> None:
+    table = Table("rule", "key", "site value", title=f"site profile {profile.name}")
+    for rule_id, key, value in profile.summary():
+        table.add_row(rule_id, key, value)
+    console.print(table)
 
 
 @rules_app.command("check")
 def rules_check(
     directory: Annotated[Path | None, typer.Option("--dir", help="Rule folder (default: packaged catalog)")] = None,
+    site: Annotated[
+        Path | None,
+        typer.Option(
+            "--site", help="Site profile to validate and apply (default: EHR_ALERTS_SITE_PROFILE)", exists=True
+        ),
+    ] = None,
 ) -> None:
-    """Validate every rule file and run its embedded tests."""
-    catalog = _catalog_or_exit(directory)
-    table = Table("rule", "version", "status", "embedded tests")
+    """Validate every rule file, run its embedded tests, and validate the site profile against the rules."""
+    catalog = _catalog_or_exit(directory, _default_site(site))
+    table = Table("rule", "version", "status", "applies to", "embedded tests")
     for rule in catalog.rules:
         reports = [r for r in catalog.test_reports if r.rule_id == rule.id]
-        table.add_row(rule.id, rule.version, rule.status, f"{sum(r.passed for r in reports)}/{len(reports)} passed")
+        app = rule.applicability
+        where = ", ".join(app.encounter_classes) if app.encounter_classes else "any setting"
+        ages = f">= {app.min_age_years} y" if app.min_age_years else "any age"
+        passed = f"{sum(r.passed for r in reports)}/{len(reports)} passed"
+        table.add_row(rule.id, rule.version, rule.status, f"{ages}; {where}", passed)
     console.print(table)
-    console.print(f"{len(catalog.rules)} rules OK")
+    if catalog.site is not None:
+        _print_site(catalog.site)
+    console.print(f"{len(catalog.rules)} rules OK" + (f"; site profile {catalog.site.name} OK" if catalog.site else ""))
 
 
 @rules_app.command("schema")
@@ -102,9 +142,12 @@ def evaluate_command(
     show_all: Annotated[bool, typer.Option("--all", help="Also list rules that did not fire")] = False,
     include_preliminary: Annotated[bool, typer.Option(help="Count preliminary lab results")] = False,
     rules_dir: Annotated[Path | None, typer.Option("--rules", help="Rule folder (default: packaged)")] = None,
+    site: Annotated[
+        Path | None, typer.Option("--site", help="Site profile (default: EHR_ALERTS_SITE_PROFILE)", exists=True)
+    ] = None,
 ) -> None:
     """Evaluate the rules over FHIR files and print the alerts they raise."""
-    catalog = _catalog_or_exit(rules_dir)
+    catalog = _catalog_or_exit(rules_dir, _default_site(site))
     try:
         instant = parse_time(as_of) if as_of else None
     except ValueError as exc:
@@ -164,6 +207,47 @@ def replay_command(
     from service.replay import replay
 
     replay(paths, console, timeout=timeout, shift_to_now=shift_to_now)
+
+
+@app.command("what-if")
+def what_if_command(
+    paths: Annotated[list[Path], typer.Argument(help="Bundles, resources, ndjson files or folders", exists=True)],
+    site: Annotated[
+        Path | None, typer.Option("--site", help="Candidate site profile (the change to judge)", exists=True)
+    ] = None,
+    base_site: Annotated[
+        Path | None,
+        typer.Option("--base-site", help="Base site profile (default: none, the rules as shipped)", exists=True),
+    ] = None,
+    rules_dir: Annotated[Path | None, typer.Option("--rules", help="Candidate rule folder (default: packaged)")] = None,
+    base_rules: Annotated[
+        Path | None, typer.Option("--base-rules", help="Base rule folder (default: packaged)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON")] = False,
+) -> None:
+    """Compare the alerts an extract raises under two set-ups (site profiles or rule folders), without Redis.
+
+    Lists per rule the alerts added and removed and the burden per 1,000 patient-days on each side; shadow rules
+    are included, so a site sees what promoting one would cost."""
+    from service.whatif import Setup, compare, print_comparison
+
+    def setup(name: str, folder: Path | None, profile: Path | None) -> Setup:
+        return Setup(name, _catalog_or_exit(folder, profile))
+
+    base = setup(_setup_name(base_rules, base_site), base_rules, base_site)
+    candidate = setup(_setup_name(rules_dir, site), rules_dir, site)
+    quiet = Console(stderr=True, highlight=False) if as_json else console
+    found = compare(paths, base, candidate, quiet)
+    if as_json:
+        sys.stdout.write(json.dumps(found.as_json(), indent=2) + "\n")
+        return
+    print_comparison(found, console)
+
+
+def _setup_name(folder: Path | None, profile: Path | None) -> str:
+    parts = [f"rules {folder}" if folder else "rules as shipped"]
+    parts.append(f"site profile {profile.name}" if profile else "no site profile")
+    return ", ".join(parts)
 
 
 @app.command("serve")
@@ -320,6 +404,15 @@ def config_command() -> None:
             shown = re.sub(r"//[^@]*@", "//***@", value)
         table.add_row(name, env, json.dumps(shown, default=str))
     console.print(table)
+    profile_path = get_settings().site_profile
+    if profile_path is not None:
+        try:
+            _print_site(read_site_profile(profile_path))
+        except SiteProfileError as exc:
+            err.print("[bold red]Site profile refused[/]")
+            for problem in exc.problems:
+                err.print(f"  - {problem}")
+            raise typer.Exit(2) from exc
 
 
 def main() -> None:

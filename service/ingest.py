@@ -67,7 +67,7 @@ class Enqueuer:
     def accept(self, event: Event) -> str | None:
         """Queue an event received now; returns a warning for the answer when it is dated in the future."""
         self.add(event)
-        if event.clock_time(get_settings().future_tolerance_hours) is None:
+        if event.is_future(get_settings().future_tolerance_hours):
             record_future_dated(event.resource.split("/")[0])
             return _future_message(event)
         return None
@@ -146,7 +146,8 @@ def _expression(location: str, resource_type: str, path: str) -> str:
 
 _DELETE = "__delete__"
 _DELETABLE = re.compile(
-    r"^(Observation|MedicationStatement|MedicationRequest|MedicationAdministration|Condition)/([A-Za-z0-9\-.]{1,64})$"
+    r"^(Observation|MedicationStatement|MedicationRequest|MedicationAdministration|Condition|Procedure|Patient"
+    r"|Encounter)/([A-Za-z0-9\-.]{1,64})$"
 )
 
 
@@ -158,8 +159,8 @@ def ingest_delete(
     record_event("delete", "received")
     if not _DELETABLE.match(reference):
         message = (
-            "only a delete of Observation, MedicationStatement, MedicationRequest, MedicationAdministration or "
-            "Condition by id applies"
+            "only a delete of Observation, MedicationStatement, MedicationRequest, MedicationAdministration, "
+            "Condition, Procedure, Patient or Encounter by id applies"
         )
         answer.entries.append(EntryOutcome(location, "ignored", "DELETE", [("warning", location, message)]))
         return

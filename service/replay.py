@@ -121,19 +121,8 @@ def is_example_stream(paths: list[Path]) -> bool:
     return bool(paths) and all(p.resolve().is_relative_to(EXAMPLE_STREAM) for p in paths)
 
 
-def replay(
-    paths: list[Path],
-    console: Console,
-    *,
-    timeout: float = 600,
-    shift_to_now: bool | None = None,
-    now: datetime | None = None,
-) -> Counter[str]:
-    """Replay files through the pipeline in feed order and print what it did; returns the counter deltas."""
-    settings = get_settings()
-    store = get_store()
-    embedded = settings.redis_url is None
-    before = Counter(store.counters())
+def collect(paths: list[Path], console: Console) -> tuple[FeedCollector, Ingested]:
+    """Read and validate every file through the ingestion code, collecting the events (nothing is submitted)."""
     collector = FeedCollector()
     answer = Ingested()
     files = expand_paths(paths)
@@ -148,6 +137,23 @@ def replay(
                     continue
                 ingest_items([(item.origin, item.data)], collector, answer)
             progress.advance(task)
+    return collector, answer
+
+
+def replay(
+    paths: list[Path],
+    console: Console,
+    *,
+    timeout: float = 600,
+    shift_to_now: bool | None = None,
+    now: datetime | None = None,
+) -> Counter[str]:
+    """Replay files through the pipeline in feed order and print what it did; returns the counter deltas."""
+    settings = get_settings()
+    store = get_store()
+    embedded = settings.redis_url is None
+    before = Counter(store.counters())
+    collector, answer = collect(paths, console)
     events = feed_order(collector.events)
     if shift_to_now is None:
         shift_to_now = is_example_stream(paths)

@@ -89,12 +89,16 @@ def searchset(resources: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
 
 def prefetch_for(
     resources: list[dict[str, Any]], patient: str, keys: list[str] | None = None
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, dict[str, Any] | None]:
     """The prefetch an EHR would send: each advertised template run over ``resources`` (all keys by default)."""
     tokens = {"context.patientId": patient}
     out = {}
     for query in queries():
         if keys is not None and query.key not in keys:
+            continue
+        if query.read:  # Patient/{{context.patientId}}: the resource itself, or null when the EHR has none
+            found = [r for r in resources if r.get("resourceType") == query.resource_type and r.get("id") == patient]
+            out[query.key] = found[0] if found else None
             continue
         params = [(name, substitute(value, tokens)) for name, value in query.params]
         out[query.key] = searchset([r for r in resources if matches(r, query.resource_type, params)])

@@ -175,6 +175,92 @@ def ecg_panel(qtc_value: float, qtc_unit: str = "ms", *, at: str | None = None, 
     )
 
 
+def egfr(value: float | str | None, unit: str | None = "mL/min/{1.73_m2}", **kw: Any) -> dict[str, Any]:
+    """An eGFR result (LOINC 98979-8, CKD-EPI 2021, unless ``loinc=``)."""
+    return observation(kw.pop("loinc", "98979-8"), value, unit, **kw)
+
+
+def creatinine(value: float | str | None, unit: str | None = "mg/dL", **kw: Any) -> dict[str, Any]:
+    """A serum creatinine result (LOINC 2160-0 unless ``loinc=``)."""
+    return observation(kw.pop("loinc", "2160-0"), value, unit, **kw)
+
+
+# --- patient context ---------------------------------------------------------------------------------
+
+ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+
+
+def patient_resource(
+    id: str = PATIENT,
+    birth: str | None = "1950-03-01",
+    *,
+    gender: str = "female",
+    family: str = "Doe",
+    given: str = "Jane",
+    mrn: str | None = "MRN-0001",
+    **extra: Any,
+) -> dict[str, Any]:
+    """A Patient with an official name, a typed MRN (v2-0203 MR) and a birth date."""
+    resource: dict[str, Any] = {
+        "resourceType": "Patient",
+        "id": id,
+        "gender": gender,
+        "name": [{"use": "official", "family": family, "given": [given]}],
+    }
+    if birth:
+        resource["birthDate"] = birth
+    if mrn:
+        mr = concept(coding("http://terminology.hl7.org/CodeSystem/v2-0203", "MR"))
+        resource["identifier"] = [{"type": mr, "system": "urn:oid:1.2.36.146.595.217.0.1", "value": mrn}]
+    resource.update(extra)
+    return resource
+
+
+def encounter(
+    cls: str = "IMP",
+    *,
+    start: str | None = None,
+    end: str | None = None,
+    status: str | None = None,
+    patient: str = PATIENT,
+    id: str | None = None,
+    ward: str | None = None,
+    bed: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """An Encounter of HL7 v3 ActCode class ``cls`` (in progress unless it has an end)."""
+    resource: dict[str, Any] = {
+        "resourceType": "Encounter",
+        "id": id or next_id("enc"),
+        "status": status or ("finished" if end else "in-progress"),
+        "class": coding(ACT_CODE, cls),
+        "subject": subject(patient),
+        "period": {k: v for k, v in (("start", start or ago(48)), ("end", end)) if v},
+    }
+    locations = [(ward, "wa"), (bed, "bd")]
+    if ward or bed:
+        resource["location"] = [
+            {"location": {"display": name}, "physicalType": concept(coding(
+                "http://terminology.hl7.org/CodeSystem/location-physical-type", kind))}
+            for name, kind in locations if name
+        ]  # fmt: skip
+    resource.update(extra)
+    return resource
+
+
+def dialysis(at: str | None = None, *, code: str = "302497006", patient: str = PATIENT, **extra: Any) -> dict[str, Any]:
+    """A completed dialysis Procedure (default: SNOMED 302497006 hemodialysis)."""
+    return {
+        "resourceType": "Procedure",
+        "id": extra.pop("id", None) or next_id("proc"),
+        "status": extra.pop("status", "completed"),
+        "code": concept(coding(SNOMED, code)),
+        "subject": subject(patient),
+        "performedDateTime": at or ago(24),
+        **extra,
+    }
+
+
 # --- Conditions --------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """A small real FHIR server on loopback for the CDS Hooks tests (stands in for the EHR's FHIR server).
 
-It answers searches over the resources it was given (patient, code, status, clinical-status, date / authored /
+It answers searches over the resources it was given (_id, patient, code, status, clinical-status, date / authored /
 authoredon / effective / effective-time ``ge``, ``_count`` with absolute next links), records every request
 (path, query, Authorization header), and can be told to stall, to answer an HTTP error (for every search or
 for one resource type, as a server that refuses ServiceRequest searches does), or to put an error
@@ -39,9 +39,10 @@ _DATE_PARAMS = ("date", "authored", "authoredon", "effective", "effective-time")
 def _when(resource: dict[str, Any], param: str) -> str | None:
     if param in ("authored", "authoredon"):
         return resource.get("authoredOn")
-    period = resource.get("effectivePeriod") or {}
+    period = resource.get("effectivePeriod") or resource.get("period") or resource.get("performedPeriod") or {}
     # a period matches `ge` when it reaches the value (its end, or open); an instant by itself
-    return resource.get("effectiveDateTime") or (period.get("end") or "9999" if period else None)
+    instant = resource.get("effectiveDateTime") or resource.get("performedDateTime")
+    return instant or (period.get("end") or "9999" if period else None)
 
 
 def matches(resource: dict[str, Any], resource_type: str, params: Iterable[tuple[str, str]]) -> bool:
@@ -49,6 +50,10 @@ def matches(resource: dict[str, Any], resource_type: str, params: Iterable[tuple
     if resource.get("resourceType") != resource_type:
         return False
     for name, value in params:
+        if name == "_id":
+            if resource.get("id") != value:
+                return False
+            continue
         if name.startswith("_"):
             continue
         if name == "patient":

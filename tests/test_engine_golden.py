@@ -99,7 +99,7 @@ def test_a_decision_reads_the_same_after_pickling_and_keeps_the_dump_shape() -> 
         assert copy.explanation == decision.explanation and copy.evidence == decision.evidence
         assert list(decision.model_dump()) == [
             "rule_id", "rule_version", "rule_status", "patient", "as_of", "outcome", "severity", "resolves",
-            "escalators", "next_change", "evidence", "explanation", "card",
+            "escalators", "next_change", "evidence", "explanation", "card", "parameters",
         ]  # fmt: skip
 
 

@@ -347,3 +347,18 @@ def test_indeterminate_decisions_and_future_dates_reach_the_data_problems_queue(
     assert any(r == "future-date" and refs[0].startswith("Observation/k-2204") for r, refs in reasons), items
     feed(store, potassium(3.0, at=ago(0.5), id="k-again"))  # the same cause again: one item, counted
     assert len(queue.list(ProblemQuery()).items) == len(items)
+
+
+def test_a_patient_resource_is_neither_future_dated_nor_a_clock_mover():
+    from fhir_builders import patient_resource
+
+    from workers.state.data_problems import DataProblems, ProblemQuery
+
+    store = make_store()
+    feed(store, potassium(3.1, at=ago(30 * 24), id="k-old-stay"), received=NOW)
+    person = patient_resource(meta={"versionId": "1", "lastUpdated": NOW.isoformat().replace("+00:00", "Z")})
+    [event] = events(person, received=NOW)
+    assert not event.is_future(24) and event.clock_time(24) is None
+    process_batch(dump_batch([event]), store)
+    assert store.clock(PATIENT) == NOW - timedelta(days=30)
+    assert DataProblems(store.client).list(ProblemQuery()).items == []

@@ -385,3 +385,41 @@ def test_magnesium_oxide_text_is_a_magnesium_product():
 def test_substring_of_a_longer_word_does_not_match():
     assert classify([], ["furosemidex-like compound"]) == []
     assert classify([Coding(RXNORM, " ")], []) == []
+
+
+# --- issue 11: IV fluids and premixes, balanced crystalloids, digoxin -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Potassium Chl 20 mEq / 1000 mL D5 1/2 NS", {"potassium-supplement"}),
+        ("KCl 20 mEq in Sodium Chloride 0.9% 1000 mL", {"potassium-supplement"}),
+        ("Dextrose 5% and 0.45% Sodium Chloride with 20 mEq Potassium Chloride", {"potassium-supplement"}),
+        ("KCl 20 mEq in Lactated Ringer's 1000 mL", {"potassium-supplement"}),  # an added amount: it counts
+        ("Magnesium Sulfate in D5W 1 g/100 mL", {"magnesium-product"}),
+        ("Magnesium Sulfate (Bolus)", {"magnesium-product"}),
+        ("Lactated Ringers Injection", set()),
+        (
+            "Sodium Chloride, Sodium Lactate, Potassium Chloride, and Calcium Chloride Injection (Lactated Ringer's)",
+            set(),
+        ),
+        ("Plasma-Lyte A Injection pH 7.4 (Potassium Chloride, Magnesium Chloride)", set()),
+        ("Normosol-R", set()),
+    ],
+)
+def test_iv_fluids_with_added_k_or_mg_count_and_balanced_crystalloids_do_not(text: str, expected: set[str]):
+    resource = med_statement(text_only(text), status="active", start="2024-04-30")
+    assert classes_of(resource) == expected
+
+
+def test_digoxin_is_recognised_by_ingredient_product_brand_and_text():
+    for code in ("3407", "197604", "309888", "1151522"):  # IN, SCD, SBD, dose-form group (PDDI valueset-digoxin)
+        assert classes_of(med_statement(rxnorm(code), start="2024-04-30")) == {"digoxin"}, code
+    assert classes_of(med_statement(text_only("Lanoxin 125 mcg tablet"), start="2024-04-30")) == {"digoxin"}
+    fact = normalize(med_statement(rxnorm("197604", "Digoxin 0.125 MG Oral Tablet"), start="2024-04-30")).facts[0]
+    assert fact.display == "Digoxin 0.125 MG Oral Tablet (cardiac glycoside)"
+
+
+def test_potassium_chloride_by_snomed_substance():
+    assert classes_of(med_statement(concept(coding(SNOMED, "8631001")), start="2024-04-30")) == {"potassium-supplement"}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -719,3 +719,170 @@ def test_a_contradicting_unit_makes_the_rules_indeterminate_never_normal():
     assert decide(HYPOK, potassium(4.0, "mg/dL")).outcome == "indeterminate"
     mg = magnesium(1.5, "mmol/L", loinc="19123-9")
     assert decide(ARRHYTHMIA, condition(onset=None, recordedDate="2024-04-30"), mg).outcome == "indeterminate"
+
+
+# --- patient context: Patient, Encounter, dialysis, renal labs, reference ranges, encounter links -------------
+
+
+def _context_fact(resource: dict[str, Any]) -> Any:
+    result = normalize(resource)
+    assert result.outcome == "accepted", result.reason
+    [fact] = result.facts
+    return fact
+
+
+def test_a_patient_gives_birth_date_gender_official_name_and_typed_mrns():
+    from fhir_builders import patient_resource
+
+    resource = patient_resource(
+        "p9", "1944-07-09", gender="male", family="Doe", given="John",
+        name=[{"use": "old", "family": "Former"}, {"use": "official", "family": "Doe", "given": ["John", "Q"]}],
+        identifier=[
+            {"system": "http://hl7.org/fhir/sid/us-ssn", "value": "999-99-9999",
+             "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "SS"}]}},
+            {"value": "MRN-77", "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
+                                                       "code": "MR"}]}},
+        ],
+    )  # fmt: skip
+    fact = _context_fact(resource)
+    assert (fact.patient, fact.concept, fact.kind) == ("p9", "patient", "patient")
+    info = fact.patient_info
+    assert (info.birth_date, info.gender, info.name, info.mrns) == ("1944-07-09", "male", "DOE, John Q", ("MRN-77",))
+    assert info.deceased is None
+
+
+def test_an_untyped_identifier_is_the_mrn_only_when_none_is_typed_and_name_text_wins():
+    resource = {"resourceType": "Patient", "id": "ex", "birthDate": "1958",
+                "identifier": [{"system": "https://ehr.example/mrn", "value": "EX-1"}, {"value": "other"}],
+                "name": [{"text": "Example  Alpha", "family": "Ignored"}]}  # fmt: skip
+    info = _context_fact(resource).patient_info
+    assert (info.birth_date, info.mrns, info.name) == ("1958", ("EX-1",), "Example Alpha")
+
+
+def test_deceased_boolean_means_dead_from_when_the_record_says_so():
+    resource = {
+        "resourceType": "Patient",
+        "id": "d",
+        "deceasedBoolean": True,
+        "meta": {"lastUpdated": "2024-02-01T00:00:00Z"},
+    }
+    assert _context_fact(resource).patient_info.deceased == datetime(2024, 2, 1, tzinfo=UTC)
+
+
+def test_a_patient_without_id_is_rejected_naming_the_id():
+    result = normalize_resource({"resourceType": "Patient", "birthDate": "1950-01-01"})
+    assert result.outcome == "rejected" and result.issues[0].path == "Patient.id"
+
+
+def test_an_invalid_gender_is_rejected_naming_the_field():
+    result = normalize_resource({"resourceType": "Patient", "id": "g", "gender": "M"})
+    assert result.outcome == "rejected" and result.issues[0].path == "Patient.gender"
+
+
+def test_an_encounter_gives_class_status_period_ward_and_bed():
+    from fhir_builders import encounter
+
+    fact = _context_fact(encounter("IMP", start="2024-04-29T10:00:00Z", ward="Ward 5 North", bed="12", id="stay"))
+    assert (fact.concept, fact.kind, fact.status, fact.counts) == ("encounter", "encounter", "in-progress", True)
+    assert fact.start == datetime(2024, 4, 29, 10, tzinfo=UTC) and fact.end is None
+    assert (fact.encounter_info.class_code, fact.encounter_info.ward, fact.encounter_info.bed) == (
+        "IMP",
+        "Ward 5 North",
+        "12",
+    )
+
+
+@pytest.mark.parametrize(("status", "counts"), [("planned", False), ("cancelled", False), ("arrived", True),
+                                                 ("onleave", True), ("entered-in-error", False)])  # fmt: skip
+def test_encounter_statuses(status: str, counts: bool):
+    from fhir_builders import encounter
+
+    fact = _context_fact(encounter("EMER", start="2024-04-29T10:00:00Z", status=status))
+    assert fact.counts is counts
+    assert fact.retracted is (status == "entered-in-error")
+
+
+def test_a_finished_encounter_without_an_end_ended_when_last_updated():
+    from fhir_builders import encounter
+
+    resource = encounter(
+        "IMP", start="2024-04-20T10:00:00Z", status="finished", meta={"lastUpdated": "2024-04-25T09:00:00Z"}
+    )
+    fact = _context_fact(resource)
+    assert fact.end == datetime(2024, 4, 25, 9, tzinfo=UTC) and "ended when last updated" in fact.notes[0]
+
+
+def test_dialysis_from_a_procedure_and_from_icd_9_and_icd_10_conditions():
+    from fhir_builders import dialysis
+
+    proc = _context_fact(dialysis(at="2024-04-30T09:00:00Z"))
+    assert (proc.concept, proc.kind, proc.start, proc.end) == ("dialysis", "procedure", proc.start, proc.start)
+    not_done = _context_fact(dialysis(at="2024-04-30T09:00:00Z", status="not-done"))
+    assert not not_done.counts
+    for code, system in (("Z99.2", "http://hl7.org/fhir/sid/icd-10-cm"), ("V45.11", "http://hl7.org/fhir/sid/icd-9-cm"),
+                         ("N186", "http://fhir.mimic.mit.edu/CodeSystem/diagnosis-icd10")):  # fmt: skip
+        fact = _context_fact(condition(code, system))
+        assert (fact.concept, fact.kind) == ("dialysis", "condition"), code
+    assert normalize(condition("Z99.89", "http://hl7.org/fhir/sid/icd-10-cm")).outcome == "ignored"  # exact codes only
+
+
+@pytest.mark.parametrize(
+    ("loinc", "value", "unit", "canonical"),
+    [
+        ("98979-8", 25, "mL/min/{1.73_m2}", "25"),
+        ("33914-3", 61, "mL/min", "61"),  # Synthea writes plain mL/min under the per-1.73 m2 code
+        ("62238-1", 45, "mL/min/1.73m2", "45"),
+        ("2160-0", 1.2, "mg/dL", "106.08"),
+        ("14682-9", 110, "umol/L", "110"),
+    ],
+)
+def test_renal_results_are_read_in_their_canonical_units(loinc: str, value: float, unit: str, canonical: str):
+    from fhir_builders import observation
+
+    [fact] = normalize(observation(loinc, value, unit, at="2024-05-01T06:00:00Z")).facts
+    assert format(fact.value.normalize(), "f") == canonical
+
+
+def test_reference_range_low_is_kept_in_the_results_unit_and_the_canonical_one():
+    fact = only_fact(
+        magnesium(1.5, "mg/dL", referenceRange=[{"low": {"value": 1.7, "unit": "mg/dL"}, "high": {"value": 2.4}}])
+    )
+    assert fact.reference_low_reported == Decimal("1.7") and round(fact.reference_low, 3) == Decimal("0.699")
+    unitless = only_fact(potassium(3.4, referenceRange=[{"low": {"value": 3.3}}]))  # no unit: the result's unit
+    assert unitless.reference_low == Decimal("3.3") == unitless.reference_low_reported
+    other_unit = only_fact(magnesium(1.5, "mg/dL", referenceRange=[{"low": {"value": 0.7, "unit": "mmol/L"}}]))
+    assert other_unit.reference_low == Decimal("0.7") and round(other_unit.reference_low_reported, 2) == Decimal("1.70")
+    odd = only_fact(potassium(3.4, referenceRange=[{"low": {"value": 3.3, "unit": "furlongs"}}]))
+    assert odd.reference_low is None  # a unit that cannot be converted: the rule's own threshold applies
+
+
+def test_facts_link_to_their_encounter():
+    linked = only_fact(potassium(3.4, encounter={"reference": "Encounter/stay-1"}))
+    assert linked.encounter == "Encounter/stay-1"
+    in_bundle = only_fact(potassium(3.4, encounter={"reference": "urn:uuid:4f1b"}))
+    assert in_bundle.encounter == "Encounter/4f1b"
+    assert only_fact(potassium(3.4)).encounter is None
+
+
+def test_patient_context_reaches_the_stream_events_with_retention_and_window():
+    """A Patient is kept and read for every evaluation; an Encounter while in progress, then for the retention."""
+    import math
+
+    from fhir_builders import encounter, patient_resource
+
+    from config.settings import Settings
+    from workers.events import FOREVER, events_from
+    from workers.state.timeline import readable_until
+
+    settings = Settings()
+    received = datetime(2024, 5, 1, tzinfo=UTC)
+    person = events_from(normalize(patient_resource()), received)
+    assert person is not None and person.expires(settings) == FOREVER and readable_until(person.facts) == math.inf
+    open_stay = events_from(normalize(encounter("IMP", start="2024-04-29T10:00:00Z")), received)
+    assert open_stay.expires(settings) == FOREVER and readable_until(open_stay.facts) == math.inf
+    ended = events_from(normalize(encounter("IMP", start="2024-04-20T10:00:00Z", end="2024-04-25T10:00:00Z")), received)
+    assert ended.expires(settings) == datetime(2024, 4, 25, 10, tzinfo=UTC) + timedelta(
+        hours=settings.retention_encounter_hours
+    )
+    assert readable_until(ended.facts) == math.inf  # read by every evaluation while it is kept
+    assert ended.event_time == datetime(2024, 4, 25, 10, tzinfo=UTC)  # the discharge moves the patient's clock

@@ -328,7 +328,7 @@ def test_readiness_needs_a_recent_worker_heartbeat(fake: fakeredis.FakeRedis, mo
     assert not health.readiness()[0]
     heartbeat.beat(fake, "w1@host", None)
     ready, body = health.readiness()
-    assert ready and body == {"status": "ready", "checks": {"redis": "ok", "rules": 3, "workers": 1}, "reasons": []}
+    assert ready and body == {"status": "ready", "checks": {"redis": "ok", "rules": 7, "workers": 1}, "reasons": []}
 
 
 def test_readiness_when_redis_is_unreachable(monkeypatch: pytest.MonkeyPatch):

@@ -207,9 +207,11 @@ def test_nested_bundles_are_walked():
 
 
 def test_batch_response_with_searchsets_is_walked():
-    """A batch-response of a Patient plus four (empty) searchsets: the searchsets are walked, not judged."""
+    """A batch-response of a Patient plus four (empty) searchsets: the searchsets are walked, not judged (the
+    Patient is patient context)."""
     results = normalize_resources(_example("Bundle-bundle-response-medsallergies.json"))
-    assert [(r.resource_type, r.outcome) for r in results] == [("Patient", "ignored")]
+    assert [(r.resource_type, r.outcome) for r in results] == [("Patient", "accepted")]
+    assert [f.concept for f in results[0].facts] == ["patient"]
 
 
 def test_search_warning_operation_outcome_is_ignored():

@@ -26,7 +26,7 @@ def _load_yaml(path: Path) -> dict[str, Any]:
 
 
 def test_there_are_catalog_files():
-    assert len(CATALOG_FILES) == 3
+    assert len(CATALOG_FILES) == 7
 
 
 @pytest.mark.parametrize("path", CATALOG_FILES, ids=lambda p: p.name)

@@ -36,9 +36,19 @@ from rules.engine import evaluate
 # --- catalog -----------------------------------------------------------------------------------------
 
 
-def test_catalog_loads_the_three_launch_rules(catalog: Catalog):
-    assert {r.id for r in catalog.rules} == {HYPOK, REFRACTORY, ARRHYTHMIA}
-    assert {r.id for r in catalog.evaluated()} == {HYPOK, REFRACTORY, ARRHYTHMIA}
+SHADOW_RULES = {
+    "hypokalemia-with-low-magnesium-untreated",
+    "severe-hypomagnesemia-untreated",
+    "digoxin-with-low-potassium-or-magnesium",
+    "prolonged-qtc-with-hypokalemia",
+}
+
+
+def test_catalog_loads_the_three_active_rules_and_four_shadow_ones(catalog: Catalog):
+    assert {r.id for r in catalog.rules} == {HYPOK, REFRACTORY, ARRHYTHMIA, *SHADOW_RULES}
+    assert {r.id for r in catalog.rules if r.status == "active"} == {HYPOK, REFRACTORY, ARRHYTHMIA}
+    assert {r.id for r in catalog.rules if r.status == "shadow"} == SHADOW_RULES
+    assert {r.id for r in catalog.evaluated()} == {HYPOK, REFRACTORY, ARRHYTHMIA, *SHADOW_RULES}
     assert catalog.get("no-such-rule") is None
 
 
@@ -71,7 +81,7 @@ def test_same_facts_give_identical_decisions(catalog: Catalog):
 
 def test_decisions_carry_rule_version_patient_and_as_of(catalog: Catalog):
     decisions = evaluate(catalog.evaluated(), facts_of(*_scenario()), NOW)
-    assert len(decisions) == 3
+    assert len(decisions) == 7
     for decision in decisions:
         assert decision.patient == "p1"
         assert decision.as_of == "2024-05-01T12:00:00Z"

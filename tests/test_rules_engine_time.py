@@ -27,8 +27,9 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from rules.engine import Decision, evaluate, evaluate_rule
-from rules.facts import Fact
-from rules.model import QUANTITATIVE, Rule
+from rules.facts import EncounterInfo, Fact, PatientInfo
+from rules.model import Rule
+from rules.units import analyte_units, quantitative_concepts
 
 TICK = timedelta(microseconds=1)
 BASE = datetime(2024, 5, 1, tzinfo=UTC)
@@ -204,7 +205,32 @@ def test_the_catalog_rules_give_a_next_change_for_every_outcome():
 _RULES = packaged_catalog().evaluated()
 _CONCEPTS = sorted({c for r in _RULES for spec in r.inputs.values() for c in spec.concepts})
 _LOOKBACKS = sorted({p.duration for r in _RULES for p in r.parameters.values() if p.hours is not None})
-_VALUES = {"potassium": ("2.4", "4.6"), "magnesium": ("0.3", "1.1"), "qtc": ("380", "560")}
+_VALUES = {
+    "potassium": ("2.4", "4.6"),
+    "magnesium": ("0.3", "1.1"),
+    "qtc": ("380", "560"),
+    "egfr": ("10", "90"),
+    "creatinine": ("50", "400"),
+}
+_CLASSES = ["IMP", "EMER", "AMB", "OBSENC"]
+
+
+def _context_facts(draw: st.DrawFn, hours: st.SearchStrategy[int]) -> list[Fact]:
+    """Maybe a Patient (some turn 18, some die, inside the 12 days) and some encounters of random classes."""
+    facts: list[Fact] = []
+    if draw(st.booleans()):
+        born = (BASE - timedelta(days=18 * 365 + 4) + timedelta(days=draw(st.integers(0, 12)))).date()
+        born = draw(st.sampled_from([born, born.replace(year=1950)]))
+        dies = draw(st.sampled_from([None, BASE + timedelta(hours=draw(hours))]))
+        info = PatientInfo(birth_date=born.isoformat(), deceased=dies)
+        facts.append(fact("patient", "patient", None, id="pt", resource_type="Patient", patient_info=info))
+    for index in range(draw(st.integers(min_value=0, max_value=3))):
+        start = BASE + timedelta(hours=draw(hours))
+        end = draw(st.sampled_from([None, start + timedelta(hours=draw(st.integers(1, 120)))]))
+        info = EncounterInfo(class_code=draw(st.sampled_from(_CLASSES)))
+        facts.append(fact("encounter", "encounter", start, end, id=f"enc{index}", resource_type="Encounter",
+                          encounter_info=info))  # fmt: skip
+    return facts
 
 
 @st.composite
@@ -216,10 +242,10 @@ def timelines(draw: st.DrawFn) -> tuple[list[Fact], datetime]:
         concept = draw(st.sampled_from(_CONCEPTS))
         start = BASE + timedelta(hours=draw(hours), minutes=draw(st.sampled_from([0, 0, 30])))
         rid = f"r{index}"
-        if concept in QUANTITATIVE:
+        if concept in quantitative_concepts():
             low, high = _VALUES[concept]
             value = Decimal(draw(st.integers(int(Decimal(low) * 10), int(Decimal(high) * 10)))) / 10
-            unit = {"qtc": "ms"}.get(concept, "mmol/L")
+            unit = analyte_units(concept).canonical
             facts.append(
                 fact(
                     concept, "lab", start, id=rid, value=value, unit=unit, reported_value=str(value), reported_unit=unit
@@ -236,6 +262,7 @@ def timelines(draw: st.DrawFn) -> tuple[list[Fact], datetime]:
         else:
             end = draw(st.sampled_from([None, start, start + timedelta(hours=draw(hours))]))
             facts.append(fact(concept, kind, draw(st.sampled_from([start, None])), end, id=rid))
+    facts += _context_facts(draw, hours)
     as_of = BASE + timedelta(hours=draw(hours), minutes=draw(st.sampled_from([0, 15])))
     return facts, as_of
 
@@ -250,6 +277,12 @@ def _boundaries(facts: list[Fact], after: datetime, before: datetime | None) -> 
     """Every instant in (after, before) at which some window boundary of the catalog could fall, and its
     neighbours: fact times and ends, plus every look-back."""
     edges = {t for f in facts for t in (f.start, f.end) if t is not None}
+    for f in facts:  # patient context: coming of age (midnight UTC of the birthday) and death
+        if f.patient_info is not None and f.patient_info.birth_date:
+            born = datetime.fromisoformat(f.patient_info.birth_date).replace(tzinfo=UTC)
+            edges.add(born.replace(year=born.year + 18))
+        if f.patient_info is not None and f.patient_info.deceased:
+            edges.add(f.patient_info.deceased)
     spans = [timedelta(0), *_LOOKBACKS]
     points = {e + span + d for e in edges for span in spans for d in (-TICK, timedelta(0), TICK)}
     limit = before or after + timedelta(days=30)

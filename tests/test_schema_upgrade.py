@@ -102,24 +102,35 @@ def _fact_payloads() -> list[dict[str, Any]]:
     return [fact for value in values for fact in json.loads(value.split("\t", 2)[2])]
 
 
-def test_a_newer_release_upgrades_the_stored_format(store: Store, monkeypatch: pytest.MonkeyPatch):
-    """Simulate release N+1: formats bumped to 2 with a step each; the v1 fixture reads as v2."""
+def test_v1_facts_read_as_v2_without_patient_context(store: Store):
+    """Fact schema 2 (patient context, encounter links, the lab's reference range): a v1 fact has none of them."""
+    assert FACT_SCHEMA_VERSION == 2
+    facts = [f for p in _patients() for f in store.timeline(p)]
+    assert facts and all(f.schema_version == 2 for f in facts)
+    assert all(f.encounter is None and f.reference_low is None and f.patient_info is None for f in facts)
+    assert not {f.concept for f in facts} & {"patient", "encounter", "dialysis", "egfr", "creatinine"}
 
-    def fact_1_to_2(record: dict[str, Any]) -> dict[str, Any]:
-        record["notes"] = [*record.get("notes", []), "upgraded from schema 1"]
+
+def test_a_newer_release_upgrades_the_stored_format(store: Store, monkeypatch: pytest.MonkeyPatch):
+    """Simulate release N+1: formats bumped with a step each; the v1 fixture reads through every step."""
+    later = FACT_SCHEMA_VERSION + 1
+
+    def fact_step(record: dict[str, Any]) -> dict[str, Any]:
+        record["notes"] = [*record.get("notes", []), f"upgraded from schema {FACT_SCHEMA_VERSION}"]
         return record
 
     def alert_1_to_2(record: dict[str, Any]) -> dict[str, Any]:
         record["origin"] = "stream"  # a field the new release would add
         return record
 
-    monkeypatch.setattr(upgrade, "FACT_SCHEMA_VERSION", 2)
+    monkeypatch.setattr(upgrade, "FACT_SCHEMA_VERSION", later)
     monkeypatch.setattr(upgrade, "alert_schema_version", lambda: 2)
-    monkeypatch.setitem(upgrade._FACT_STEPS, 1, fact_1_to_2)
+    monkeypatch.setitem(upgrade._FACT_STEPS, FACT_SCHEMA_VERSION, fact_step)
     monkeypatch.setitem(upgrade._ALERT_STEPS, 1, alert_1_to_2)
     assert upgrade.missing_steps() == []
     facts = store.timeline(_patients()[0])
-    assert facts and all(f.schema_version == 2 and "upgraded from schema 1" in f.notes for f in facts)
+    assert facts and all(f.schema_version == later and f"upgraded from schema {FACT_SCHEMA_VERSION}" in f.notes
+                         for f in facts)  # fmt: skip
     alerts = store.alerts_for_patient(_patients()[0])
     assert alerts and all(a["schema_version"] == 2 and a["origin"] == "stream" for a in alerts)
 
@@ -141,7 +152,8 @@ def test_records_from_a_newer_release_are_refused():
 
 def test_records_without_a_version_are_the_first_format():
     fact = {k: v for k, v in _fact_payloads()[0].items() if k != "schema_version"}
-    assert upgrade.upgrade_fact(fact) == fact
+    new = ("encounter", "reference_low", "reference_low_reported", "patient_info", "encounter_info")
+    assert upgrade.upgrade_fact(dict(fact)) == {**fact, **dict.fromkeys(new), "schema_version": 2}
 
 
 def test_user_transitions_are_counted_once_per_idempotency_key(store: Store):
@@ -155,3 +167,17 @@ def test_user_transitions_are_counted_once_per_idempotency_key(store: Store):
     assert store.counters()[field] == before + 1
     store.transition(alert["id"], "resolve", "user:alice", at.replace(minute=10))
     assert store.counters()[f"alerts_resolved-by-user:{alert['rule_id']}"] >= 1
+
+
+def test_the_fact_schema_2_fixture_reads_back_with_patient_context():
+    """stored-v1-f2.json (this release, written by make_stored_data.py): Patient facts with their details, and the
+    worklist's context index beside the timelines."""
+    from workers.state.timeline import parse_facts
+
+    v2 = json.loads((FIXTURES / "stored-v1-f2.json").read_text())
+    assert v2["fact_schema_version"] == 2
+    payloads = [v for k, item in v2["keys"].items() if k.endswith(":facts") for v in item["value"].values()]
+    facts = [f for value in payloads for f in parse_facts(value.split("\t", 2)[2])]
+    people = [f for f in facts if f.concept == "patient"]
+    assert len(people) == 12 and all(f.patient_info and f.patient_info.birth_date for f in people)
+    assert v2["keys"]["fx:context:patients"]["value"]["ex-alpha"].startswith(tuple("0123456789"))

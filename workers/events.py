@@ -54,6 +54,12 @@ class Event(BaseModel):
     tombstone: bool = False  # kept for batches written by older releases (kind "delete")
 
     @property
+    def context_only(self) -> bool:
+        """A Patient resource: demographics carry no clinical time, so they never move the patient's clock (a
+        backfill of 2024 results with today's Patient must still be evaluated in 2024)."""
+        return bool(self.facts) and all(f.kind == "patient" for f in self.facts)
+
+    @property
     def is_delete(self) -> bool:
         """A delete: outranks every version of the resource."""
         return self.kind == "delete" or self.tombstone
@@ -62,12 +68,15 @@ class Event(BaseModel):
         """The time this event moves the patient's clock to, or None: a delete, a tick, or a result dated more
         than the tolerance after its receipt (a future date never moves the clock; the fact still counts once
         the patient's time reaches it)."""
-        if self.kind != "resource" or self.is_delete:
-            return None
-        received = self.received or self.event_time
-        if self.event_time > later(received, future_tolerance_hours):
+        if self.kind != "resource" or self.is_delete or self.context_only or self.is_future(future_tolerance_hours):
             return None
         return self.event_time
+
+    def is_future(self, future_tolerance_hours: float) -> bool:
+        """A resource dated more than the tolerance after its receipt."""
+        if self.kind != "resource" or self.is_delete:
+            return False
+        return self.event_time > later(self.received or self.event_time, future_tolerance_hours)
 
     def rank(self) -> str:
         """Sortable text of the version order (numeric versionId, lastUpdated, retraction)."""
@@ -93,6 +102,10 @@ class Event(BaseModel):
 
 
 def _fact_expiry(fact: Fact, received: datetime, settings: Settings) -> datetime:
+    if fact.kind == "patient":
+        return FOREVER  # who the patient is matters to every evaluation (age, deceased) and to the worklist
+    if fact.kind == "encounter":  # kept while in progress, then long enough to tell the patient's setting
+        return FOREVER if fact.end is None else later(fact.end, settings.retention_encounter_hours)
     if fact.kind == "medication":
         if fact.end is not None:
             return later(fact.end, settings.retention_medication_hours)
@@ -113,6 +126,8 @@ def events_from(result: NormalizeResult, received: datetime) -> Event | None:
     # when it happened: its start, or an end that has already come (a completion), never a planned end
     times = [f.start for f in result.facts if f.start is not None]
     times += [f.end for f in result.facts if f.end is not None and f.end <= received]
+    if not times and all(f.kind == "patient" for f in result.facts):  # when the record was written, not received
+        times = [f.updated for f in result.facts if f.updated is not None and f.updated <= received]
     event_time = max(times) if times else received
     return Event(
         patient=result.patient,

@@ -17,8 +17,10 @@ import redis
 from config.settings import get_settings
 from rules.catalog import Catalog, load_catalog
 from rules.model import Rule
+from rules.site import read_site_profile
 from workers.events import Event, clock_text
 from workers.observability.logging import patient_ref
+from workers.state import context_index
 from workers.state.alerts import decision_body
 from workers.state.connection import get_redis
 from workers.state.data_problems import DataProblem, DataProblems
@@ -31,8 +33,13 @@ _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 @cache
 def get_catalog() -> Catalog:
-    """The rule catalog, loaded (and self-tested) once per process."""
-    return load_catalog()
+    """The rule catalog as this deployment runs it, loaded (and self-tested) once per process: the site profile
+    (``EHR_ALERTS_SITE_PROFILE``) applied and card times in ``EHR_ALERTS_DISPLAY_TIMEZONE``. The CDS Hooks service,
+    the review API and replay use this same catalog."""
+    settings = get_settings()
+    site = read_site_profile(settings.site_profile) if settings.site_profile else None
+    file = settings.site_profile.name if settings.site_profile else ""
+    return load_catalog().configure(site=site, display_zone=settings.display_timezone, file=file)
 
 
 @cache
@@ -91,6 +98,7 @@ def process_batch(raw_events: Iterable[dict[str, Any]], store: Store | None = No
     settings = store.settings
     plans: dict[str, PatientPlan] = {}
     pruned: list[str] = []
+    context: list[tuple[str, int, dict[str, Any] | None]] = []
     for patient, window in store.timelines.store_many(by_patient, window_pad_hours(rules)).items():
         if isinstance(window, Exception):
             poison(patient, window)
@@ -113,6 +121,9 @@ def process_batch(raw_events: Iterable[dict[str, Any]], store: Store | None = No
             poison(patient, exc)
             continue
         counts.update(plans[patient].counts)
+        if context_index.touches_context(events, window):
+            summary = context_index.summary(context_index.final_facts(events, window), plans[patient].clock)
+            context.append((patient, plans[patient].version, summary))
 
     changed, due, failed = _apply(store, plans, counts, poison)
     problems = [*_indeterminate_causes(plans), *_future_dated(by_patient, settings.future_tolerance_hours)]
@@ -121,6 +132,7 @@ def process_batch(raw_events: Iterable[dict[str, Any]], store: Store | None = No
     received = {
         e.resource: p for p, events in by_patient.items() if p not in failed for e in events if e.kind == "resource"
     }
+    context_index.ContextIndex(store.client).write([c for c in context if c[0] not in failed])
     store.record(
         changed,
         patients={p for p, events in by_patient.items() if any(e.kind != "tick" for e in events)},
@@ -186,7 +198,7 @@ def _future_dated(by_patient: dict[str, list[Event]], tolerance_hours: float) ->
     found = []
     for patient, events in by_patient.items():
         for event in events:
-            if event.kind == "resource" and event.facts and event.clock_time(tolerance_hours) is None:
+            if event.facts and event.is_future(tolerance_hours):
                 received = event.received or event.event_time
                 found.append(
                     DataProblem(

@@ -25,8 +25,10 @@ USAGE = (
     "missing; a call whose data cannot be had answers 412. Authenticate with a CDS Hooks client JWT (ES384 or "
     "RS384) from a registered issuer. Feedback is accepted at {id}/feedback."
 )
-LAB_KEYS = ("potassium", "magnesium", "qtc")
+LAB_KEYS = ("potassium", "magnesium", "qtc", "egfr", "creatinine")
 _CONDITION_ACTIVE = "active,recurrence,relapse"
+#: Concepts the engine reads for every rule's applicability (rules/context.py): who the patient is, and where.
+PATIENT_CONCEPT, ENCOUNTER_CONCEPT = "patient", "encounter"
 
 
 @dataclass(frozen=True)
@@ -41,9 +43,12 @@ class PrefetchQuery:
     sort: str | None = None
     concepts: frozenset[str] = frozenset()  # the rule concepts whose facts this key supplies
     label: str = ""  # what the key holds, in words (cards and errors say what could not be checked)
+    read: str | None = None  # a read by id instead of a search: ``{{context.patientId}}`` -> Patient/<id>
 
     def template(self, page_size: int) -> str:
         """The 2.0 prefetch template advertised in discovery."""
+        if self.read:
+            return f"{self.resource_type}/{self.read}"
         parts = [f"{name}={value}" for name, value in self.params]
         if self.sort:
             parts.append(f"_sort={self.sort}")
@@ -51,7 +56,10 @@ class PrefetchQuery:
         return f"{self.resource_type}?{'&'.join(parts)}"
 
     def own_search(self, tokens: dict[str, str], as_of: datetime, page_size: int) -> tuple[str, list[tuple[str, str]]]:
-        """(resource type, query parameters) for fetching this key from the FHIR server, window applied."""
+        """(resource type, query parameters) for fetching this key from the FHIR server, window applied (a read by id
+        is fetched as the equivalent ``_id`` search, whose Bundle the prefetch reader takes like any other)."""
+        if self.read:
+            return self.resource_type, [("_id", substitute(self.read, tokens))]
         params = [(name, substitute(value, tokens)) for name, value in self.params]
         if self.date_param and self.window_hours is not None:
             start = as_of - timedelta(hours=self.window_hours)
@@ -97,9 +105,13 @@ def substitute(template: str, tokens: dict[str, str]) -> str:
 
 def _input_windows(rules: list[Rule], kind: str | None = None) -> dict[str, list[float | None]]:
     """Per concept, the look-back (hours, anchor included) of every input reading it (only inputs that may read
-    facts of ``kind``, when given); None = whole record."""
+    facts of ``kind``, when given); None = whole record. Patient context: ``patient`` for every rule (age,
+    deceased), ``encounter`` over the rule's encounter look-back when it names encounter classes."""
     windows: dict[str, list[float | None]] = {}
     for rule in rules:
+        windows.setdefault(PATIENT_CONCEPT, []).append(None)
+        if rule.applicability.encounter_classes is not None:
+            windows.setdefault(ENCOUNTER_CONCEPT, []).append(rule.applicability.encounter_lookback_hours)
         for spec in rule.inputs.values():
             if kind is not None and spec.kinds is not None and kind not in spec.kinds:
                 continue
@@ -146,6 +158,16 @@ def prefetch_queries(rules: list[Rule]) -> tuple[PrefetchQuery, ...]:
                     _LABELS[concept],
                 )
             )
+    if PATIENT_CONCEPT in used:
+        queries.append(
+            PrefetchQuery("patient", "Patient", (), concepts=frozenset({PATIENT_CONCEPT}), label=_LABELS["patient"],
+                          read="{{context.patientId}}")
+        )  # fmt: skip
+    if ENCOUNTER_CONCEPT in used:  # every encounter touching the rules' encounter look-back, newest first
+        queries.append(
+            PrefetchQuery("encounter", "Encounter", (patient,), "date", _widest(windows[ENCOUNTER_CONCEPT]), "-date",
+                          frozenset({ENCOUNTER_CONCEPT}), _LABELS["encounter"])
+        )  # fmt: skip
     if "arrhythmia" in used:
         findings = _input_windows(rules, kind="finding")["arrhythmia"]  # ECG findings, not diagnoses
         ecg = frozenset({"arrhythmia", "qtc"} & used)  # an ECG gives rhythm findings and a QTc component
@@ -153,9 +175,16 @@ def prefetch_queries(rules: list[Rule]) -> tuple[PrefetchQuery, ...]:
             PrefetchQuery("ecg", "Observation", (patient, ("code", _codes(["ecg"]))), "date",
                           _widest(findings), "-date", ecg, _LABELS["ecg"])
         )  # fmt: skip
+    diagnoses = frozenset({"arrhythmia", "dialysis"} & used)
+    if diagnoses:
         queries.append(
             PrefetchQuery("conditions", "Condition", (patient, ("clinical-status", _CONDITION_ACTIVE)),
-                          concepts=frozenset({"arrhythmia"}), label=_LABELS["conditions"])
+                          concepts=diagnoses, label=_LABELS["conditions"])
+        )  # fmt: skip
+    if "dialysis" in used:  # dialysis sessions as far back as the widest dialysis window
+        queries.append(
+            PrefetchQuery("procedures", "Procedure", (patient, ("status", "completed,in-progress")), "date",
+                          _widest(windows["dialysis"]), "-date", frozenset({"dialysis"}), _LABELS["procedures"])
         )  # fmt: skip
     drugs = frozenset(used & set(known_classes()))
     if drugs:
@@ -202,8 +231,13 @@ _LABELS = {
     "potassium": "potassium results",
     "magnesium": "magnesium results",
     "qtc": "QTc measurements",
+    "egfr": "eGFR results",
+    "creatinine": "creatinine results",
+    "patient": "the patient's age (Patient)",
+    "encounter": "encounters (where the patient is cared for)",
+    "procedures": "dialysis procedures",
     "ecg": "ECG findings",
-    "conditions": "arrhythmia diagnoses (Condition)",
+    "conditions": "arrhythmia and dialysis diagnoses (Condition)",
     "medicationStatements": "medication statements",
     "medicationRequests": "medication orders",
     "medicationStatementsFinished": "finished medication statements",
@@ -213,9 +247,17 @@ _LABELS = {
 }
 
 
+def concepts_read_by(rule: Rule) -> frozenset[str]:
+    """The concepts a rule reads: its inputs' and its applicability's (patient; encounter when it names classes)."""
+    concepts = {c for spec in rule.inputs.values() for c in spec.concepts} | {PATIENT_CONCEPT}
+    if rule.applicability.encounter_classes is not None:
+        concepts.add(ENCOUNTER_CONCEPT)
+    return frozenset(concepts)
+
+
 def keys_read_by(rule: Rule, queries: tuple[PrefetchQuery, ...]) -> frozenset[str]:
     """The prefetch keys that supply facts of a concept the rule reads."""
-    concepts = {c for spec in rule.inputs.values() for c in spec.concepts}
+    concepts = concepts_read_by(rule)
     return frozenset(q.key for q in queries if q.concepts & concepts)
 
 

@@ -31,6 +31,7 @@ RESOURCE_TYPES = frozenset(
         "MedicationRequest",
         "MedicationAdministration",
         "Condition",
+        "Procedure",
         "Patient",
         "Encounter",
         "Bundle",

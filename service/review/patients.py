@@ -1,22 +1,23 @@
 """Who and where a patient is, for the worklist: the one seam between the review feature and patient context.
 
 The worklist, the detail, the search and the ward / encounter-class filters read patients only through the
-installed :class:`PatientDirectory`. Until Patient / Encounter resources are ingested (issue 11) the default
-directory knows nobody (:class:`NoPatientContext`): every lookup answers None / nothing and the page shows
-the FHIR id, as before. The patient-context work installs its directory with :func:`install` (at start-up,
-in every API process); nothing else changes.
+installed :class:`PatientDirectory`. The API installs :class:`StoredPatientDirectory` at start-up: who and where
+each patient is, from the Patient and Encounter resources the stream ingested (``workers.state.context_index``,
+kept by the workers). A patient the feed sent no Patient / Encounter for is unknown: the page shows the FHIR id.
+:class:`NoPatientContext` knows nobody (the default until the API installs the stored one).
 
 Names, MRNs and birth dates are PHI: they are shown to signed-in users only, never logged, never in metrics.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import date
 from typing import Any, Protocol
 
 from service.review.labels import encounter_label
+from workers.state.context_index import ContextIndex
 
 SEXES = {"female": "F", "male": "M", "other": "X", "unknown": "?"}  # FHIR R4 administrative-gender
 
@@ -100,6 +101,75 @@ class NoPatientContext:
 
     def wards(self) -> list[str]:
         return []
+
+
+def _birth_date(text: str | None) -> date | None:
+    """A full FHIR date as a date (a year or year-month only: None, the age is not shown exactly)."""
+    try:
+        return date.fromisoformat(text) if text and len(text) == 10 else None
+    except ValueError:
+        return None
+
+
+def _display(patient: str, entry: dict[str, Any]) -> PatientDisplay:
+    return PatientDisplay(
+        patient,
+        entry.get("name"),
+        entry.get("mrn"),
+        _birth_date(entry.get("birth_date")),
+        entry.get("sex"),
+        entry.get("ward"),
+        entry.get("bed"),
+        entry.get("class"),
+    )
+
+
+class StoredPatientDirectory:
+    """The patients the stream knows, from their ingested Patient and Encounter resources.
+
+    ``index`` gives the context index on the current Redis connection (called per lookup, so a process that
+    reconnects or a test that switches Redis reads the right one). Lookups by id are one HMGET; search and the
+    ward / encounter-class filters walk the index with HSCAN (a hospital's patients, a few hundred bytes each)."""
+
+    def __init__(self, index: Callable[[], ContextIndex]) -> None:
+        self._index = index
+
+    @property
+    def available(self) -> bool:
+        """True once any patient context was ingested (the page then offers the ward and class filters)."""
+        return self._index().any()
+
+    def display(self, patient_ids: Iterable[str]) -> dict[str, PatientDisplay]:
+        found = self._index().get_many(list(patient_ids))
+        return {patient: _display(patient, entry) for patient, entry in found.items()}
+
+    def search(self, text: str, limit: int) -> list[str]:
+        needle = text.strip().casefold()
+        hits = [
+            patient
+            for patient, entry in self._index().scan()
+            if (entry.get("name") and needle in str(entry["name"]).casefold())
+            or (entry.get("mrn") and str(entry["mrn"]).casefold() == needle)
+        ]
+        return sorted(hits)[:limit]
+
+    def where(self, ward: str | None, encounter_class: str | None) -> set[str]:
+        return {
+            patient
+            for patient, entry in self._index().scan()
+            if (ward is None or entry.get("ward") == ward)
+            and (encounter_class is None or entry.get("class") == encounter_class)
+        }
+
+    def wards(self) -> list[str]:
+        return sorted({str(entry["ward"]) for _, entry in self._index().scan() if entry.get("ward")})
+
+
+def stored_directory() -> StoredPatientDirectory:
+    """The directory on the stream's store (installed by the API at start-up)."""
+    from workers.pipeline import get_store
+
+    return StoredPatientDirectory(lambda: ContextIndex(get_store().client))
 
 
 _directory: PatientDirectory = NoPatientContext()

@@ -29,7 +29,8 @@ def _low_k(patient: str) -> list[dict]:
 
 
 def _prefetched(resources: list[dict], patient: str) -> list[dict]:
-    return [e["resource"] for b in prefetch_for(resources, patient).values() for e in b["entry"]]
+    values = [v for v in prefetch_for(resources, patient).values() if v is not None]  # the Patient read is null here
+    return [e["resource"] for b in values for e in b["entry"]]
 
 
 def _administration(patient: str, at: str) -> dict:

@@ -95,7 +95,8 @@ def test_windows_follow_a_changed_rule_parameter() -> None:
     changed.parameters["mg_lookback"] = changed.parameters["mg_lookback"].model_copy(update={"hours": 24.0})
     windows = {q.key: q.window_hours for q in prefetch_queries([changed])}
     assert windows["magnesium"] == 72 + 24
-    assert "qtc" not in windows and "conditions" not in windows  # only what that rule reads
+    assert "qtc" not in windows and "ecg" not in windows  # only what that rule reads
+    assert windows["conditions"] is None and windows["procedures"] == 168  # its renal inputs: dialysis
 
 
 def test_own_search_applies_the_window_and_tokens() -> None:

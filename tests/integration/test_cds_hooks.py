@@ -35,6 +35,7 @@ from cds_support import (
     empty_members,
     h,
     hook_request,
+    now,
     prefetch_for,
     queries,
     scenario,
@@ -963,3 +964,85 @@ def test_spec_example_requests_never_answer_5xx(cds: Cds) -> None:
         if hook in SERVICE:
             response = cds.call(hook, body)
             assert response.status_code in (200, 400, 412), (path.name, response.text)
+
+
+# --- patient context and renal caution (issue 11) -------------------------------------------------------------------
+
+
+def test_discovery_asks_for_patient_and_encounter(cds: Cds) -> None:
+    prefetch = discovery(cds).json()["services"][0]["prefetch"]
+    assert prefetch["patient"] == "Patient/{{context.patientId}}"
+    assert prefetch["encounter"] == "Encounter?patient={{context.patientId}}&_sort=-date&_count=5"
+    assert {"egfr", "creatinine", "procedures"} <= set(prefetch)
+
+
+def test_patient_and_encounter_prefetch_decide_where_a_rule_applies(cds: Cds, fhir: LoopbackFhir) -> None:
+    """One CDS call per context: the hypokalemia card for an adult inpatient only; an outpatient encounter, a child
+    or a discharged stay give no card; no Patient / Encounter at all (null keys) applies as the stream does."""
+    from fhir_builders import encounter, patient_resource
+
+    def cards_for(*context: Any) -> list[str]:
+        patient = patient_id()
+        resources = [potassium(3.2, at=h(4), patient=patient)]
+        for make in context:
+            resources.append(make(patient))
+        body = hook_request("patient-view", patient, prefetch_for(resources, patient))
+        return [rule_of(c) for c in cds.cards("patient-view", body)]
+
+    def adult(p: str) -> dict[str, Any]:
+        return patient_resource(p, "1950-03-01")
+
+    def child(p: str) -> dict[str, Any]:
+        return patient_resource(p, f"{now().year - 10}-01-01")
+
+    def inpatient(p: str) -> dict[str, Any]:
+        return encounter("IMP", start=h(30), patient=p, ward="Ward 5 North")
+
+    def clinic(p: str) -> dict[str, Any]:
+        return encounter("AMB", start=h(5), patient=p)
+
+    def discharged(p: str) -> dict[str, Any]:
+        return encounter("IMP", start=h(24 * 9), end=h(24 * 6), patient=p)
+
+    assert cards_for(adult, inpatient) == [HYPOK]
+    assert cards_for(adult, clinic) == []
+    assert cards_for(child, inpatient) == []
+    assert cards_for(adult, discharged) == []
+    assert cards_for() == [HYPOK]  # patient and encounter keys null: context unknown, the rule's policy applies
+
+
+def test_patient_and_encounter_are_fetched_when_not_prefetched(cds: Cds, fhir: LoopbackFhir) -> None:
+    from fhir_builders import encounter, patient_resource
+
+    patient = patient_id()
+    resources = [
+        patient_resource(patient, "1950-03-01"),
+        encounter("AMB", start=h(5), patient=patient),
+        potassium(3.2, at=h(4), patient=patient),
+    ]
+    fhir.reset(resources)
+    cards = cds.cards("patient-view", hook_request("patient-view", patient, None, fhir_server=fhir.url))
+    assert cards == []  # the outpatient encounter was fetched and decided the rule does not apply
+    paths = {r.path.rsplit("/", 1)[-1]: r.query for r in fhir.requests}
+    assert ("_id", patient) in paths["Patient"]
+    assert any(name == "date" and value.startswith("ge") for name, value in paths["Encounter"])
+
+
+def test_renal_caution_through_a_cds_call(cds: Cds, fhir: LoopbackFhir) -> None:
+    """eGFR 25: the arrhythmia card offers IV magnesium not recommended, with the caution and no dose."""
+    from fhir_builders import condition, egfr, encounter, magnesium, patient_resource
+
+    patient = patient_id()
+    resources = [
+        patient_resource(patient, "1950-03-01"),
+        encounter("IMP", start=h(30), patient=patient),
+        condition(onset=h(24), patient=patient),
+        magnesium(0.6, at=h(5), patient=patient),
+        egfr(25, at=h(6), patient=patient),
+    ]
+    [card] = cds.cards("patient-view", hook_request("patient-view", patient, prefetch_for(resources, patient)))
+    assert rule_of(card) == ARRHYTHMIA and "Renal caution" in card["detail"] and "eGFR 25 mL/min/1.73" in card["detail"]
+    [suggestion] = card["suggestions"]
+    assert "renal caution" in suggestion["label"] and "isRecommended" not in suggestion
+    dosage = suggestion["actions"][0]["resource"]["dosageInstruction"][0]
+    assert "doseAndRate" not in dosage

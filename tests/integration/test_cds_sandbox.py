@@ -45,8 +45,18 @@ from workers.pipeline import get_catalog
 
 pytestmark = pytest.mark.slow
 H01 = "sandbox-h-01-patient-view.json"
-#: prefetch keys the discovery document asks for since the capture (finished medications, administrations)
-NEWER_KEYS = ("medicationStatementsFinished", "medicationRequestsFinished", "medicationAdministrations")
+#: prefetch keys the discovery document asks for since the capture (finished medications, administrations,
+#: renal function and patient context)
+NEWER_KEYS = (
+    "medicationStatementsFinished",
+    "medicationRequestsFinished",
+    "medicationAdministrations",
+    "egfr",
+    "creatinine",
+    "patient",
+    "encounter",
+    "procedures",
+)
 K31 = "Low K 3.1 mmol/L and no Mg measured: check serum magnesium"
 EXPECTED: dict[str, tuple[int, list[str]]] = {
     "sandbox-a-01-patient-view.json": (200, []),

@@ -554,7 +554,7 @@ def test_readiness_reasons_without_worker_then_ready(stack: Stack, tmp_path: Pat
     assert response.status_code == 503
     body = response.json()
     assert body["status"] == "not-ready"
-    assert body["checks"]["redis"] == "ok" and body["checks"]["rules"] == 3
+    assert body["checks"]["redis"] == "ok" and body["checks"]["rules"] == 7
     assert body["reasons"] == ["workers: no worker heartbeat in the last 3 s"]
     api_only = stack.http.get(f"{stack.base_url}/readyz", params={"scope": "api"})
     assert api_only.status_code == 200 and "workers" not in api_only.json()["checks"]

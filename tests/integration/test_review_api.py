@@ -8,7 +8,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 from itest_builders import potassium
@@ -28,7 +30,9 @@ from review_support import (
     ward_directory,
 )
 
+from service.review import patients as directory_seam
 from workers.state import review_index as rq
+from workers.state.context_index import ContextIndex
 
 pytestmark = pytest.mark.slow
 
@@ -703,3 +707,119 @@ def test_data_problems_queue_records_once_lists_resolves_and_audits(store, api, 
         api.post("/api/review/data-problems/zzz/transitions", json={"action": "reopen"}, headers=PHARMACIST).status_code
         == 400
     )
+
+
+# --- patient context from ingested Patient / Encounter resources (issue 11): the directory the API installs ---------
+# Patient and Encounter resources go through ingestion and the pipeline like every other resource; the worklist shows
+# who and where the patient is from them, searches names and MRNs, filters by ward and encounter class; a discharge
+# closes the inpatient-only alert; a deleted Patient leaves the worklist; no PHI reaches the logs.
+
+ACT = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+MR = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]}
+
+
+def _time(hours: float) -> str:
+    return (T0 + timedelta(hours=hours)).isoformat().replace("+00:00", "Z")
+
+
+def person(pid: str, family: str, given: str, mrn: str, born: str = "1948-05-17") -> dict[str, Any]:
+    return {
+        "resourceType": "Patient", "id": pid, "gender": "female", "birthDate": born,
+        "name": [{"use": "official", "family": family, "given": [given]}],
+        "identifier": [{"type": MR, "system": "urn:oid:1.2.3", "value": mrn}],
+    }  # fmt: skip
+
+
+def stay(eid: str, pid: str, klass: str, start: float, end: float | None = None, ward: str | None = None,
+         bed: str | None = None, version: str = "1") -> dict[str, Any]:  # fmt: skip
+    resource: dict[str, Any] = {
+        "resourceType": "Encounter", "id": eid, "meta": {"versionId": version},
+        "status": "finished" if end is not None else "in-progress",
+        "class": {"system": ACT, "code": klass}, "subject": {"reference": f"Patient/{pid}"},
+        "period": {"start": _time(start), **({"end": _time(end)} if end is not None else {})},
+    }  # fmt: skip
+    places = [(ward, "wa"), (bed, "bd")]
+    resource["location"] = [
+        {"location": {"display": name}, "physicalType": {"coding": [{"code": kind}]}} for name, kind in places if name
+    ]
+    return resource
+
+
+@pytest.fixture
+def context_api(store, module_redis_url, key_prefix, monkeypatch, tmp_path):
+    seed(
+        store,
+        [
+            person("c1", "Doe", "Jane", "MRN-C1"),
+            stay("e1", "c1", "IMP", -30, ward="Ward 7 East", bed="12"),
+            potassium("k-c1", "c1", 3.1, T0),
+            person("c2", "Roe", "Anna", "MRN-C2", born="1960-01-02"),
+            stay("e2", "c2", "EMER", -2, ward="ED"),
+            potassium("k-c2", "c2", 3.2, T0 + timedelta(hours=1)),
+            person("c3", "Poe", "Edgar", "MRN-C3"),
+            stay("e3", "c3", "AMB", 1.5),
+            potassium("k-c3", "c3", 3.3, T0 + timedelta(hours=2)),  # an outpatient: no alert
+            potassium("k-c4", "c4", 3.0, T0 + timedelta(hours=3)),  # no context at all: alert, FHIR id shown
+        ],
+    )
+    with review_client(monkeypatch, module_redis_url, key_prefix, tmp_path) as client:
+        yield client
+
+
+def _items(api, **params):
+    return _list(api, **params)["items"]
+
+
+def test_the_api_installs_the_stored_directory():
+    import service.app  # noqa: F401 - importing the app installs it
+
+    assert isinstance(directory_seam.directory(), directory_seam.StoredPatientDirectory)
+
+
+def test_the_worklist_shows_who_and_where_from_ingested_context(context_api):
+    rows = {a["patient"]: a for a in _items(context_api)}
+    assert set(rows) == {"c1", "c2", "c4"}  # c3 is an outpatient: the hypokalemia rule does not apply
+    c1 = rows["c1"]["patient_context"]
+    assert (c1["name"], c1["mrn"], c1["sex"], c1["birth_date"]) == ("DOE, Jane", "MRN-C1", "female", "1948-05-17")
+    assert (c1["ward"], c1["bed"], c1["encounter_class"], c1["encounter_class_display"]) == (
+        "Ward 7 East", "12", "IMP", "Inpatient",
+    )  # fmt: skip
+    assert c1["age"].endswith(" y")
+    assert rows["c2"]["patient_context"]["ward"] == "ED" and rows["c2"]["patient_context"]["encounter_class"] == "EMER"
+    assert rows["c4"]["patient_context"] is None  # no Patient / Encounter sent: the FHIR id is shown
+
+
+def test_search_and_filters_read_the_stored_context(context_api):
+    assert {a["patient"] for a in _items(context_api, patient="MRN-C2")} == {"c2"}
+    assert {a["patient"] for a in _items(context_api, patient="doe")} == {"c1"}
+    assert {a["patient"] for a in _items(context_api, ward="Ward 7 East")} == {"c1"}
+    assert {a["patient"] for a in _items(context_api, encounter_class="EMER")} == {"c2"}
+    assert directory_seam.directory().wards() == ["ED", "Ward 7 East"]  # c3's clinic visit has no ward
+    assert directory_seam.directory().available
+
+
+def test_a_discharge_closes_the_inpatient_alert_and_updates_the_worklist(context_api, store):
+    seed(store, [stay("e1", "c1", "IMP", -30, end=2, version="2")])
+    [alert] = [a for a in store.alerts_for_patient("c1") if a["rule_id"] == HYPOK]
+    assert alert["status"] == "withdrawn"
+    assert "Does not apply: no encounter in progress" in alert["history"][-1]["why"]
+    entry = ContextIndex(store.client).get_many(["c1"])["c1"]
+    assert "ward" not in entry and entry["name"] == "DOE, Jane"
+
+
+def test_a_deleted_patient_leaves_the_worklist_context(context_api, store):
+    from workers.events import dump_batch, tombstone
+    from workers.pipeline import process_batch
+
+    process_batch(dump_batch([tombstone("c2", "Patient/c2", T0 + timedelta(hours=5))]), store)
+    entry = ContextIndex(store.client).get_many(["c2"])["c2"]
+    assert "name" not in entry and entry["ward"] == "ED"  # the encounter is still known
+
+
+def test_no_name_or_mrn_reaches_the_logs(store, caplog):
+    caplog.set_level(logging.DEBUG)
+    seed(store, [person("c9", "Secretname", "Hidden", "MRN-SECRET"), stay("e9", "c9", "IMP", 0),
+                 potassium("k-c9", "c9", 3.0, T0 + timedelta(hours=1))])  # fmt: skip
+    text = caplog.text + "".join(str(r.__dict__) for r in caplog.records)
+    for secret in ("Secretname", "Hidden", "MRN-SECRET", "1948-05-17"):
+        assert secret not in text

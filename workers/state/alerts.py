@@ -90,6 +90,7 @@ def decision_body(decision: Decision, close: str | None = None) -> dict[str, Any
         "evidence": evidence,
         "escalators": escalators,
         "explanation": decision.explanation,
+        "parameters": dict(getattr(decision, "parameters", None) or {}),
         "as_of": decision.as_of,
         "fingerprint": hashlib.sha256(fingerprint_source.encode()).hexdigest()[:16],
     }

@@ -77,3 +77,9 @@ def inbox_batches() -> str:
 def inbox_due() -> str:
     """Sorted set: batch id -> epoch seconds when its delivery is repeated if it is still unfinished."""
     return f"{_prefix()}:{{inbox}}:due"
+
+
+def patient_context() -> str:
+    """Hash of patient id -> "<timeline version>\\t<json>": who and where each patient is (name, MRN, birth date,
+    sex, the encounter in progress: class, ward, bed), for the review worklist (``workers.state.context_index``)."""
+    return f"{_prefix()}:context:patients"

@@ -24,8 +24,17 @@ Step = Callable[[Record], Record]
 
 #: Records written before ``schema_version`` existed are the first format.
 _FIRST_VERSION = 1
-#: version N -> function returning the record in version N+1 (empty while every format is the first).
-_FACT_STEPS: dict[int, Step] = {}
+
+
+def _fact_1_to_2(record: Record) -> Record:
+    """Facts before patient context: no encounter link, no reference range, no patient or encounter details."""
+    for name in ("encounter", "reference_low", "reference_low_reported", "patient_info", "encounter_info"):
+        record.setdefault(name, None)
+    return record
+
+
+#: version N -> function returning the record in version N+1.
+_FACT_STEPS: dict[int, Step] = {1: _fact_1_to_2}
 _ALERT_STEPS: dict[int, Step] = {}
 
 

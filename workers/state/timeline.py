@@ -52,9 +52,12 @@ def epoch(value: datetime) -> float:
 
 def readable_until(facts: list[Fact]) -> float:
     """The latest instant at which a window can still include one of these facts: a point's time, an
-    interval's end, +inf while an interval is open or the time is unknown."""
+    interval's end, +inf while an interval is open or the time is unknown, and +inf for patient context
+    (Patient, Encounter: the engine reads them at every evaluation while retention keeps them)."""
     latest = -math.inf
     for fact in facts:
+        if fact.kind in ("patient", "encounter"):
+            return math.inf  # patient context is read by every evaluation while it is kept (retention decides)
         if fact.kind in ("lab", "finding"):
             moment = fact.start
         else:

@@ -97,7 +97,7 @@ for _, step in ipairs(steps) do
         if alert.fingerprint ~= fresh.fingerprint or #reasons > 0 then
           local from = alert.severity
           for _, k in ipairs({'severity', 'card', 'evidence', 'explanation', 'fingerprint', 'rule_version',
-                              'as_of', 'escalators'}) do
+                              'as_of', 'escalators', 'parameters'}) do
             alert[k] = fresh[k]
           end
           alert.indeterminate = nil
