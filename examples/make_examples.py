@@ -118,6 +118,27 @@ def patient(pid: str, given: str, gender: str, birth_date: str, updated: datetim
     }
 
 
+def encounter(pid: str, index: int, updated: datetime) -> Resource:
+    """The stay the patient is in: every other patient (feed order) on Ward 5B as an inpatient, the others in
+    the emergency department; admitted when the Patient record was written, still in progress."""
+    inpatient = index % 2 == 0
+    kind, ward = (("IMP", "inpatient encounter"), "Ward 5B") if inpatient else (("EMER", "emergency"), "ED")
+    location_type = "http://terminology.hl7.org/CodeSystem/location-physical-type"
+    return {
+        "resourceType": "Encounter",
+        "id": f"enc-{pid.removeprefix('ex-')}",
+        "meta": meta(1, updated + timedelta(minutes=1)),
+        "status": "in-progress",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": kind[0], "display": kind[1]},
+        "subject": subject(pid),
+        "period": {"start": iso(updated)},
+        "location": [
+            {"location": {"display": ward}, "physicalType": concept(location_type, "wa", "Ward", "Ward")},
+            {"location": {"display": f"{index + 1:02d}"}, "physicalType": concept(location_type, "bd", "Bed", "Bed")},
+        ],
+    }
+
+
 def lab(
     rid: str,
     pid: str,
@@ -482,7 +503,17 @@ def build() -> list[Resource]:
     if len(set(versions)) != len(versions):
         raise ValueError("duplicate (resourceType, id, versionId) in the example stream")
     # Stable sort: equal times keep scenario order (e.g. the K and Mg of one draw).
-    return sorted(resources, key=lambda r: r["meta"]["lastUpdated"])
+    resources.sort(key=lambda r: r["meta"]["lastUpdated"])
+    people = [r for r in resources if r["resourceType"] == "Patient"]
+    stays = [encounter(p["id"], i, parse(p["meta"]["lastUpdated"])) for i, p in enumerate(people)]
+    for stay in stays:
+        validate(stay)
+    return sorted(resources + stays, key=lambda r: r["meta"]["lastUpdated"])
+
+
+def parse(text: str) -> datetime:
+    """The instant of a FHIR instant with a Z offset."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def render(resources: list[Resource]) -> str:

@@ -239,14 +239,14 @@ def test_what_if_on_the_example_stream_lists_the_exact_alerts_added_and_removed(
     forward = _run("what-if", str(EXAMPLE), "--site", str(site), "--json")
     assert forward.returncode == 0, forward.stderr
     found = json.loads(forward.stdout)
-    assert found["patients"] == 12 and found["patient_days"] == 15
+    assert found["patients"] == 12 and found["patient_days"] == 18
     assert [(a["patient"], a["rule"], a["opened"]) for a in found["removed"]] == [
         ("ex-charlie", HYPOK, "2024-03-11T05:50:00Z")
     ]
     assert found["added"] == []
     hypok = next(r for r in found["rules"] if r["rule"] == HYPOK)
     assert (hypok["alerts_base"], hypok["alerts_candidate"], hypok["removed"]) == (7, 6, 1)
-    assert (hypok["per_1000_patient_days_base"], hypok["per_1000_patient_days_candidate"]) == (466.7, 400.0)
+    assert (hypok["per_1000_patient_days_base"], hypok["per_1000_patient_days_candidate"]) == (388.9, 333.3)
     assert {r["rule"] for r in found["rules"]} == {r.id for r in packaged_catalog().rules}  # shadow rules included
     backward = json.loads(_run("what-if", str(EXAMPLE), "--base-site", str(site), "--json").stdout)
     assert [(a["patient"], a["rule"]) for a in backward["added"]] == [("ex-charlie", HYPOK)] and not backward["removed"]
@@ -255,6 +255,6 @@ def test_what_if_on_the_example_stream_lists_the_exact_alerts_added_and_removed(
 def test_what_if_prints_the_table_a_pharmacy_team_reads(tmp_path: Path):
     result = _run("what-if", str(EXAMPLE), "--site", str(_write(tmp_path, K33)))
     assert result.returncode == 0, result.stderr
-    assert "12 patients, 15 patient-days" in result.stdout
+    assert "12 patients, 18 patient-days" in result.stdout
     assert "alerts removed (base only)" in result.stdout and "ex-charlie" in result.stdout
     assert "alerts added (candidate only): none" in result.stdout

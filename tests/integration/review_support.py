@@ -237,14 +237,22 @@ NEW_PATIENT = {
 
 
 def example_directory() -> FakeDirectory:
-    """The example stream's own Patient resources (and ``NEW_PATIENT``), placed on two wards (every other one in
-    the emergency department)."""
-    people = []
+    """The example stream's own Patient resources with the stays its Encounter resources place them in (and
+    ``NEW_PATIENT``, in the emergency department)."""
     lines = EXAMPLE_STREAM.read_text(encoding="utf-8").splitlines()
-    resources = [json.loads(line) for line in lines if line.strip()] + [NEW_PATIENT]
-    for i, resource in enumerate(r for r in resources if r["resourceType"] == "Patient"):
-        ward, klass = ("Ward 5B", "IMP") if i % 2 == 0 else ("ED", "EMER")
-        people.append(display_of(resource, ward, f"{i + 1:02d}", klass))
+    resources = [json.loads(line) for line in lines if line.strip()]
+    stays = {}
+    for stay in (r for r in resources if r["resourceType"] == "Encounter"):
+        places = {
+            entry["physicalType"]["coding"][0]["code"]: entry["location"]["display"] for entry in stay["location"]
+        }
+        stays[stay["subject"]["reference"].removeprefix("Patient/")] = (
+            places.get("wa"),
+            places.get("bd"),
+            stay["class"]["code"],
+        )
+    people = [display_of(r, *stays[r["id"]]) for r in resources if r["resourceType"] == "Patient"]
+    people.append(display_of(NEW_PATIENT, "ED", f"{len(people) + 1:02d}", "EMER"))
     return FakeDirectory(people)
 
 
