@@ -89,7 +89,14 @@ def test_no_server_errors(case: Any, http: TestClient) -> None:
     kwargs.pop("follow_redirects", None)
     kwargs.pop("allow_redirects", None)
     response = http.request(**{k: v for k, v in kwargs.items() if k in _REQUEST_ARGS})
+    if _is_documented_not_ready(case.formatted_path, response.status_code, response.text):
+        return
     assert response.status_code < 500, f"{case.method} {case.formatted_path}: {response.text[:500]}"
+
+
+def _is_documented_not_ready(path: str, status: int, text: str) -> bool:
+    """``/readyz`` answers 503 by design when no worker heartbeat is fresh (no worker runs in this test)."""
+    return path == "/readyz" and status == 503 and '"status":"not-ready"' in text
 
 
 _REQUEST_ARGS = ("method", "url", "headers", "params", "json", "content", "data", "files", "cookies")
