@@ -372,6 +372,20 @@ class Settings(BaseSettings):
         description="ingestion requests admitted at once per API process (running or waiting for a lane thread); "
         "more are answered 503 with Retry-After before their body is read",
     )
+    cds_threads: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="threads that answer CDS Hooks calls and feedback (the cds lane: normalisation, rule engine and "
+        "the alert store reads / writes), off the event loop",
+    )
+    cds_max_requests: int = Field(
+        default=32,
+        ge=1,
+        le=4096,
+        description="CDS Hooks calls and feedback requests admitted at once per API process (running or waiting for a "
+        "cds lane thread); more are answered 503 with Retry-After",
+    )
     feed_issuers: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict,
         description="trusted authorization servers of feed clients (SMART Backend Services): JSON object mapping "

@@ -9,7 +9,9 @@ runs their work on at most ``threads`` threads. Admit *before* reading a large b
         body = await read_body(request, ...)
         return await lane.run(work, body)
 
-Ingestion uses the ``ingest`` lane; other lanes (e.g. one for CDS Hooks) are added to :data:`LANES`.
+Ingestion uses the ``ingest`` lane; CDS Hooks calls and feedback the ``cds`` lane (their work on the alert store
+goes through the synchronous ``workers.state`` store; the jti replay check uses ``service.aredis``). Separate
+lanes keep a burst of ``$import`` requests from taking the threads CDS calls need.
 """
 
 from __future__ import annotations
@@ -80,7 +82,12 @@ def _ingest_lane() -> Lane:
     return Lane("ingest", settings.ingest_threads, settings.ingest_max_requests)
 
 
-LANES: dict[str, Callable[[], Lane]] = {"ingest": _ingest_lane}
+def _cds_lane() -> Lane:
+    settings = get_settings()
+    return Lane("cds", settings.cds_threads, settings.cds_max_requests)
+
+
+LANES: dict[str, Callable[[], Lane]] = {"ingest": _ingest_lane, "cds": _cds_lane}
 
 
 def get_lane(name: str) -> Lane:

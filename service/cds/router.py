@@ -26,7 +26,9 @@ from service.cds.orders import NormalizeCache, draft_order_facts, facts_from
 from service.cds.prefetch import read_prefetch
 from service.cds.request import HookRequest, parse_request
 from service.cds.services import CdsService, services
+from service.errors import RETRY_AFTER_BUSY
 from service.observability.middleware import peeked_json
+from service.offload import Busy, get_lane
 from workers.pipeline import get_catalog, get_store
 
 log = logging.getLogger("ehr_alerts.cds")
@@ -103,6 +105,22 @@ def _cards_for(
     return build_cards(decisions, stored, call.patient_id, index, now, store, unchecked=found.notes(), origin=origin)
 
 
+def _apply_feedback(items: list[Any], actor: str) -> list[Any]:
+    """Every feedback item applied to the alert store (on a cds lane thread: synchronous store calls)."""
+    store = get_store()
+    index = CardIndex(store.client, get_settings())
+    catalog = get_catalog()
+    return [apply_item(item, store, index, catalog, actor) for item in items]
+
+
+def _busy() -> Response:
+    """503 throttled + Retry-After: the cds lane already holds ``EHR_ALERTS_CDS_MAX_REQUESTS`` requests."""
+    error = CdsError(503, "too many CDS Hooks requests in progress; retry later", code="throttled")
+    response = error.response()
+    response.headers["Retry-After"] = str(RETRY_AFTER_BUSY)
+    return response
+
+
 @router.get("", summary="CDS Hooks discovery")
 async def discovery(_: Client) -> dict[str, Any]:
     """The services offered, one per hook, with 2.0 prefetch templates."""
@@ -121,17 +139,22 @@ async def call_service(service_id: str, request: Request, client: Client) -> Res
         if refusal:  # before anything is fetched: a refused server is never contacted
             raise CdsError(412, refusal, "fhirServer", "forbidden")
         now = datetime.now(UTC)
-        data = read_prefetch(service.prefetch, call.prefetch)
-        fetches, gaps = plan(call, settings, service.prefetch, data, now)
-        fetched, failed = await fetch_missing(call, settings, fetches)
-        found = coverage({**gaps, **failed}, get_catalog().rules, service.prefetch)
-        report(found, service.prefetch, service.id)
-        resources = [r for key, item in data.items() for r in fetched.get(key, item.resources)]
-        # Run inline: the work is CPU-bound with a few sub-millisecond Redis round trips, and a worker-thread
-        # hop measured ~1 ms more CPU per call (bench/bench_cds.py) with no latency gain on 2 cores.
-        cards = _cards_for(call, resources, now, found)
+        lane = get_lane("cds")
+        async with lane.admit():
+            data = read_prefetch(service.prefetch, call.prefetch)
+            fetches, gaps = plan(call, settings, service.prefetch, data, now)
+            fetched, failed = await fetch_missing(call, settings, fetches)
+            found = coverage({**gaps, **failed}, get_catalog().rules, service.prefetch)
+            report(found, service.prefetch, service.id)
+            resources = [r for key, item in data.items() for r in fetched.get(key, item.resources)]
+            # On a cds lane thread: normalisation and the rule engine are CPU work, and the alert store and card
+            # index are read and written with the synchronous client of workers.state; the event loop stays free
+            # for other calls, and a burst of ingestion requests (the ingest lane) cannot take these threads.
+            cards = await lane.run(_cards_for, call, resources, now, found)
     except CdsError as exc:
         return exc.response()
+    except Busy:
+        return _busy()
     except redis.RedisError as exc:
         log.error("alert store unavailable for a CDS call", extra={"error": type(exc).__name__})
         return CdsError(503, "the alert store is unavailable", code="transient").response()
@@ -148,12 +171,13 @@ async def feedback(service_id: str, request: Request, client: Client) -> JSONRes
     try:
         _service(service_id)  # an unknown service is a 404 before anything is read or applied
         items = parse_feedback(await _json_body(request))
-        store = get_store()
-        index = CardIndex(store.client, get_settings())
-        catalog = get_catalog()
-        results = [apply_item(item, store, index, catalog, client.actor) for item in items]
+        lane = get_lane("cds")
+        async with lane.admit():
+            results = await lane.run(_apply_feedback, items, client.actor)
     except CdsError as exc:
         return exc.response()
+    except Busy:
+        return _busy()
     except redis.RedisError as exc:
         log.error("alert store unavailable for CDS feedback", extra={"error": type(exc).__name__})
         return CdsError(503, "the alert store is unavailable", code="transient").response()

@@ -94,12 +94,13 @@ def _replay_key(settings: Settings, issuer: str, jti: str) -> str:
     return f"{settings.key_prefix}:jti:{digest}"
 
 
-def _first_use(settings: Settings, issuer: str, jti: str, expires: float) -> bool:
-    """Record the jti until the token expires (plus leeway); False when it was seen before."""
-    from workers.state.connection import get_redis
+async def _first_use(settings: Settings, issuer: str, jti: str, expires: float) -> bool:
+    """Record the jti until the token expires (plus leeway); False when it was seen before. On the event loop
+    with the asyncio client (``service.aredis``): a slow Redis never blocks other requests."""
+    from service.aredis import get_async_redis
 
     ttl = max(1, int(expires - time.time()) + settings.jwt_leeway_seconds + 1)
-    return bool(get_redis().set(_replay_key(settings, issuer, jti), "1", nx=True, ex=ttl))
+    return bool(await get_async_redis().set(_replay_key(settings, issuer, jti), "1", nx=True, ex=ttl))
 
 
 async def verify_cds_token(token: str, audience: str, settings: Settings) -> CdsClient:
@@ -124,10 +125,10 @@ async def verify_cds_token(token: str, audience: str, settings: Settings) -> Cds
         leeway=settings.jwt_leeway_seconds,
         required=REQUIRED_CLAIMS,
     )
-    return _checked_client(claims, issuer, settings)
+    return await _checked_client(claims, issuer, settings)
 
 
-def _checked_client(claims: dict[str, Any], issuer: str, settings: Settings) -> CdsClient:
+async def _checked_client(claims: dict[str, Any], issuer: str, settings: Settings) -> CdsClient:
     jti, exp, iat = claims["jti"], claims["exp"], claims["iat"]
     if not isinstance(jti, str) or not jti or len(jti) > MAX_JTI_CHARS:
         raise AuthFailure("claims")
@@ -140,7 +141,7 @@ def _checked_client(claims: dict[str, Any], issuer: str, settings: Settings) -> 
     if allowed_tenants is not None and tenant not in allowed_tenants:
         raise AuthFailure("tenant")
     try:
-        first = _first_use(settings, issuer, jti, exp)
+        first = await _first_use(settings, issuer, jti, exp)
     except redis.RedisError as exc:
         raise HTTPException(503, "replay check unavailable") from exc
     if not first:
