@@ -166,6 +166,13 @@ class Settings(BaseSettings):
         "0 turns the cache off",
     )
 
+    cds_lean_read: bool = Field(
+        default=True,
+        description="read CDS Hooks prefetch, fetched resources and draft orders through lean models of only the "
+        "members the rules read (rules/lean.py; full fhir.resources validation only for what they refuse); false: "
+        "full validation of every resource, as at ingestion",
+    )
+
     # --- CDS Hooks: FHIR server allow-list and process tuning (helper "cdsperf") ---
     cds_fhir_servers: Annotated[dict[str, list[str]], NoDecode] = Field(
         default_factory=dict,
@@ -371,6 +378,13 @@ class Settings(BaseSettings):
         le=1024,
         description="ingestion requests admitted at once per API process (running or waiting for a lane thread); "
         "more are answered 503 with Retry-After before their body is read",
+    )
+    api_routes: Literal["all", "cds", "ingest"] = Field(
+        default="all",
+        description="which routes this API process serves: all; cds (CDS Hooks, the pharmacist review and the alert "
+        "read API, no /fhir ingestion); ingest (only the /fhir ingestion routes). Health, metrics and docs are served "
+        "by every shape. Run one Deployment of each (same image) so ingestion bursts never share a process with "
+        "CDS Hooks",
     )
     cds_threads: int = Field(
         default=2,

@@ -3,7 +3,10 @@ the Patient and Encounter resources it is handed from here).
 
 Each resource is validated with the ``fhir.resources`` R4B models (the closest to R4 4.0.1) plus the
 required-binding code checks those models leave out (status, comparator, intent). A resource that fails
-validation gives field-level issues and no facts; it never raises.
+validation gives field-level issues and no facts; it never raises. With ``NormalizeOptions.lean`` (the CDS
+path) a resource is read through the lean model of only the members the rules read (:mod:`rules.lean`) and
+validated in full only when that model refuses it, so what is left out is left out for the full path's
+reasons.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any, Literal
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
+from rules import lean
 from rules.codes import (
     ArrhythmiaMatch,
     Coding,
@@ -140,6 +144,7 @@ class NormalizeOptions:
 
     include_preliminary: bool = False  # count preliminary lab results as results
     default_patient: str | None = None  # patient for resources without subject (CDS Hooks context)
+    lean: bool = False  # read through the lean models (rules.lean) first; full validation only when they refuse
 
 
 def normalize_resource(
@@ -162,9 +167,13 @@ def normalize_resource(
         return _rejected("?", rid, "resourceType", "missing resourceType")
     if rtype not in SUPPORTED_TYPES:
         return NormalizeResult(rtype, rid, "ignored", reason=f"{rtype} is not a type the rules read")
-    model, problems = parse(rtype, data)
-    if model is None or problems:
-        return NormalizeResult(rtype, rid, "rejected", issues=problems, reason=problems[0].message)
+    model = lean.parse(rtype, data) if options.lean else None
+    if model is not None and _binding_problems(rtype, data):
+        model = None  # rejected below, with the full path's issues
+    if model is None:  # full fhir.resources validation (ingestion always; the CDS path when the lean model refuses)
+        model, problems = parse(rtype, data)
+        if model is None or problems:
+            return NormalizeResult(rtype, rid, "rejected", issues=problems, reason=problems[0].message)
     patient = _patient_id(model, options)
     if patient is None and rtype == "Patient":
         return _rejected(rtype, rid, "Patient.id", "resource has no id (a Patient is known by its own id)")
@@ -205,6 +214,15 @@ def parse(rtype: str, data: Mapping[str, Any]) -> tuple[Any, list[Issue]]:
             issues.append(Issue("error", path, f"{message} (at {path})"))
     except (TypeError, ValueError, KeyError) as exc:  # fhir.resources raises these on odd shapes
         issues.append(Issue("error", rtype, f"invalid {rtype}: {exc}"))
+    issues.extend(_binding_problems(rtype, data))
+    if model is None and not issues:
+        issues.append(Issue("error", rtype, f"invalid {rtype}"))
+    return model, issues
+
+
+def _binding_problems(rtype: str, data: Mapping[str, Any]) -> list[Issue]:
+    """The required code bindings the ``fhir.resources`` models leave out (status, intent, gender, comparator)."""
+    issues: list[Issue] = []
     for (btype, name), allowed in _REQUIRED_CODES.items():
         value = data.get(name)
         if btype == rtype and value is not None and (not isinstance(value, str) or value not in allowed):
@@ -217,9 +235,7 @@ def parse(rtype: str, data: Mapping[str, Any]) -> tuple[Any, list[Issue]]:
             )
     if rtype == "Observation":
         issues.extend(_check_comparators(data))
-    if model is None and not issues:
-        issues.append(Issue("error", rtype, f"invalid {rtype}"))
-    return model, issues
+    return issues
 
 
 def _check_comparators(data: Mapping[str, Any]) -> list[Issue]:
@@ -477,7 +493,7 @@ def _with_reference_low(fact: Fact, ranges: Any) -> Fact:
 
 
 def _medication_content(
-    model: Any, resolve: Mapping[str, Mapping[str, Any]], result: NormalizeResult
+    model: Any, resolve: Mapping[str, Mapping[str, Any]], result: NormalizeResult, options: NormalizeOptions
 ) -> tuple[list[Coding], list[str]]:
     """Codings and texts describing the drug, following medicationReference when needed."""
     if model.medicationCodeableConcept is not None:
@@ -489,7 +505,9 @@ def _medication_content(
     if target and target.startswith("#"):
         medication = next((c for c in model.contained or [] if getattr(c, "id", None) == target[1:]), None)
     elif target and target in resolve:
-        medication = get_fhir_model_class("Medication").model_validate(resolve[target])
+        medication = lean.parse_medication(resolve[target]) if options.lean else None
+        if medication is None:
+            medication = get_fhir_model_class("Medication").model_validate(resolve[target])
     if medication is None:
         result.issues.append(
             Issue(
@@ -583,8 +601,8 @@ def _medication_period(model: Any) -> _Period:
     return _Period(start, end, counts, notes)
 
 
-def _medication(model: Any, patient: str, _: NormalizeOptions, resolve: Mapping, result: NormalizeResult) -> None:
-    codings, texts = _medication_content(model, resolve, result)
+def _medication(model: Any, patient: str, options: NormalizeOptions, resolve: Mapping, result: NormalizeResult) -> None:
+    codings, texts = _medication_content(model, resolve, result, options)
     matches = classify(codings, texts)
     period = _medication_period(model)
     notes = period.notes

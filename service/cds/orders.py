@@ -1,14 +1,17 @@
 """Facts from a call's data: the prefetched / fetched resources and the ``draftOrders`` of order hooks.
 
-Both go through the one normaliser (``rules.normalize``), read leniently (``rules.tolerance``): a resource
-that fails strict R4 validation only in members the rules do not read (a draft's ``category`` sent as an
-object, a ``dosageInstruction`` of an odd shape, a ``note``, ...) is used without those members. Draft
+Both go through the one normaliser (``rules.normalize``), read through the lean models of only the members
+the rules read (``rules.lean``, ``EHR_ALERTS_CDS_LEAN_READ``): members the rules do not read (a draft's
+``category`` sent as an object, a ``dosageInstruction`` of an odd shape, a ``note``, ...) are neither validated
+nor used. A resource the lean model refuses is validated in full and read leniently (``rules.tolerance``):
+used without invalid top-level members the rules do not read, else left out with the full path's reason. Draft
 MedicationRequests and ServiceRequests become order facts (``rules/valuesets/orders.yaml``), so the rules,
 not this service, decide what a draft potassium, diuretic or magnesium order means.
 
 Every resource left out of a call (invalid in a member the rules read, no patient, no id, another patient)
-is logged with the reason and counted (``ehr_alerts_cds_resources_left_out_total``); every tolerated member
-too (``ehr_alerts_cds_members_tolerated_total``). Logs carry the resource type, the element path and the
+is logged with the reason and counted (``ehr_alerts_cds_resources_left_out_total``); every member dropped by
+the full path's lenient reading too (``ehr_alerts_cds_members_tolerated_total``; a resource read lean has
+nothing dropped: its unread members were never looked at). Logs carry the resource type, the element path and the
 problem without its values, never ids or values. A left-out resource never fails the call.
 """
 
@@ -22,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from config.settings import get_settings
 from rules.facts import Fact
 from rules.normalize import NormalizeOptions, NormalizeResult, iter_resources, reference_index
 from rules.tolerance import Lenient, describe, normalize_leniently
@@ -36,7 +40,7 @@ class NormalizeCache:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._items: OrderedDict[tuple[str, bool, bytes], Lenient] = OrderedDict()
+        self._items: OrderedDict[tuple[str, bool, bool, bytes], Lenient] = OrderedDict()
         self._lock = threading.Lock()  # calls may be evaluated in worker threads
 
     def normalize(self, resource: Any, options: NormalizeOptions, index: dict[str, Any], patient: str) -> Lenient:
@@ -45,7 +49,7 @@ class NormalizeCache:
         if self.size == 0 or (isinstance(reference, dict) and not str(reference.get("reference", "#")).startswith("#")):
             return normalize_leniently(resource, options, resolve=index)
         try:
-            key = (patient, options.include_preliminary, orjson.dumps(resource))
+            key = (patient, options.include_preliminary, options.lean, orjson.dumps(resource))
         except (TypeError, orjson.JSONEncodeError):
             return normalize_leniently(resource, options, resolve=index)
         with self._lock:
@@ -104,7 +108,8 @@ def facts_from(
     resources: Iterable[Any], patient: str, include_preliminary: bool, cache: NormalizeCache | None = None
 ) -> list[Fact]:
     """Facts of the patient's resources (Bundles walked); what is left out is logged and counted."""
-    options = NormalizeOptions(include_preliminary=include_preliminary, default_patient=patient)
+    lean = get_settings().cds_lean_read
+    options = NormalizeOptions(include_preliminary=include_preliminary, default_patient=patient, lean=lean)
     pairs = [pair for item in resources for pair in iter_resources(item)]
     # Only a medicationReference to another resource of the call needs the index of the call's resources.
     needs_index = any(isinstance(r, dict) and "medicationReference" in r for _, r in pairs)

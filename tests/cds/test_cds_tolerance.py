@@ -211,9 +211,17 @@ def _sample(name: str, labels: dict[str, str]) -> float:
     return registry.get_sample_value(f"{name}_total", labels) or 0.0
 
 
+@pytest.mark.parametrize("lean", [False, True], ids=["full", "lean"])
 def test_left_out_and_tolerated_resources_are_logged_and_counted_without_values(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, lean: bool
 ) -> None:
+    """Full reading (EHR_ALERTS_CDS_LEAN_READ=false): the invalid unread members are dropped, logged and counted.
+    Lean reading (the default, issue 15): they are never looked at, so nothing is dropped; what is left out is
+    left out for the same reasons either way."""
+    from config.settings import get_settings
+
+    monkeypatch.setenv("EHR_ALERTS_CDS_LEAN_READ", str(lean).lower())
+    get_settings.cache_clear()
     phi = "Jane Q Patient MRN-000123"
     resources = [
         potassium(3.1, at="2024-03-11T06:00:00Z", patient="p1", id="k1"),
@@ -236,10 +244,11 @@ def test_left_out_and_tolerated_resources_are_logged_and_counted_without_values(
     invalid = next(r for r in left if r.reason == "invalid")  # type: ignore[attr-defined]
     assert (invalid.resource_type, invalid.path) == ("Observation", "Observation.status")  # type: ignore[attr-defined]
     used = [r for r in caplog.records if r.getMessage().startswith("resource of a CDS call used without")]
-    assert [sorted(r.members) for r in used] == [["category", "note"]]  # type: ignore[attr-defined]
+    assert [sorted(r.members) for r in used] == ([] if lean else [["category", "note"]])  # type: ignore[attr-defined]
     assert all(phi not in json.dumps(r.__dict__, default=str) for r in caplog.records)
     assert _sample("ehr_alerts_cds_resources_left_out", left_invalid) == before[0] + 1
-    assert _sample("ehr_alerts_cds_members_tolerated", tolerated) == before[1] + 1
+    assert _sample("ehr_alerts_cds_members_tolerated", tolerated) == before[1] + (0 if lean else 1)
+    get_settings.cache_clear()
     assert _sample("ehr_alerts_cds_resources_left_out", {"resource_type": "Observation", "reason": "other-patient"})
 
 
