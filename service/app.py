@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Query
 from fastapi.responses import JSONResponse
 
+from config.settings import get_settings
 from service import apidocs, errors
 from service.audit import install as install_audit
 from service.cds.router import router as cds_router
@@ -45,8 +46,12 @@ install_observability(app)  # JSON logs, request ids, GET /metrics (outermost mi
 errors.install(app)  # every error an OperationOutcome; Redis down -> 503 + Retry-After
 log_security_warnings()  # auth off, dev profile, nothing trusted ... said loudly at start
 
-app.include_router(cds_router)  # CDS Hooks: /cds-services (service/cds/)
-app.include_router(ingest_router)  # FHIR ingestion: /fhir (service/ingest_http.py)
+ROUTES = get_settings().api_routes  # all | cds | ingest (EHR_ALERTS_API_ROUTES): one shape per Deployment
+SERVES_CDS, SERVES_INGEST = ROUTES in ("all", "cds"), ROUTES in ("all", "ingest")
+if SERVES_CDS:
+    app.include_router(cds_router)  # CDS Hooks: /cds-services (service/cds/)
+if SERVES_INGEST:
+    app.include_router(ingest_router)  # FHIR ingestion: /fhir (service/ingest_http.py)
 # GC tuning once started; registered after the CDS router, so it runs after the catalog warm-up
 app.router.add_event_handler("startup", freeze_startup_heap)
 
@@ -56,7 +61,12 @@ Reader = Annotated[Identity, Depends(alert_reader)]
 # --- alert read API ---------------------------------------------------------------------------------------
 
 
-@app.get("/alerts", tags=["alerts"])
+def _alerts_api(app: FastAPI) -> None:
+    app.get("/alerts", tags=["alerts"])(list_alerts)
+    app.get("/patients/{patient_id}/alerts", tags=["alerts"])(patient_alerts)
+    app.get("/patients/{patient_id}/alerts/{alert_id}", tags=["alerts"])(get_alert)
+
+
 def list_alerts(
     _: Reader,
     status: Annotated[str | None, Query(pattern=f"^({'|'.join(STATUSES)})$", description="one alert status")] = None,
@@ -69,7 +79,6 @@ def list_alerts(
     return {"alerts": page, "next_cursor": next_cursor}
 
 
-@app.get("/patients/{patient_id}/alerts", tags=["alerts"])
 def patient_alerts(_: Reader, patient_id: str, open_only: bool = True) -> dict[str, Any]:
     """A patient's alerts (open ones by default)."""
     if not ID_PATTERN.match(patient_id):
@@ -77,7 +86,6 @@ def patient_alerts(_: Reader, patient_id: str, open_only: bool = True) -> dict[s
     return {"alerts": get_store().alerts_for_patient(patient_id, open_only=open_only)}
 
 
-@app.get("/patients/{patient_id}/alerts/{alert_id}", tags=["alerts"])
 def get_alert(_: Reader, patient_id: str, alert_id: str) -> dict[str, Any]:
     """One alert with its evidence and history."""
     alert = (
@@ -90,7 +98,9 @@ def get_alert(_: Reader, patient_id: str, alert_id: str) -> dict[str, Any]:
     return alert
 
 
-install_review(app)  # pharmacist review: /api/review (JSON), /review (page)
+if SERVES_CDS:
+    _alerts_api(app)  # /alerts, /patients/{id}/alerts[/{alert id}]
+    install_review(app)  # pharmacist review: /api/review (JSON), /review (page)
 apidocs.install(app)  # /docs, /openapi.json: local assets, dev profile or signed-in users
 install_patients(stored_directory())  # who and where patients are, from the ingested Patient / Encounter resources
 
