@@ -24,6 +24,8 @@ Run from the repository root::
 
     .venv/bin/python bench/bench_cds.py            # ~1 min, writes bench/results/cds.json
     .venv/bin/python bench/bench_cds.py --quick    # a few seconds (smoke), writes bench/results/cds-quick.json
+    .venv/bin/python bench/bench_cds.py --cold-chart   # issue 15: cold-chart CPU per call against a bare
+                                                       # FastAPI POST of the same body, bench/results/cds-cold.json
 """
 
 from __future__ import annotations
@@ -166,15 +168,38 @@ def patient_prefetch(now: datetime) -> dict[str, Any]:
     } | {"_older_magnesium": searchset(magnesium)}  # an unknown key: ignored, still parsed and sent
 
 
-def request_template(now: datetime) -> str:
-    """The call body with a placeholder hookInstance (replaced per call)."""
+def request_template(now: datetime, keys: dict[str, str] | None = None) -> str:
+    """The call body with a placeholder hookInstance (replaced per call). ``keys``: the service's prefetch
+    templates (discovery); keys the bench patient has nothing for are sent empty (a Patient read: a Patient)."""
+    prefetch = patient_prefetch(now)
+    for key, template in (keys or {}).items():
+        if key in prefetch:
+            continue
+        if template.startswith("Patient/"):
+            prefetch[key] = {"resourceType": "Patient", "id": PATIENT, "birthDate": "1950-01-01", "gender": "female"}
+        else:
+            prefetch[key] = {"resourceType": "Bundle", "type": "searchset", "total": 0, "entry": []}
     body = {
         "hook": "patient-view",
         "hookInstance": "HOOK-INSTANCE",
         "context": {"userId": "Practitioner/bench", "patientId": PATIENT},
-        "prefetch": patient_prefetch(now),
+        "prefetch": prefetch,
     }
     return json.dumps(body)
+
+
+def count_resources(template: str) -> int:
+    """Resources in the call's prefetch (the unknown ``_older_magnesium`` key not counted)."""
+    prefetch = json.loads(template)["prefetch"]
+    return sum(len(v.get("entry", [v])) for k, v in prefetch.items() if not k.startswith("_"))
+
+
+def prefetch_keys(base: str, signer: Signer) -> dict[str, str]:
+    """The prefetch templates of the patient-view service, from the running service's discovery."""
+    token = signer.tokens(f"{base}/cds-services", 1)[0]
+    answer = httpx.get(f"{base}/cds-services", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    answer.raise_for_status()
+    return next(s["prefetch"] for s in answer.json()["services"] if s["id"] == SERVICE)
 
 
 # --- processes ---------------------------------------------------------------------------------------
@@ -225,7 +250,9 @@ class Signer:
 
 
 @contextlib.contextmanager
-def running_stack(workdir: Path, signer: Signer) -> Any:
+def running_stack(
+    workdir: Path, signer: Signer, extra_env: dict[str, str] | None = None, app: str = "service.app:app"
+) -> Any:
     """A private redis-server and one uvicorn worker; yields the API base URL and the server's pid."""
     redis_port, api_port = _free_port(), _free_port()
     redis_bin = shutil.which("redis-server")
@@ -247,12 +274,13 @@ def running_stack(workdir: Path, signer: Signer) -> Any:
             "EHR_ALERTS_KEY_PREFIX": "bench",
             "EHR_ALERTS_CDS_AUTH_ENABLED": "true",
             "EHR_ALERTS_CDS_ISSUERS": json.dumps({ISSUER: str(signer.jwks_path)}),
+            **(extra_env or {}),
         }
-        log = open(workdir / "api.log", "wb")  # noqa: SIM115 - closed with the process
+        log = open(workdir / f"api-{api_port}.log", "wb")  # noqa: SIM115 - closed with the process
         uvicorn = Path(sys.executable).with_name("uvicorn")
         procs.append(
             subprocess.Popen(
-                [str(uvicorn), "service.app:app", "--host", "127.0.0.1", "--port", str(api_port),
+                [str(uvicorn), app, "--host", "127.0.0.1", "--port", str(api_port),
                  "--workers", "1", "--log-level", "warning", "--no-access-log"],
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
@@ -376,17 +404,130 @@ def summary(latencies: list[float], wall: float) -> dict[str, float]:
     }
 
 
+# --- cold chart: CPU per call against a bare FastAPI POST of the same body (issue 15) ----------------------
+
+COLD_TARGET_RATIO = 10.0
+COLD_SHAPES = ("bare", "lean", "full")  # bare FastAPI POST; the service reading lean (default); reading in full
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    return {
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "fastapi": metadata.version("fastapi"),
+        "uvicorn": metadata.version("uvicorn"),
+        "pydantic": metadata.version("pydantic"),
+        "fhir.resources": metadata.version("fhir.resources"),
+    }
+
+
+def _loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+async def _sequential(base: str, bodies: list[bytes], tokens: list[str]) -> list[float]:
+    host, port = base.removeprefix("http://").split(":")
+    connection = _Connection(host, int(port))
+    latencies = []
+    try:
+        for body, token in zip(bodies, tokens, strict=True):
+            started = time.perf_counter()
+            status, payload = await connection.request("POST", f"/cds-services/{SERVICE}", body, token)
+            latencies.append(time.perf_counter() - started)
+            if status != 200:
+                raise SystemExit(f"HTTP {status}: {payload[:200]!r}")
+    finally:
+        connection.close()
+    return latencies
+
+
+def cold_chart(args: argparse.Namespace) -> None:
+    """One client, one call at a time, each for a chart never seen (fresh patient id: every resource misses the
+    normalisation cache), on three servers started side by side: ``bare`` (bench/bare_app.py: parse the body,
+    answer no cards), ``lean`` (the service as shipped) and ``full`` (``EHR_ALERTS_CDS_LEAN_READ=false``).
+    Rounds interleave the three; server CPU per call from /proc (user + system) over all rounds."""
+    rounds, calls = (2, 20) if args.quick else (6, 100)
+    started_load = _loadavg()
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        signer = Signer(tmp)
+        servers = {
+            "bare": stack.enter_context(running_stack(tmp, signer, app="bench.bare_app:app")),
+            "lean": stack.enter_context(running_stack(tmp, signer, {"EHR_ALERTS_CDS_LEAN_READ": "true"})),
+            "full": stack.enter_context(running_stack(tmp, signer, {"EHR_ALERTS_CDS_LEAN_READ": "false"})),
+        }
+        template = request_template(datetime.now(UTC), prefetch_keys(servers["lean"][0], signer))
+        cpu = dict.fromkeys(COLD_SHAPES, 0.0)
+        latencies: dict[str, list[float]] = {shape: [] for shape in COLD_SHAPES}
+        per_round = []
+        for number in range(rounds + 1):  # round 0 warms up (imports, first-call paths), not counted
+            row = {}
+            for shape in COLD_SHAPES:
+                base, pid = servers[shape]
+                bodies = [
+                    template.replace("HOOK-INSTANCE", str(uuid.uuid4()))
+                    .replace(PATIENT, f"cold-{uuid.uuid4().hex[:16]}")
+                    .encode()
+                    for _ in range(calls)
+                ]
+                tokens = signer.tokens(f"{base}/cds-services/{SERVICE}", calls)
+                before = cpu_seconds(pid)
+                measured = asyncio.run(_sequential(base, bodies, tokens))
+                used = cpu_seconds(pid) - before
+                row[shape] = round(used * 1000 / calls, 2)
+                if number:
+                    cpu[shape] += used
+                    latencies[shape] += measured
+            if number:
+                row["lean_ratio"] = round(row["lean"] / row["bare"], 2)
+                per_round.append(row)
+    counted = rounds * calls
+    per_call = {shape: round(cpu[shape] * 1000 / counted, 3) for shape in COLD_SHAPES}
+    ratios = {shape: round(per_call[shape] / per_call["bare"], 2) for shape in ("lean", "full")}
+    report = {
+        "benchmark": "bench_cds --cold-chart",
+        "timestamp": datetime.now(UTC).isoformat(),
+        "machine": machine(),
+        "load_average_at_start": started_load,
+        "load_average_at_end": _loadavg(),
+        "workload": {
+            "rounds": rounds,
+            "calls_per_round": calls,
+            "prefetch_resources": count_resources(template),
+            "request_bytes": len(template),
+            "clients": 1,
+        },
+        "server_cpu_ms_per_call": per_call,
+        "latency": {shape: summary(latencies[shape], sum(latencies[shape])) for shape in COLD_SHAPES},
+        "ratio_to_bare": ratios,
+        "per_round_cpu_ms": per_round,
+        "target_ratio": COLD_TARGET_RATIO,
+        "meets_target": ratios["lean"] <= COLD_TARGET_RATIO,
+    }
+    RESULTS_DIR.mkdir(exist_ok=True)
+    output = args.output or RESULTS_DIR / ("cds-cold-quick.json" if args.quick else "cds-cold.json")
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"server CPU per call (ms): {per_call}; ratio to bare: {ratios}; target <= {COLD_TARGET_RATIO}x")
+    print(f"load average {started_load} -> {report['load_average_at_end']}; written to {output}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few requests (smoke)")
     parser.add_argument("--output", type=Path, help="where to write the JSON results")
     parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--cold-chart", action="store_true", help="cold-chart CPU per call against a bare POST")
     args = parser.parse_args()
+    if args.cold_chart:
+        cold_chart(args)
+        return
     rounds, per_client = (2, 10) if args.quick else (5, 60)
     now = datetime.now(UTC)
-    template = request_template(now)
-    resources = sum(len(v["entry"]) for k, v in json.loads(template)["prefetch"].items() if not k.startswith("_"))
     with tempfile.TemporaryDirectory() as tmp, running_stack(Path(tmp), signer := Signer(Path(tmp))) as (base, pid):
+        template = request_template(now, prefetch_keys(base, signer))
+        resources = count_resources(template)
         first = httpx.post(
             f"{base}/cds-services/{SERVICE}",
             content=template.replace("HOOK-INSTANCE", str(uuid.uuid4())),

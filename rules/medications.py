@@ -50,6 +50,11 @@ class _Index:
     exclusions: list[str] = field(default_factory=list)
     fluids: list[str] = field(default_factory=list)
     class_display: dict[str, str] = field(default_factory=dict)
+    #: text -> its matches (the same drug texts recur on every chart: each is scanned by the patterns once)
+    text_matches: dict[str, tuple[Match, ...]] = field(default_factory=dict)
+
+
+_TEXT_CACHE_SIZE = 20_000
 
 
 @cache
@@ -121,6 +126,15 @@ _ADDED_AMOUNT = re.compile(r"\d+(?:\.\d+)?\s*(?:meq|mmol)\b")
 
 
 def _match_text(text: str, index: _Index) -> list[Match]:
+    found = index.text_matches.get(text)
+    if found is None:
+        if len(index.text_matches) >= _TEXT_CACHE_SIZE:
+            index.text_matches.clear()
+        found = index.text_matches[text] = tuple(_scan_text(text, index))
+    return list(found)
+
+
+def _scan_text(text: str, index: _Index) -> list[Match]:
     lowered = " ".join(text.lower().split())
     if any(fluid in lowered for fluid in index.fluids) and not _ADDED_AMOUNT.search(lowered):
         return []  # a balanced crystalloid: its K / Mg salts are maintenance, not replacement

@@ -101,6 +101,9 @@ _REQUIRED_CODES: dict[tuple[str, str], frozenset[str]] = {
         ]
     ),
 }
+_BINDINGS: dict[str, list[tuple[str, frozenset[str]]]] = {}
+for (_type, _name), _allowed in _REQUIRED_CODES.items():
+    _BINDINGS.setdefault(_type, []).append((_name, _allowed))
 _COMPARATORS = frozenset({"<", "<=", ">", ">="})
 _RESULT_OK = frozenset({"final", "amended", "corrected"})
 _RESULT_RETRACTED = frozenset({"cancelled", "entered-in-error"})
@@ -223,9 +226,9 @@ def parse(rtype: str, data: Mapping[str, Any]) -> tuple[Any, list[Issue]]:
 def _binding_problems(rtype: str, data: Mapping[str, Any]) -> list[Issue]:
     """The required code bindings the ``fhir.resources`` models leave out (status, intent, gender, comparator)."""
     issues: list[Issue] = []
-    for (btype, name), allowed in _REQUIRED_CODES.items():
+    for name, allowed in _BINDINGS.get(rtype, ()):
         value = data.get(name)
-        if btype == rtype and value is not None and (not isinstance(value, str) or value not in allowed):
+        if value is not None and (not isinstance(value, str) or value not in allowed):
             issues.append(
                 Issue(
                     "error",
