@@ -68,6 +68,7 @@ VARIANTS = {
         "networkPolicy": {"prometheusNamespace": "monitoring"},
     },
     "no-ingress": {"ingress": {"enabled": False, "host": ""}, "networkPolicy": {"enabled": False}},
+    "split": {"api": {"split": {"enabled": True, "ingest": {"replicas": 3}}}},
 }
 
 
@@ -297,3 +298,61 @@ def test_compose_is_a_local_dev_stack_with_flower_behind_a_password():
             assert str(port).startswith("127.0.0.1:"), port  # nothing listens beyond this machine
     flower = " ".join(services["flower"]["command"])
     assert "--basic-auth" in flower and "FLOWER_BASIC_AUTH" in flower and "exit 1" in flower
+
+
+# --- issue 15: CDS Hooks and ingestion as separate deployments of the same image -----------------------------
+
+
+def _env(deployment: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0].get("env", [])}
+
+
+def test_one_api_deployment_serves_every_route_by_default():
+    docs = _kinds(render())
+    assert _env(docs[("Deployment", "ehr-ehr-alerts-api")])["EHR_ALERTS_API_ROUTES"] == "all"
+    assert not [key for key in docs if key[1] == "ehr-ehr-alerts-ingest"]
+    [path] = docs[("Ingress", "ehr-ehr-alerts")]["spec"]["rules"][0]["http"]["paths"]
+    assert path["path"] == "/"
+
+
+def test_split_runs_cds_and_ingestion_as_two_deployments_of_the_same_image():
+    docs = _kinds(render(**VARIANTS["split"]))
+    api, ingest = docs[("Deployment", "ehr-ehr-alerts-api")], docs[("Deployment", "ehr-ehr-alerts-ingest")]
+    assert _env(api)["EHR_ALERTS_API_ROUTES"] == "cds" and _env(ingest)["EHR_ALERTS_API_ROUTES"] == "ingest"
+    assert ingest["spec"]["replicas"] == 3
+    api_pod, ingest_pod = (d["spec"]["template"]["spec"] for d in (api, ingest))
+    assert api_pod["containers"][0]["image"] == ingest_pod["containers"][0]["image"]
+    assert ingest["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "ingest"
+    container = ingest_pod["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz?scope=api"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # each Deployment behind its own Service; the ingress sends /fhir to ingestion, everything else to the API
+    service = docs[("Service", "ehr-ehr-alerts-ingest")]["spec"]
+    assert service["selector"]["app.kubernetes.io/component"] == "ingest"
+    paths = {
+        p["path"]: p["backend"]["service"]["name"]
+        for p in docs[("Ingress", "ehr-ehr-alerts")]["spec"]["rules"][0]["http"]["paths"]
+    }
+    assert paths == {"/fhir": "ehr-ehr-alerts-ingest", "/": "ehr-ehr-alerts-api"}
+    # the ingress controller (only) reaches both; both reach Redis; both have a disruption budget
+    policy = docs[("NetworkPolicy", "ehr-ehr-alerts-ingest")]["spec"]
+    assert policy["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "ingest"
+    assert policy["ingress"][0]["from"] == docs[("NetworkPolicy", "ehr-ehr-alerts-api")]["spec"]["ingress"][0]["from"]
+    redis = docs[("NetworkPolicy", "ehr-ehr-alerts-redis")]["spec"]["ingress"][0]["from"]
+    assert sorted(p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in redis) == [
+        "api",
+        "ingest",
+        "worker",
+    ]
+    assert ("PodDisruptionBudget", "ehr-ehr-alerts-ingest") in docs
+
+
+def test_compose_has_the_split_shape_as_a_profile():
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    for name, routes in (("api-cds", "cds"), ("api-ingest", "ingest")):
+        service = services[name]
+        assert service["profiles"] == ["split"]
+        assert service["environment"]["EHR_ALERTS_API_ROUTES"] == routes
+        assert service["environment"]["REDIS_URL"] == services["api"]["environment"]["REDIS_URL"]
+        assert service["read_only"] is True and "healthcheck" in service

@@ -91,3 +91,17 @@ configMap: {name: {{ .Values.trust.existingConfigMap }}}
 configMap: {name: {{ include "ehr-alerts.fullname" . }}-trust}
 {{- end -}}
 {{- end -}}
+
+{{/*
+The API process shapes (EHR_ALERTS_API_ROUTES): one "api" Deployment serving every route, or with api.split.enabled
+an "api" Deployment serving CDS Hooks, the review and the alert API (routes cds) and an "ingest" Deployment of the
+same image serving only /fhir (routes ingest). A YAML list of {component, routes, replicas}.
+*/}}
+{{- define "ehr-alerts.apiShapes" -}}
+{{- if .Values.api.split.enabled }}
+- {component: api, routes: cds, replicas: {{ .Values.api.replicas }}}
+- {component: ingest, routes: ingest, replicas: {{ .Values.api.split.ingest.replicas }}}
+{{- else }}
+- {component: api, routes: all, replicas: {{ .Values.api.replicas }}}
+{{- end }}
+{{- end -}}
