@@ -6,6 +6,7 @@ Used by the HTTP endpoints and by ``ehr-alerts replay`` (same code path).
 from __future__ import annotations
 
 import re
+import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -104,6 +105,10 @@ def ingest_one(
     received: datetime | None = None,
 ) -> NormalizeResult:
     """Validate + normalise one resource, record its outcome, queue its event."""
+    # Let other threads have the interpreter between resources: a 500-line $import is ~0.1 s of CPU on an ingest
+    # lane thread, and a CDS lane thread waiting for the GIL would otherwise wait a whole switch interval (5 ms)
+    # each time it is ready to run (bench/bench_isolation.py, single-process shape).
+    time.sleep(0)
     result = normalize_resource(data, options(), resolve=resolve)
     received = received or datetime.now(UTC)
     entry = EntryOutcome(location, result.outcome, f"{result.resource_type}/{result.resource_id}")
