@@ -41,6 +41,9 @@ def _parse_facts(payload: str, schema_version: int) -> tuple[Fact, ...]:
         for name in _TIMES:  # datetime.timezone.utc, not pydantic's TzInfo: the engine compares many times
             if isinstance(record.get(name), str):
                 record[name] = parse_clock(record[name])
+        info = record.get("patient_info")
+        if isinstance(info, dict) and isinstance(info.get("deceased"), str):
+            record["patient_info"] = {**info, "deceased": parse_clock(info["deceased"])}
         facts.append(Fact.model_validate(record))
     return tuple(facts)
 
