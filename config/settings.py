@@ -110,6 +110,24 @@ class Settings(BaseSettings):
         "Hooks call still sees; the Patient resource is kept as long as the patient has data",
     )
 
+    retention_closed_alert_days: float = Field(
+        default=90.0,
+        gt=0,
+        le=3660,
+        description="a closed alert (resolved, retracted, expired, withdrawn) is removed from Redis this long after it "
+        "closed, with its history list, its alert-index entries and its worklist summary (the due sweep removes a "
+        "bounded number per sweep); the audit export covers the alerts still stored, so export the trail to your "
+        "archive within this time",
+    )
+    fact_cache_size: int = Field(
+        default=50_000,
+        ge=0,
+        le=10_000_000,
+        description="resource versions whose parsed facts each worker process keeps (LRU; 0: no cache); size it "
+        "at about the patients active within a sweep interval times the resources in one patient's window "
+        "(bench_growth.py measures ~45 at a lab every 4 h); a miss costs a JSON parse and a model validation",
+    )
+
     # --- rules ---
     site_profile: Path | None = Field(
         default=None,
