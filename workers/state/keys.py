@@ -43,6 +43,12 @@ def alert_index() -> str:
     return f"{_prefix()}:alerts:index"
 
 
+def closed_alerts() -> str:
+    """Sorted set of ``patient|alert id`` of closed alerts by the epoch (wall clock) they closed: what the
+    closed-alert retention (``retention_closed_alert_days``) removes, oldest first."""
+    return f"{_prefix()}:alerts:closed"
+
+
 def alert_patients() -> str:
     """Hash of alert id -> patient id, to find an alert by id alone (a CDS card uuid is an alert id)."""
     return f"{_prefix()}:alerts:patient"

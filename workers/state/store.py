@@ -24,6 +24,7 @@ from workers.state.alerts import (
     TransitionError,
     effective_status,
 )
+from workers.state.scripts import load_script, run_pipelined
 from workers.state.timeline import TimelineStore, parse_facts
 
 __all__ = [
@@ -46,6 +47,7 @@ class Store:
         self.settings = settings
         self.timelines = TimelineStore(client, settings)
         self.alerts = AlertStore(client)
+        self._forget = load_script(client, "forget_alert.lua")
 
     # --- timeline --------------------------------------------------------------------------------------
 
@@ -124,7 +126,14 @@ class Store:
             extra=extra,
             idempotency_key=idempotency_key,
         )
-        self.client.zadd(keys.alert_index(), {f"{patient}|{alert_id}": datetime.now(UTC).timestamp()})
+        now = datetime.now(UTC).timestamp()
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(keys.alert_index(), {f"{patient}|{alert_id}": now})
+        if alert["status"] in CLOSED_STATUSES:  # resolved by hand: retention counts from now
+            pipe.zadd(keys.closed_alerts(), {f"{patient}|{alert_id}": now})
+        else:  # reopened (or any open status): never pruned while open
+            pipe.zrem(keys.closed_alerts(), f"{patient}|{alert_id}")
+        pipe.execute()
         last = alert["history"][-1] if alert["history"] else {}
         if not idempotency_key or (last.get("key") == idempotency_key and last.get("at") == clock_text(at)):
             self.count(**{f"alerts_{TRANSITION_KINDS.get(action, action)}:{alert['rule_id']}": 1})  # metrics
@@ -180,15 +189,19 @@ class Store:
         resources: dict[str, str] | None = None,
         forgotten: list[str] | None = None,
         due: dict[str, datetime | None] | None = None,
+        closed: set[str] | frozenset[str] = frozenset(),
     ) -> None:
-        """One round trip of bookkeeping: index changed alerts (alert id -> patient) by update time, add the
-        patients seen and the resources received ("Type/id" -> patient, for deletes), drop pruned resources,
-        set the patients' due times, add to the counters."""
+        """One round trip of bookkeeping: index changed alerts (alert id -> patient) by update time and those
+        of them that ``closed`` by close time (for their retention), add the patients seen and the resources
+        received ("Type/id" -> patient, for deletes), drop pruned resources, set the patients' due times, add
+        to the counters."""
         pipe = self.client.pipeline(transaction=False)
+        score = datetime.now(UTC).timestamp()
         if changed:
-            score = datetime.now(UTC).timestamp()
             pipe.zadd(keys.alert_index(), {f"{patient}|{a}": score for a, patient in changed.items()})
             pipe.hset(keys.alert_patients(), mapping=changed)
+        if closed:
+            pipe.zadd(keys.closed_alerts(), {f"{changed[a]}|{a}": score for a in closed})
         if patients:
             pipe.sadd(keys.patients(), *patients)
         if resources:
@@ -204,6 +217,27 @@ class Store:
             if value:
                 pipe.hincrby(keys.counters(), name, value)
         pipe.execute()
+
+    def prune_closed_alerts(self, now: datetime, limit: int = 100) -> list[tuple[str, str]]:
+        """Remove at most ``limit`` alerts closed more than ``retention_closed_alert_days`` before ``now``: the
+        record, its history list, its ``alert_index`` and ``alert_patients`` entries (the review index is
+        cleaned by its caller, ``workers.due``). Bounded work per call: one range read, one script per alert,
+        one pipeline. Returns the (patient, alert id) pairs removed."""
+        cutoff = now.timestamp() - self.settings.retention_closed_alert_days * 86_400
+        members = self.client.zrangebyscore(keys.closed_alerts(), "-inf", cutoff, start=0, num=limit)
+        if not members:
+            return []
+        refs = [tuple(m.split("|", 1)) for m in members]
+        calls = [([keys.patient_keys(p)["alerts"], keys.alert_history(p, a)], [a, *CLOSED_STATUSES]) for p, a in refs]
+        results = run_pipelined(self.client, self._forget, calls)
+        gone = [ref for ref, result in zip(refs, results, strict=True) if result == 1]
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zrem(keys.closed_alerts(), *members)  # an alert reopened since is open: not in this index any more
+        if gone:
+            pipe.zrem(keys.alert_index(), *(f"{p}|{a}" for p, a in gone))
+            pipe.hdel(keys.alert_patients(), *(a for _, a in gone))
+        pipe.execute()
+        return gone
 
     def dead_letter(self, reason: str, events: list[dict[str, Any]], task_id: str | None = None) -> None:
         """Keep events that cannot be processed, with the reason, for `ehr-alerts dead-letters`."""
