@@ -119,6 +119,15 @@ class Settings(BaseSettings):
         "bounded number per sweep); the audit export covers the alerts still stored, so export the trail to your "
         "archive within this time",
     )
+    retention_inactive_patient_days: float = Field(
+        default=400.0,
+        gt=0,
+        le=36_600,
+        description="a patient with no resource or delete received for this long (wall clock) and no alert left in "
+        "Redis is forgotten: the whole timeline (open conditions, open medications and the Patient resource "
+        "included), and the patient's entries in the patients-seen set, the worklist context and the resource index "
+        "(the due sweep, a bounded number per sweep); keep it longer than the longest fact retention (365 days)",
+    )
     fact_cache_size: int = Field(
         default=50_000,
         ge=0,

@@ -9,7 +9,9 @@ every event takes. A tick lets the patient's time run up to its instant, evaluat
 
 Each sweep also applies the closed-alert retention (``retention_closed_alert_days``): at most ``PRUNE_LIMIT``
 alerts closed longer ago than that are removed, with their history list, alert-index entries and worklist
-summaries (``keys.closed_alerts`` orders closed alerts by when they closed).
+summaries (``keys.closed_alerts`` orders closed alerts by when they closed), and the inactive-patient retention
+(``retention_inactive_patient_days``): at most ``PRUNE_LIMIT`` patients silent that long with no alert left are
+forgotten, ``PRUNE_LIMIT`` resources each per sweep (``keys.patients_seen`` orders patients by their last write).
 
 While ``ehr-alerts replay`` declares the feed's own clock (``keys.feed_clock``), sweeps wait: the replay lets
 time run itself at the end of the feed, so a historical extract is judged by its own time, not today's.
@@ -54,11 +56,18 @@ def sweep(client: redis.Redis, settings: Any, now: datetime | None = None) -> in
     feed's clock, except the closed-alert retention (counted in wall-clock time since each alert closed)."""
     now = now or datetime.now(UTC)
     prune_closed_alerts(client, settings, now)
+    retire_inactive_patients(client, settings, now)
     if client.exists(keys.feed_clock()):
         return 0
     patients = claim(client, now)
     submit_ticks(client, patients, now, settings)
     return len(patients)
+
+
+def retire_inactive_patients(client: redis.Redis, settings: Any, now: datetime, limit: int = PRUNE_LIMIT) -> int:
+    """Forget at most ``limit`` patients silent for ``retention_inactive_patient_days`` with no alert left
+    (``Store.retire_inactive_patients``); returns how many were forgotten completely."""
+    return len(Store(client, settings).retire_inactive_patients(now, limit))
 
 
 def prune_closed_alerts(client: redis.Redis, settings: Any, now: datetime, limit: int = PRUNE_LIMIT) -> int:

@@ -153,3 +153,50 @@ def test_closed_alert_retention_is_bounded_per_call_and_spares_a_reopened_alert(
     assert due.prune_closed_alerts(store.client, store.settings, later, limit=1) == 0
     assert store.get_alert("c1", ids["c1"]) is None and store.get_alert("c2", ids["c2"]) is None
     assert store.get_alert("c3", ids["c3"])["status"] == "active"
+
+
+def _patient(patient: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Patient",
+        "id": patient,
+        "birthDate": "1950-03-01",
+        "name": [{"use": "official", "family": "Doe", "given": ["Jane"]}],
+    }
+
+
+def test_an_inactive_patient_is_forgotten_with_bounded_work_per_call(store):
+    """A silent patient with 250 results, a Patient resource (kept forever while the patient has data) and no
+    alert: after the inactivity retention the due sweep forgets everything, 100 resources per call; a silent
+    patient with an open alert is kept."""
+    client = store.client
+    results = [potassium(f"q{i}", "quiet", 4.2, T0 + timedelta(minutes=i)) for i in range(250)]
+    process_batch(_batch(_patient("quiet"), *results, received=T0 + timedelta(hours=5)), store)
+    process_batch(_batch(potassium("x1", "alerted", 3.0, T0), received=T0), store)
+    k = keys.patient_keys("quiet")
+    assert client.hlen(k["facts"]) == 251
+    assert client.sismember(keys.patients(), "quiet")
+    assert client.hget(keys.patient_context(), "quiet")
+    assert store.patient_of("Patient/quiet") == "quiet"
+
+    now = datetime.now(UTC)
+    assert due.retire_inactive_patients(client, store.settings, now) == 0  # written just now
+    assert client.hlen(k["facts"]) == 251
+    later = now + timedelta(days=store.settings.retention_inactive_patient_days, minutes=1)
+    removed, retired = [], 0
+    while not retired:
+        before = client.hlen(k["facts"])
+        retired = due.retire_inactive_patients(client, store.settings, later, limit=100)
+        removed.append(before - client.hlen(k["facts"]))
+    assert removed == [100, 100, 51]  # 250 results and the Patient resource, at most 100 per call
+    assert not [key for key in client.scan_iter(match=f"{store.settings.key_prefix}:{{p:quiet}}:*")]
+    assert not client.sismember(keys.patients(), "quiet")
+    assert client.zscore(keys.patients_seen(), "quiet") is None
+    assert client.hget(keys.patient_context(), "quiet") is None
+    assert store.patient_of("Patient/quiet") is None and store.patient_of("Observation/q0") is None
+    # the silent patient with an open alert keeps everything
+    assert [a["status"] for a in store.alerts_for_patient("alerted")] == ["active"]
+    assert client.hlen(keys.patient_keys("alerted")["facts"]) == 1
+    assert client.sismember(keys.patients(), "alerted")
+    # a forgotten patient who comes back starts a fresh timeline
+    process_batch(_batch(potassium("q-new", "quiet", 4.0, T0 + timedelta(days=500)), received=T0), store)
+    assert client.hkeys(k["facts"]) == ["Observation/q-new"]

@@ -75,6 +75,12 @@ def patients() -> str:
     return f"{_prefix()}:patients"
 
 
+def patients_seen() -> str:
+    """Sorted set: patient id -> wall-clock epoch of the patient's latest resource or delete; what the inactive
+    patient retention (``retention_inactive_patient_days``) walks, oldest first."""
+    return f"{_prefix()}:patients:seen"
+
+
 def inbox_batches() -> str:
     """Hash of accepted batches not yet finished: batch id -> events json (see ``workers.inbox``)."""
     return f"{_prefix()}:{{inbox}}:batches"

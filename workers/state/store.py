@@ -48,6 +48,7 @@ class Store:
         self.timelines = TimelineStore(client, settings)
         self.alerts = AlertStore(client)
         self._forget = load_script(client, "forget_alert.lua")
+        self._retire = load_script(client, "retire_patient.lua")
 
     # --- timeline --------------------------------------------------------------------------------------
 
@@ -204,6 +205,7 @@ class Store:
             pipe.zadd(keys.closed_alerts(), {f"{changed[a]}|{a}": score for a in closed})
         if patients:
             pipe.sadd(keys.patients(), *patients)
+            pipe.zadd(keys.patients_seen(), dict.fromkeys(patients, score))
         if resources:
             pipe.hset(keys.resource_patients(), mapping=resources)
         if forgotten:
@@ -238,6 +240,44 @@ class Store:
             pipe.hdel(keys.alert_patients(), *(a for _, a in gone))
         pipe.execute()
         return gone
+
+    def retire_inactive_patients(self, now: datetime, limit: int = 100) -> list[str]:
+        """Forget patients with no resource or delete for ``retention_inactive_patient_days`` (wall clock) and no
+        alert left in Redis: their timeline (expired or not: open conditions, open medications, the Patient
+        resource), meta, and their entries in the patients-seen set, the worklist context, the due index and the
+        resource -> patient index. Bounded work per call: at most ``limit`` patients, ``limit`` resources each;
+        a patient with more is finished by the next calls. Returns the patients forgotten completely."""
+        cutoff = now.timestamp() - self.settings.retention_inactive_patient_days * 86_400
+        patients = self.client.zrangebyscore(keys.patients_seen(), "-inf", cutoff, start=0, num=limit)
+        if not patients:
+            return []
+        calls = []
+        for patient in patients:
+            k = keys.patient_keys(patient)
+            names = ("facts", "meta", "tl", "exp", "alerts", "open", "applied", "closed")
+            calls.append(([k[name] for name in names], [limit, repr(cutoff)]))
+        retired, forgotten, kept = [], [], []
+        for patient, result in zip(patients, run_pipelined(self.client, self._retire, calls), strict=True):
+            if isinstance(result, Exception):
+                raise result
+            outcome, fields = result
+            forgotten += fields
+            if outcome == "retired":
+                retired.append(patient)
+            elif outcome == "kept":
+                kept.append(patient)
+        pipe = self.client.pipeline(transaction=False)
+        if forgotten:
+            pipe.hdel(keys.resource_patients(), *forgotten)
+        if retired:
+            pipe.zrem(keys.patients_seen(), *retired)
+            pipe.srem(keys.patients(), *retired)
+            pipe.hdel(keys.patient_context(), *retired)
+            pipe.zrem(keys.due_patients(), *retired)
+        if kept:  # alerts still stored (or written since: then its newer score stays): looked at again in a day
+            pipe.zadd(keys.patients_seen(), dict.fromkeys(kept, cutoff + 86_400), xx=True, gt=True)
+        pipe.execute()
+        return retired
 
     def dead_letter(self, reason: str, events: list[dict[str, Any]], task_id: str | None = None) -> None:
         """Keep events that cannot be processed, with the reason, for `ehr-alerts dead-letters`."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -164,7 +165,8 @@ class TimelineStore:
         tolerance = self.settings.future_tolerance_hours
         clocks = [t for e in events if (t := e.clock_time(tolerance)) is not None]
         pad = "inf" if math.isinf(window_pad_hours) else repr(window_pad_hours * 3600)
-        args: list[Any] = [pad, PRUNE_LIMIT, repr(epoch(clocks[0])) if clocks else ""]
+        seen = repr(time.time()) if any(e.kind != "tick" for e in events) else ""
+        args: list[Any] = [pad, PRUNE_LIMIT, repr(epoch(clocks[0])) if clocks else "", seen]
         for event in events:
             at = event.clock_time(tolerance)
             clock = f"{clock_text(at)}\t{epoch(at)!r}" if at is not None else ""
