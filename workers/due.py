@@ -55,6 +55,7 @@ def sweep(client: redis.Redis, settings: Any, now: datetime | None = None) -> in
     """Tick every patient due by now (wall clock); returns how many. Does nothing while a replay declares the
     feed's clock, except the closed-alert retention (counted in wall-clock time since each alert closed)."""
     now = now or datetime.now(UTC)
+    Store(client, settings).backfill_retention_indexes(now)  # what an older release stored (no-op once done)
     prune_closed_alerts(client, settings, now)
     retire_inactive_patients(client, settings, now)
     if client.exists(keys.feed_clock()):

@@ -200,3 +200,21 @@ def test_an_inactive_patient_is_forgotten_with_bounded_work_per_call(store):
     # a forgotten patient who comes back starts a fresh timeline
     process_batch(_batch(potassium("q-new", "quiet", 4.0, T0 + timedelta(days=500)), received=T0), store)
     assert client.hkeys(k["facts"]) == ["Observation/q-new"]
+
+
+def test_what_an_older_release_stored_is_backfilled_into_the_retention_indexes(store, closed_and_open):
+    """Closed alerts and patients stored before the retention indexes existed are indexed by the due sweep,
+    a bounded scan page per call, after which they leave like the others."""
+    closed, _, _ = closed_and_open
+    client = store.client
+    client.delete(keys.closed_alerts(), keys.patients_seen())  # as a release without them left it
+    now = datetime.now(UTC)
+    calls = 0
+    while not store.backfill_retention_indexes(now, count=1):
+        calls += 1
+        assert calls < 20
+    assert client.zrange(keys.closed_alerts(), 0, -1) == [f"a|{closed['id']}"]
+    assert sorted(client.zrange(keys.patients_seen(), 0, -1)) == ["a", "b"]
+    assert store.backfill_retention_indexes(now)  # done: a no-op from now on
+    later = now + timedelta(days=store.settings.retention_closed_alert_days + 1)
+    assert due.prune_closed_alerts(client, store.settings, later) == 1

@@ -81,6 +81,12 @@ def patients_seen() -> str:
     return f"{_prefix()}:patients:seen"
 
 
+def retention_backfill() -> str:
+    """Hash of the scan cursors (``alerts``, ``patients``; ``done`` once finished) with which the due sweep puts
+    what a release before the retention indexes stored into ``closed_alerts`` and ``patients_seen``."""
+    return f"{_prefix()}:retention:backfill"
+
+
 def inbox_batches() -> str:
     """Hash of accepted batches not yet finished: batch id -> events json (see ``workers.inbox``)."""
     return f"{_prefix()}:{{inbox}}:batches"

@@ -279,6 +279,45 @@ class Store:
         pipe.execute()
         return retired
 
+    def backfill_retention_indexes(self, now: datetime, count: int = 100) -> bool:
+        """One bounded step (a ZSCAN / SSCAN page of about ``count``) of indexing what a release before the
+        retention indexes stored: closed alerts into ``closed_alerts`` (scored by their last update, about when
+        they closed) and known patients into ``patients_seen`` (scored ``now``: their inactivity counts from the
+        upgrade). Idempotent (ZADD NX); returns True once both scans have finished."""
+        key = keys.retention_backfill()
+        state = self.client.hgetall(key)
+        update: dict[str, int] = {}
+        for name, step in (("alerts", self._backfill_closed), ("patients", self._backfill_seen)):
+            if state.get(f"{name}_done") != "1":
+                cursor = step(int(state.get(name, 0)), count, now)
+                update |= {name: cursor, f"{name}_done": int(cursor == 0)}
+        if update:
+            self.client.hset(key, mapping=update)
+        return all(update.get(f"{n}_done", int(state.get(f"{n}_done") == "1")) for n in ("alerts", "patients"))
+
+    def _backfill_closed(self, cursor: int, count: int, now: datetime) -> int:
+        cursor, members = self.client.zscan(keys.alert_index(), cursor, count=count)
+        if not members:
+            return cursor
+        refs = [(member, *member.split("|", 1), score) for member, score in members]
+        pipe = self.client.pipeline(transaction=False)
+        for _, patient, alert_id, _ in refs:
+            pipe.hget(keys.patient_keys(patient)["alerts"], alert_id)
+        closed = {
+            member: score
+            for (member, _, _, score), raw in zip(refs, pipe.execute(), strict=True)
+            if raw and json.loads(raw).get("status") in CLOSED_STATUSES
+        }
+        if closed:
+            self.client.zadd(keys.closed_alerts(), closed, nx=True)
+        return cursor
+
+    def _backfill_seen(self, cursor: int, count: int, now: datetime) -> int:
+        cursor, patients = self.client.sscan(keys.patients(), cursor, count=count)
+        if patients:
+            self.client.zadd(keys.patients_seen(), dict.fromkeys(patients, now.timestamp()), nx=True)
+        return cursor
+
     def dead_letter(self, reason: str, events: list[dict[str, Any]], task_id: str | None = None) -> None:
         """Keep events that cannot be processed, with the reason, for `ehr-alerts dead-letters`."""
         record = {"task_id": task_id, "failed_at": datetime.now(UTC).isoformat(), "reason": reason, "events": events}
