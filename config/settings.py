@@ -132,9 +132,11 @@ class Settings(BaseSettings):
         default=50_000,
         ge=0,
         le=10_000_000,
-        description="resource versions whose parsed facts each worker process keeps (LRU; 0: no cache); size it "
-        "at about the patients active within a sweep interval times the resources in one patient's window "
-        "(bench_growth.py measures ~45 at a lab every 4 h); a miss costs a JSON parse and a model validation",
+        description="resource versions whose parsed facts each worker process keeps (LRU; 0: no cache). Measured: "
+        "~4 KB per version (50,000 is ~200 MB per worker process); a miss costs ~0.2 ms (JSON parse and "
+        "validation), and an event reads its patient's whole window (~45 versions at a lab every 4 h, "
+        "bench_growth.py), so a patient whose window was evicted costs ~9 ms more. Size it at the patients "
+        "with events in a few minutes times ~50 (default: ~1,000 busy patients per worker)",
     )
 
     # --- rules ---
