@@ -15,7 +15,7 @@ Redis server's CPU (``INFO cpu`` used_cpu_user + used_cpu_sys deltas; ``INFO com
   so the window is full from the first update; Redis CPU per event of the last 100 against the first 100, and
   the alert record's size after the first, the 100th and the last update.
 
-``--before DIR``: also run the growth part against another checkout (``git worktree add /tmp/before f962042``,
+``--before DIR``: also run both parts against another checkout (``git worktree add /tmp/before f962042``,
 the code before the alert-lifecycle store change) in a subprocess with that tree first on ``sys.path`` (the
 same ``process_batch(raw_events, store)`` API; its history stored with ``Store.upsert_many``), in the same run;
 its sizes can be limited with ``--before-sizes``.
@@ -291,7 +291,11 @@ def alert_updates(n_updates: int) -> dict[str, Any]:
 
 
 def _child(args: argparse.Namespace) -> None:
-    result = growth(args.sizes, args.events, args.load_batch)
+    result: dict[str, Any] = {"growth": growth(args.sizes, args.events, args.load_batch)}
+    try:
+        result["alert"] = alert_updates(args.updates)
+    except Exception as exc:  # an older tree may not read alerts the same way: the growth part still counts
+        result["alert_error"] = f"{type(exc).__name__}: {exc}"
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -338,12 +342,15 @@ def main() -> None:
             env = {**os.environ, "BENCH_CODE_ROOT": str(args.before), "REDIS_URL": before_url}
             sizes = [str(s) for s in (args.before_sizes or args.sizes)]
             cmd = [sys.executable, str(HERE), "--child", "--events", str(args.events), "--sizes", *sizes]
+            cmd += ["--updates", str(args.updates)]
             cmd += ["--load-batch", str(args.load_batch)]
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(args.before))
             sys.stdout.write(done.stdout)
             line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
             if line:
-                report["growth_before"] = json.loads(line[-1][len("RESULT ") :])
+                before = json.loads(line[-1][len("RESULT ") :])
+                report["growth_before"] = before["growth"]
+                report["alert_before"] = before.get("alert") or before.get("alert_error")
                 head = subprocess.run(["git", "-C", str(args.before), "rev-parse", "HEAD"], capture_output=True)
                 report["before_commit"] = head.stdout.decode().strip()
             else:
