@@ -55,9 +55,7 @@ def sweep(client: redis.Redis, settings: Any, now: datetime | None = None) -> in
     """Tick every patient due by now (wall clock); returns how many. Does nothing while a replay declares the
     feed's clock, except the closed-alert retention (counted in wall-clock time since each alert closed)."""
     now = now or datetime.now(UTC)
-    Store(client, settings).backfill_retention_indexes(now)  # what an older release stored (no-op once done)
-    prune_closed_alerts(client, settings, now)
-    retire_inactive_patients(client, settings, now)
+    apply_retention(Store(client, settings), now)
     if client.exists(keys.feed_clock()):
         return 0
     patients = claim(client, now)
@@ -65,18 +63,26 @@ def sweep(client: redis.Redis, settings: Any, now: datetime | None = None) -> in
     return len(patients)
 
 
-def retire_inactive_patients(client: redis.Redis, settings: Any, now: datetime, limit: int = PRUNE_LIMIT) -> int:
+def apply_retention(store: Store, now: datetime, limit: int = PRUNE_LIMIT) -> tuple[int, int]:
+    """One bounded step of the retention of what no event prunes: index what an older release stored (a no-op
+    once done), remove at most ``limit`` closed alerts past their retention, forget at most ``limit`` inactive
+    patients. Returns (alerts removed, patients forgotten)."""
+    store.backfill_retention_indexes(now)
+    return prune_closed_alerts(store, now, limit), retire_inactive_patients(store, now, limit)
+
+
+def retire_inactive_patients(store: Store, now: datetime, limit: int = PRUNE_LIMIT) -> int:
     """Forget at most ``limit`` patients silent for ``retention_inactive_patient_days`` with no alert left
     (``Store.retire_inactive_patients``); returns how many were forgotten completely."""
-    return len(Store(client, settings).retire_inactive_patients(now, limit))
+    return len(store.retire_inactive_patients(now, limit))
 
 
-def prune_closed_alerts(client: redis.Redis, settings: Any, now: datetime, limit: int = PRUNE_LIMIT) -> int:
+def prune_closed_alerts(store: Store, now: datetime, limit: int = PRUNE_LIMIT) -> int:
     """Remove at most ``limit`` alerts closed longer than ``retention_closed_alert_days`` ago, with their index
     entries and worklist summaries; returns how many. Every sweep removes a bounded number, so a backlog
     (a first run after an upgrade, a lowered retention) drains over successive sweeps."""
-    gone = Store(client, settings).prune_closed_alerts(now, limit)
-    review_index.forget(client, [alert_id for _, alert_id in gone])
+    gone = store.prune_closed_alerts(now, limit)
+    review_index.forget(store.client, [alert_id for _, alert_id in gone])
     return len(gone)
 
 

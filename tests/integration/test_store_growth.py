@@ -115,9 +115,9 @@ def test_closed_alerts_leave_after_their_retention_with_their_index_entries(stor
     assert client.zscore(keys.closed_alerts(), f"b|{still_open['id']}") is None
 
     now = datetime.now(UTC)
-    assert due.prune_closed_alerts(client, store.settings, now) == 0  # closed just now: kept 90 days
+    assert due.prune_closed_alerts(store, now) == 0  # closed just now: kept 90 days
     later = now + timedelta(days=store.settings.retention_closed_alert_days, minutes=1)
-    assert due.prune_closed_alerts(client, store.settings, later) == 1
+    assert due.prune_closed_alerts(store, later) == 1
 
     assert store.get_alert("a", closed["id"]) is None
     assert not client.exists(keys.alert_history("a", closed["id"]))
@@ -148,9 +148,9 @@ def test_closed_alert_retention_is_bounded_per_call_and_spares_a_reopened_alert(
     assert store.client.zscore(keys.closed_alerts(), f"c3|{ids['c3']}") is None
 
     later = datetime.now(UTC) + timedelta(days=store.settings.retention_closed_alert_days + 1)
-    assert due.prune_closed_alerts(store.client, store.settings, later, limit=1) == 1
-    assert due.prune_closed_alerts(store.client, store.settings, later, limit=1) == 1
-    assert due.prune_closed_alerts(store.client, store.settings, later, limit=1) == 0
+    assert due.prune_closed_alerts(store, later, limit=1) == 1
+    assert due.prune_closed_alerts(store, later, limit=1) == 1
+    assert due.prune_closed_alerts(store, later, limit=1) == 0
     assert store.get_alert("c1", ids["c1"]) is None and store.get_alert("c2", ids["c2"]) is None
     assert store.get_alert("c3", ids["c3"])["status"] == "active"
 
@@ -179,13 +179,13 @@ def test_an_inactive_patient_is_forgotten_with_bounded_work_per_call(store):
     assert store.patient_of("Patient/quiet") == "quiet"
 
     now = datetime.now(UTC)
-    assert due.retire_inactive_patients(client, store.settings, now) == 0  # written just now
+    assert due.retire_inactive_patients(store, now) == 0  # written just now
     assert client.hlen(k["facts"]) == 251
     later = now + timedelta(days=store.settings.retention_inactive_patient_days, minutes=1)
     removed, retired = [], 0
     while not retired:
         before = client.hlen(k["facts"])
-        retired = due.retire_inactive_patients(client, store.settings, later, limit=100)
+        retired = due.retire_inactive_patients(store, later, limit=100)
         removed.append(before - client.hlen(k["facts"]))
     assert removed == [100, 100, 51]  # 250 results and the Patient resource, at most 100 per call
     assert not [key for key in client.scan_iter(match=f"{store.settings.key_prefix}:{{p:quiet}}:*")]
@@ -217,4 +217,4 @@ def test_what_an_older_release_stored_is_backfilled_into_the_retention_indexes(s
     assert sorted(client.zrange(keys.patients_seen(), 0, -1)) == ["a", "b"]
     assert store.backfill_retention_indexes(now)  # done: a no-op from now on
     later = now + timedelta(days=store.settings.retention_closed_alert_days + 1)
-    assert due.prune_closed_alerts(client, store.settings, later) == 1
+    assert due.apply_retention(store, later) == (1, 0)  # the due sweep's step; patients silent 91 days stay
