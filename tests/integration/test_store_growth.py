@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from itest_builders import HYPOK, T0, potassium
+from itest_builders import HYPOK, T0, furosemide, potassium, ts
 
 from config.settings import Settings
 from rules.normalize import normalize_resource
@@ -218,3 +218,23 @@ def test_what_an_older_release_stored_is_backfilled_into_the_retention_indexes(s
     assert store.backfill_retention_indexes(now)  # done: a no-op from now on
     later = now + timedelta(days=store.settings.retention_closed_alert_days + 1)
     assert due.apply_retention(store, later) == (1, 0)  # the due sweep's step; patients silent 91 days stay
+
+
+def test_a_medication_without_an_end_is_read_by_every_event_until_its_retention(store):
+    """An open medication (no end date) is in every window (tl score +inf) and leaves once
+    retention_open_medication_hours have passed since its start or last update, whichever is later."""
+    store = _store(store, retention_open_medication_hours=72)
+    patient = "meds"
+    received = T0 - timedelta(hours=1)
+    process_batch(_batch(furosemide("furo", patient, since=ts(T0 - timedelta(hours=2))), received=received), store)
+    k = keys.patient_keys(patient)
+    assert store.client.zscore(k["tl"], "MedicationStatement/furo") == float("inf")
+    # its expiry: the latest of start, lastUpdated (2024-03-01) and receipt, plus 72 h
+    assert store.client.zscore(k["exp"], "MedicationStatement/furo") == (received + timedelta(hours=72)).timestamp()
+    at = T0 + timedelta(hours=60)
+    process_batch(_batch(potassium("k1", patient, 4.0, at), received=at), store)
+    assert store.client.hexists(k["facts"], "MedicationStatement/furo")
+    at = T0 + timedelta(hours=80)
+    process_batch(_batch(potassium("k2", patient, 4.0, at), received=at), store)
+    assert not store.client.hexists(k["facts"], "MedicationStatement/furo")
+    assert store.patient_of("MedicationStatement/furo") is None
