@@ -110,6 +110,35 @@ class Settings(BaseSettings):
         "Hooks call still sees; the Patient resource is kept as long as the patient has data",
     )
 
+    retention_closed_alert_days: float = Field(
+        default=90.0,
+        gt=0,
+        le=3660,
+        description="a closed alert (resolved, retracted, expired, withdrawn) is removed from Redis this long after it "
+        "closed, with its history list, its alert-index entries and its worklist summary (the due sweep removes a "
+        "bounded number per sweep); the audit export covers the alerts still stored, so export the trail to your "
+        "archive within this time",
+    )
+    retention_inactive_patient_days: float = Field(
+        default=400.0,
+        gt=0,
+        le=36_600,
+        description="a patient with no resource or delete received for this long (wall clock) and no alert left in "
+        "Redis is forgotten: the whole timeline (open conditions, open medications and the Patient resource "
+        "included), and the patient's entries in the patients-seen set, the worklist context and the resource index "
+        "(the due sweep, a bounded number per sweep); keep it longer than the longest fact retention (365 days)",
+    )
+    fact_cache_size: int = Field(
+        default=50_000,
+        ge=0,
+        le=10_000_000,
+        description="resource versions whose parsed facts each worker process keeps (LRU; 0: no cache). Measured: "
+        "~4 KB per version (50,000 is ~200 MB per worker process); a miss costs ~0.2 ms (JSON parse and "
+        "validation), and an event reads its patient's whole window (~45 versions at a lab every 4 h, "
+        "bench_growth.py), so a patient whose window was evicted costs ~9 ms more. Size it at the patients "
+        "with events in a few minutes times ~50 (default: ~1,000 busy patients per worker)",
+    )
+
     # --- rules ---
     site_profile: Path | None = Field(
         default=None,

@@ -14,7 +14,8 @@ Definitions (also in docs/review.md and on the analytics page):
   when nobody acted and it closed by itself or has been raised longer than ``review_ignored_after_hours``,
   else ``pending``. Acknowledging is *not* acceptance.
 * rates are outcome counts divided by fired; *per 1,000 patients* divides by the patients seen by the
-  pipeline (``keys.patients()``, all time).
+  pipeline (``keys.patients()``: every patient still stored; inactive patients leave it with their data,
+  ``retention_inactive_patient_days``).
 * *time to first action*: from when the alert was raised to the first user action of any kind (both wall
   clock), median over alerts with one, in seconds.
 * *closed*: how the closed ones closed (resolved, retracted, expired, withdrawn); *escalated*: alerts that

@@ -24,7 +24,7 @@ from workers.state import context_index
 from workers.state.alerts import decision_body
 from workers.state.connection import get_redis
 from workers.state.data_problems import DataProblem, DataProblems
-from workers.state.store import Store
+from workers.state.store import CLOSED_STATUSES, Store
 from workers.steps import PatientPlan, plan_patient
 
 log = logging.getLogger("ehr_alerts.pipeline")
@@ -125,7 +125,7 @@ def process_batch(raw_events: Iterable[dict[str, Any]], store: Store | None = No
             summary = context_index.summary(context_index.final_facts(events, window), plans[patient].clock)
             context.append((patient, plans[patient].version, summary))
 
-    changed, due, failed = _apply(store, plans, counts, poison)
+    changed, closed, due, failed = _apply(store, plans, counts, poison)
     problems = [*_indeterminate_causes(plans), *_future_dated(by_patient, settings.future_tolerance_hours)]
     if problems:
         DataProblems(store.client).record_many(problems)
@@ -140,15 +140,16 @@ def process_batch(raw_events: Iterable[dict[str, Any]], store: Store | None = No
         resources=received,
         forgotten=pruned,  # after the resources received: one stored and pruned in the same call is gone
         due=due,
+        closed=closed,
     )
     return counts
 
 
 def _apply(
     store: Store, plans: dict[str, PatientPlan], counts: Counter[str], poison: Any
-) -> tuple[dict[str, str], dict[str, datetime | None], set[str]]:
-    """Apply every patient's steps in one round trip; returns (changed alert id -> patient, due times of the
-    patients whose steps were applied, patients that failed)."""
+) -> tuple[dict[str, str], set[str], dict[str, datetime | None], set[str]]:
+    """Apply every patient's steps in one round trip; returns (changed alert id -> patient, the changed alerts
+    whose last action closed them, due times of the patients whose steps were applied, patients that failed)."""
     calls = []
     for patient, plan in plans.items():
         if not plan.steps:
@@ -158,6 +159,7 @@ def _apply(
         meta["due"] = clock_text(plan.due) if plan.due else ""
         calls.append((patient, plan.version, steps, meta))
     changed: dict[str, str] = {}
+    closed: set[str] = set()
     due: dict[str, datetime | None] = {p: plan.due for p, plan in plans.items() if not plan.steps}
     failed: set[str] = set()
     for (patient, *_), results in zip(calls, store.alerts.apply_many(calls), strict=True):
@@ -176,7 +178,11 @@ def _apply(
             counts[f"alerts_{action}:{rule_id}"] += 1
             if alert_id:
                 changed[alert_id] = patient
-    return changed, due, failed
+                if action in CLOSED_STATUSES:
+                    closed.add(alert_id)
+                else:
+                    closed.discard(alert_id)
+    return changed, closed, due, failed
 
 
 def _indeterminate_causes(plans: dict[str, PatientPlan]) -> list[DataProblem]:

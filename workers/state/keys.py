@@ -43,6 +43,12 @@ def alert_index() -> str:
     return f"{_prefix()}:alerts:index"
 
 
+def closed_alerts() -> str:
+    """Sorted set of ``patient|alert id`` of closed alerts by the epoch (wall clock) they closed: what the
+    closed-alert retention (``retention_closed_alert_days``) removes, oldest first."""
+    return f"{_prefix()}:alerts:closed"
+
+
 def alert_patients() -> str:
     """Hash of alert id -> patient id, to find an alert by id alone (a CDS card uuid is an alert id)."""
     return f"{_prefix()}:alerts:patient"
@@ -67,6 +73,18 @@ def counters() -> str:
 def patients() -> str:
     """Set of patient ids seen (for alerts-per-1,000-patients figures)."""
     return f"{_prefix()}:patients"
+
+
+def patients_seen() -> str:
+    """Sorted set: patient id -> wall-clock epoch of the patient's latest resource or delete; what the inactive
+    patient retention (``retention_inactive_patient_days``) walks, oldest first."""
+    return f"{_prefix()}:patients:seen"
+
+
+def retention_backfill() -> str:
+    """Hash of the scan cursors (``alerts``, ``patients``; ``done`` once finished) with which the due sweep puts
+    what a release before the retention indexes stored into ``closed_alerts`` and ``patients_seen``."""
+    return f"{_prefix()}:retention:backfill"
 
 
 def inbox_batches() -> str:

@@ -281,6 +281,25 @@ def decode_cursor(query: Signed, cursor: str) -> tuple[float, str]:
     return score, member
 
 
+def forget(client: redis.Redis, alert_ids: list[str]) -> None:
+    """Drop removed alerts (closed-alert retention) from the index: summaries, order sets, snoozes, seen marks.
+    Two round trips whatever the number."""
+    if not alert_ids:
+        return
+    pipe = client.pipeline(transaction=False)
+    for alert_id, raw in zip(alert_ids, client.mget([summary_key(i) for i in alert_ids]), strict=True):
+        if raw:
+            summary = json.loads(raw)
+            for bucket in summary.get("buckets") or [summary.get("status"), "all"]:
+                for order in ("sev", "time"):
+                    pipe.zrem(order_key(bucket, order), alert_id)
+                    pipe.zrem(order_key(bucket, order, summary.get("rule_id")), alert_id)
+        pipe.delete(summary_key(alert_id))
+        pipe.zrem(snoozed_key(), alert_id)
+        pipe.hdel(seen_key(), alert_id)
+    pipe.execute()
+
+
 class ReviewIndex:
     """Derived worklist index over a Store (see the module docstring)."""
 

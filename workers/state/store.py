@@ -24,6 +24,7 @@ from workers.state.alerts import (
     TransitionError,
     effective_status,
 )
+from workers.state.scripts import load_script, run_pipelined
 from workers.state.timeline import TimelineStore, parse_facts
 
 __all__ = [
@@ -46,6 +47,8 @@ class Store:
         self.settings = settings
         self.timelines = TimelineStore(client, settings)
         self.alerts = AlertStore(client)
+        self._forget = load_script(client, "forget_alert.lua")
+        self._retire = load_script(client, "retire_patient.lua")
 
     # --- timeline --------------------------------------------------------------------------------------
 
@@ -124,7 +127,14 @@ class Store:
             extra=extra,
             idempotency_key=idempotency_key,
         )
-        self.client.zadd(keys.alert_index(), {f"{patient}|{alert_id}": datetime.now(UTC).timestamp()})
+        now = datetime.now(UTC).timestamp()
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(keys.alert_index(), {f"{patient}|{alert_id}": now})
+        if alert["status"] in CLOSED_STATUSES:  # resolved by hand: retention counts from now
+            pipe.zadd(keys.closed_alerts(), {f"{patient}|{alert_id}": now})
+        else:  # reopened (or any open status): never pruned while open
+            pipe.zrem(keys.closed_alerts(), f"{patient}|{alert_id}")
+        pipe.execute()
         last = alert["history"][-1] if alert["history"] else {}
         if not idempotency_key or (last.get("key") == idempotency_key and last.get("at") == clock_text(at)):
             self.count(**{f"alerts_{TRANSITION_KINDS.get(action, action)}:{alert['rule_id']}": 1})  # metrics
@@ -180,17 +190,22 @@ class Store:
         resources: dict[str, str] | None = None,
         forgotten: list[str] | None = None,
         due: dict[str, datetime | None] | None = None,
+        closed: set[str] | frozenset[str] = frozenset(),
     ) -> None:
-        """One round trip of bookkeeping: index changed alerts (alert id -> patient) by update time, add the
-        patients seen and the resources received ("Type/id" -> patient, for deletes), drop pruned resources,
-        set the patients' due times, add to the counters."""
+        """One round trip of bookkeeping: index changed alerts (alert id -> patient) by update time and those
+        of them that ``closed`` by close time (for their retention), add the patients seen and the resources
+        received ("Type/id" -> patient, for deletes), drop pruned resources, set the patients' due times, add
+        to the counters."""
         pipe = self.client.pipeline(transaction=False)
+        score = datetime.now(UTC).timestamp()
         if changed:
-            score = datetime.now(UTC).timestamp()
             pipe.zadd(keys.alert_index(), {f"{patient}|{a}": score for a, patient in changed.items()})
             pipe.hset(keys.alert_patients(), mapping=changed)
+        if closed:
+            pipe.zadd(keys.closed_alerts(), {f"{changed[a]}|{a}": score for a in closed})
         if patients:
             pipe.sadd(keys.patients(), *patients)
+            pipe.zadd(keys.patients_seen(), dict.fromkeys(patients, score))
         if resources:
             pipe.hset(keys.resource_patients(), mapping=resources)
         if forgotten:
@@ -204,6 +219,104 @@ class Store:
             if value:
                 pipe.hincrby(keys.counters(), name, value)
         pipe.execute()
+
+    def prune_closed_alerts(self, now: datetime, limit: int = 100) -> list[tuple[str, str]]:
+        """Remove at most ``limit`` alerts closed more than ``retention_closed_alert_days`` before ``now``: the
+        record, its history list, its ``alert_index`` and ``alert_patients`` entries (the review index is
+        cleaned by its caller, ``workers.due``). Bounded work per call: one range read, one script per alert,
+        one pipeline. Returns the (patient, alert id) pairs removed."""
+        cutoff = now.timestamp() - self.settings.retention_closed_alert_days * 86_400
+        members = self.client.zrangebyscore(keys.closed_alerts(), "-inf", cutoff, start=0, num=limit)
+        if not members:
+            return []
+        refs = [tuple(m.split("|", 1)) for m in members]
+        calls = [([keys.patient_keys(p)["alerts"], keys.alert_history(p, a)], [a, *CLOSED_STATUSES]) for p, a in refs]
+        results = run_pipelined(self.client, self._forget, calls)
+        gone = [ref for ref, result in zip(refs, results, strict=True) if result == 1]
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zrem(keys.closed_alerts(), *members)  # an alert reopened since is open: not in this index any more
+        if gone:
+            pipe.zrem(keys.alert_index(), *(f"{p}|{a}" for p, a in gone))
+            pipe.hdel(keys.alert_patients(), *(a for _, a in gone))
+        pipe.execute()
+        return gone
+
+    def retire_inactive_patients(self, now: datetime, limit: int = 100) -> list[str]:
+        """Forget patients with no resource or delete for ``retention_inactive_patient_days`` (wall clock) and no
+        alert left in Redis: their timeline (expired or not: open conditions, open medications, the Patient
+        resource), meta, and their entries in the patients-seen set, the worklist context, the due index and the
+        resource -> patient index. Bounded work per call: at most ``limit`` patients, ``limit`` resources each;
+        a patient with more is finished by the next calls. Returns the patients forgotten completely."""
+        cutoff = now.timestamp() - self.settings.retention_inactive_patient_days * 86_400
+        patients = self.client.zrangebyscore(keys.patients_seen(), "-inf", cutoff, start=0, num=limit)
+        if not patients:
+            return []
+        calls = []
+        for patient in patients:
+            k = keys.patient_keys(patient)
+            names = ("facts", "meta", "tl", "exp", "alerts", "open", "applied", "closed")
+            calls.append(([k[name] for name in names], [limit, repr(cutoff)]))
+        retired, forgotten, kept = [], [], []
+        for patient, result in zip(patients, run_pipelined(self.client, self._retire, calls), strict=True):
+            if isinstance(result, Exception):
+                raise result
+            outcome, fields = result
+            forgotten += fields
+            if outcome == "retired":
+                retired.append(patient)
+            elif outcome == "kept":
+                kept.append(patient)
+        pipe = self.client.pipeline(transaction=False)
+        if forgotten:
+            pipe.hdel(keys.resource_patients(), *forgotten)
+        if retired:
+            pipe.zrem(keys.patients_seen(), *retired)
+            pipe.srem(keys.patients(), *retired)
+            pipe.hdel(keys.patient_context(), *retired)
+            pipe.zrem(keys.due_patients(), *retired)
+        if kept:  # alerts still stored (or written since: then its newer score stays): looked at again in a day
+            pipe.zadd(keys.patients_seen(), dict.fromkeys(kept, cutoff + 86_400), xx=True, gt=True)
+        pipe.execute()
+        return retired
+
+    def backfill_retention_indexes(self, now: datetime, count: int = 100) -> bool:
+        """One bounded step (a ZSCAN / SSCAN page of about ``count``) of indexing what a release before the
+        retention indexes stored: closed alerts into ``closed_alerts`` (scored by their last update, about when
+        they closed) and known patients into ``patients_seen`` (scored ``now``: their inactivity counts from the
+        upgrade). Idempotent (ZADD NX); returns True once both scans have finished."""
+        key = keys.retention_backfill()
+        state = self.client.hgetall(key)
+        update: dict[str, int] = {}
+        for name, step in (("alerts", self._backfill_closed), ("patients", self._backfill_seen)):
+            if state.get(f"{name}_done") != "1":
+                cursor = step(int(state.get(name, 0)), count, now)
+                update |= {name: cursor, f"{name}_done": int(cursor == 0)}
+        if update:
+            self.client.hset(key, mapping=update)
+        return all(update.get(f"{n}_done", int(state.get(f"{n}_done") == "1")) for n in ("alerts", "patients"))
+
+    def _backfill_closed(self, cursor: int, count: int, now: datetime) -> int:
+        cursor, members = self.client.zscan(keys.alert_index(), cursor, count=count)
+        if not members:
+            return cursor
+        refs = [(member, *member.split("|", 1), score) for member, score in members]
+        pipe = self.client.pipeline(transaction=False)
+        for _, patient, alert_id, _ in refs:
+            pipe.hget(keys.patient_keys(patient)["alerts"], alert_id)
+        closed = {
+            member: score
+            for (member, _, _, score), raw in zip(refs, pipe.execute(), strict=True)
+            if raw and json.loads(raw).get("status") in CLOSED_STATUSES
+        }
+        if closed:
+            self.client.zadd(keys.closed_alerts(), closed, nx=True)
+        return cursor
+
+    def _backfill_seen(self, cursor: int, count: int, now: datetime) -> int:
+        cursor, patients = self.client.sscan(keys.patients(), cursor, count=count)
+        if patients:
+            self.client.zadd(keys.patients_seen(), dict.fromkeys(patients, now.timestamp()), nx=True)
+        return cursor
 
     def dead_letter(self, reason: str, events: list[dict[str, Any]], task_id: str | None = None) -> None:
         """Keep events that cannot be processed, with the reason, for `ehr-alerts dead-letters`."""

@@ -5,35 +5,41 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 import redis
 
-from config.settings import Settings
+from config.settings import Settings, get_settings
 from rules.facts import Fact
 from workers.events import Event, clock_text, parse_clock
 from workers.state import keys, schema_upgrade
 from workers.state.scripts import load_script, run_pipelined
 
-#: Resource versions whose parsed facts are kept per process (Fact is frozen, so they are shared safely).
-FACT_CACHE_SIZE = 50_000
 #: Expired resources one call may prune (retention is also applied logically when facts are read).
 PRUNE_LIMIT = 100
 _RECORD, _FIELD = "\x1e", "\x1f"
 
 
 def parse_facts(payload: str) -> tuple[Fact, ...]:
-    """The facts of one stored resource version, upgraded to the current format, parsed once per process."""
-    return _parse_facts(payload, schema_upgrade.FACT_SCHEMA_VERSION)
+    """The facts of one stored resource version, upgraded to the current format, parsed once per process (the
+    latest ``fact_cache_size`` versions are kept; Fact is frozen, so they are shared safely)."""
+    return _parser()(payload, schema_upgrade.FACT_SCHEMA_VERSION)
+
+
+@cache
+def _parser() -> Callable[[str, int], tuple[Fact, ...]]:
+    size = get_settings().fact_cache_size
+    return lru_cache(maxsize=size)(_parse_facts) if size else _parse_facts
 
 
 _TIMES = ("start", "end", "updated")
 
 
-@lru_cache(maxsize=FACT_CACHE_SIZE)
 def _parse_facts(payload: str, schema_version: int) -> tuple[Fact, ...]:
     facts = []
     for item in json.loads(payload):
@@ -41,6 +47,9 @@ def _parse_facts(payload: str, schema_version: int) -> tuple[Fact, ...]:
         for name in _TIMES:  # datetime.timezone.utc, not pydantic's TzInfo: the engine compares many times
             if isinstance(record.get(name), str):
                 record[name] = parse_clock(record[name])
+        info = record.get("patient_info")
+        if isinstance(info, dict) and isinstance(info.get("deceased"), str):
+            record["patient_info"] = {**info, "deceased": parse_clock(info["deceased"])}
         facts.append(Fact.model_validate(record))
     return tuple(facts)
 
@@ -156,7 +165,8 @@ class TimelineStore:
         tolerance = self.settings.future_tolerance_hours
         clocks = [t for e in events if (t := e.clock_time(tolerance)) is not None]
         pad = "inf" if math.isinf(window_pad_hours) else repr(window_pad_hours * 3600)
-        args: list[Any] = [pad, PRUNE_LIMIT, repr(epoch(clocks[0])) if clocks else ""]
+        seen = repr(time.time()) if any(e.kind != "tick" for e in events) else ""
+        args: list[Any] = [pad, PRUNE_LIMIT, repr(epoch(clocks[0])) if clocks else "", seen]
         for event in events:
             at = event.clock_time(tolerance)
             clock = f"{clock_text(at)}\t{epoch(at)!r}" if at is not None else ""

@@ -8,7 +8,9 @@
 -- KEYS[5] open hash    rule id -> open alert id (read only here)
 -- ARGV[1] window pad (seconds, the longest look-back of any rule input, or 'inf'), ARGV[2] prune limit,
 -- ARGV[3] epoch of the first event's clock time ('' if none; used for a patient without a clock),
--- ARGV[4..] per event, 6 values: field, rank, expires \t payload, tl score, exp score, clock text \t clock epoch
+-- ARGV[4] wall-clock epoch of this write when the batch holds a resource or a delete ('' for ticks alone): kept as
+--         meta 'seen', what retire_patient.lua checks before forgetting an inactive patient,
+-- ARGV[5..] per event, 6 values: field, rank, expires \t payload, tl score, exp score, clock text \t clock epoch
 --           (a tick has field ''; an event that does not move the clock has clock '')
 -- A lower rank (older version) never replaces a higher one; an identical value is a duplicate. The window is
 -- read BEFORE the batch is written: the worker replays the events on top of it in arrival order.
@@ -20,6 +22,7 @@ if redis.call('HGET', meta, 'layout') ~= '2' then
   redis.call('HSET', meta, 'layout', '2')
 end
 local pad, prune_limit, first_s = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+if ARGV[4] ~= '' then redis.call('HSET', meta, 'seen', ARGV[4]) end
 local clock = redis.call('HGET', meta, 'clock')
 local clock_s = redis.call('HGET', meta, 'clock_s')
 local previous_clock = clock or ''
@@ -45,7 +48,7 @@ end
 -- 2. store the events in arrival order
 local statuses = {}
 local changed = false
-for i = 4, #ARGV, 6 do
+for i = 5, #ARGV, 6 do
   local field, rank, body, tl_score, exp_score, at = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
   local status = 'tick'
   if field ~= '' then
