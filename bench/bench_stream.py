@@ -53,7 +53,6 @@ from harness import (
     BARE_QUEUE,
     BENCH,
     BIN,
-    PREFIX,
     RESULTS_DIR,
     Bench,
     Profiler,
@@ -61,6 +60,7 @@ from harness import (
     ensure_path,
     git_commit,
     machine,
+    memory_per_patient,
     ndjson_bodies,
     pool_children,
     post_all,
@@ -148,32 +148,6 @@ def run_stream(bench: Bench, bodies: list[bytes], profiler: Profiler | None = No
         "alerts_updated": delta["alerts_updated"],
         "load_start": load,
         "load_end": stamp(),
-    }
-
-
-def memory_per_patient(bench: Bench, pattern: str = "bp-*") -> dict[str, Any]:
-    """MEMORY USAGE of every benchmark patient key, summed by key kind, per patient."""
-    by_kind: Counter[str] = Counter()
-    patients: set[str] = set()
-    keys = list(bench.client.scan_iter(match=f"{PREFIX}:{{p:{pattern}}}:*", count=1000))
-    for i in range(0, len(keys), 5000):
-        chunk = keys[i : i + 5000]
-        pipe = bench.client.pipeline(transaction=False)
-        for key in chunk:
-            pipe.memory_usage(key, samples=0)
-        for key, size in zip(chunk, pipe.execute(), strict=True):
-            patient, _, rest = key.partition("}:")
-            kind = rest.split(":", 1)[0]  # facts, meta, alerts, history (one per alert), ...
-            patients.add(patient)
-            by_kind[kind] += size or 0
-    n = max(len(patients), 1)
-    timeline = sum(v for k, v in by_kind.items() if k not in ("alerts", "open", "history"))
-    return {
-        "patients": len(patients),
-        "bytes_per_patient": {kind: round(v / n) for kind, v in sorted(by_kind.items())},
-        "timeline_bytes_per_patient": round(timeline / n),
-        "all_keys_bytes_per_patient": round(sum(by_kind.values()) / n),
-        "used_memory_bytes": int(bench.client.info("memory")["used_memory"]),
     }
 
 
