@@ -28,7 +28,7 @@ latency = time the worker indexed the alert - time the request was sent.
 
 Run from the repository root::
 
-    .venv/bin/python bench/bench_stream.py            # ~5 min, writes bench/results/stream.json
+    .venv/bin/python bench/bench_stream.py            # ~15 min on a shared 2-core machine; bench/results/stream.json
     .venv/bin/python bench/bench_stream.py --quick    # ~1 min smoke, writes bench/results/stream-quick.json
 """
 
