@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench schema lock clean
+.PHONY: demo test lint bench bench-quick schema lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,17 @@ test: $(STAMP) $(CHROMIUM)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_engine.py
 	$(BIN)/python bench/bench_stream.py
+	$(BIN)/python bench/bench_backfill.py
 	$(BIN)/python bench/bench_cds.py
 	$(BIN)/python bench/bench_review.py
+
+# Every benchmark in its --quick mode (a smoke check; writes bench/results/*-quick.json).
+bench-quick: $(STAMP)
+	$(BIN)/python bench/bench_engine.py --quick
+	$(BIN)/python bench/bench_stream.py --quick
+	$(BIN)/python bench/bench_backfill.py --quick
+	$(BIN)/python bench/bench_cds.py --quick
+	$(BIN)/python bench/bench_review.py --quick
 
 schema: $(STAMP)
 	$(BIN)/ehr-alerts rules schema > rules/rule.schema.json

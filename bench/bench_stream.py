@@ -1,385 +1,153 @@
-"""End-to-end stream benchmark: ndjson over HTTP ``POST /fhir/$import`` -> Celery workers -> alerts stored.
+"""Stream benchmark: the real workers draining the real stream, against a bare Celery no-op task.
 
-Everything runs for real on this machine: a private ``redis-server`` on a free port, the API (uvicorn,
-one process) and Celery workers (prefork, 1 and 2 processes) as subprocesses, the client in this
-process. The feed is ``bench/stream_data.py``: a few thousand synthetic patients (labs, medications,
-conditions; codes from the packaged value sets; seeded).
+Everything runs for real on this machine: a private ``redis-server`` on a free port, the API (uvicorn, one
+process) and Celery workers (prefork, 1 and 2 processes) as subprocesses. The feed is
+``bench/stream_data.py``: a few thousand synthetic patients (labs, medications, conditions; codes from the
+packaged value sets; seeded).
 
 Per worker count, in rounds (the machine is shared and noisy, so each round measures both back to back):
 
-* ``noop`` (baseline): one no-op Celery task per event (``workers.tasks.noop``, the raw resource as its
-  argument), published from this process as fast as it can while the workers consume; time from the
-  first publish until the queue and the unacked hash are empty.
-* ``stream``: the feed as ndjson requests (``--chunk`` lines each, 2 client threads), validated and
-  normalised by the API, batched through the inbox to the workers, which store timelines and alerts;
-  time from the first request until every batch is finished. Validation is included.
+* ``noop`` (baseline): a **bare** Celery app (``bench/bare_celery.py``: no project import, so no JSON logging,
+  signals or bootsteps; the project's broker, serializer, late acks and prefetch settings) with one no-op
+  task per event (the raw resource as its argument). The tasks are published first, by a separate process,
+  while the bare workers are frozen (SIGSTOP); the drain is timed from SIGCONT until the queue and the
+  unacked hash are empty.
+* ``stream``: the feed as ndjson ``POST /fhir/$import`` requests, validated and normalised by the API and
+  batched through the inbox (the real ingestion enqueue path), while the real ehr-alerts workers are frozen;
+  then the workers are let go and the drain is timed until every batch is finished (``process_batch``:
+  timelines, rules, alerts, in the private Redis).
 
-The figure that matters is ``stream events/s / noop tasks/s`` of the same round (target >= 3).
+Publishing never overlaps the measured drain, and each drain is CPU of the worker process group (``/proc``)
+and of Redis. The figure that matters is **stream events/s / noop tasks/s** of the same round: events processed
+in the time of one bare no-op task (target >= 5).
 
-Then, on the last state of the 2-process run: Redis memory per patient (``MEMORY USAGE`` of every
-patient key, by key kind), and the p99 event-to-alert latency at half the saturated rate: the feed is
-paced in small requests, each carrying one probe patient's low potassium that opens an alert at once;
+Then, on the state left by the 2-process run: Redis memory per patient (``MEMORY USAGE`` of every patient
+key, by key kind), and the p99 event-to-alert latency of the whole path (API and workers sharing the cores) at
+a paced rate: each small request carries one probe patient's low potassium that opens an alert at once;
 latency = time the worker indexed the alert - time the request was sent.
 
 Run from the repository root::
 
-    .venv/bin/python bench/bench_stream.py            # ~5 min, writes bench/results/stream.json
+    .venv/bin/python bench/bench_stream.py            # ~15 min on a shared 2-core machine; bench/results/stream.json
     .venv/bin/python bench/bench_stream.py --quick    # ~1 min smoke, writes bench/results/stream-quick.json
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = ROOT / ".venv" / "bin"
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-QUEUE = "ehr-alerts"
-PREFIX = "bench"
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness import (
+    BARE_QUEUE,
+    BENCH,
+    BIN,
+    RESULTS_DIR,
+    Bench,
+    Profiler,
+    cpu_per_item,
+    ensure_path,
+    git_commit,
+    machine,
+    memory_per_patient,
+    ndjson_bodies,
+    pool_children,
+    post_all,
+    stamp,
+    top_frames,
+)
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Bench:
-    """The private Redis, the API and the workers of one benchmark run."""
-
-    def __init__(self, logs: Path, batch_size: int) -> None:
-        self.logs = logs
-        port = _free_port()
-        server = shutil.which("redis-server")
-        if server is None:
-            raise SystemExit("redis-server not found: the stream benchmark needs a real Redis")
-        self.redis_proc = subprocess.Popen(
-            [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.url = f"redis://127.0.0.1:{port}/0"
-        self.env = {
-            **os.environ,
-            "REDIS_URL": self.url,
-            "EHR_ALERTS_KEY_PREFIX": PREFIX,
-            "EHR_ALERTS_BATCH_SIZE": str(batch_size),
-            "PYTHONUNBUFFERED": "1",
-        }
-        os.environ.update({k: self.env[k] for k in ("REDIS_URL", "EHR_ALERTS_KEY_PREFIX")})
-        import redis
-
-        self.client = redis.Redis.from_url(self.url, decode_responses=True)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                self.client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        self.api: subprocess.Popen[bytes] | None = None
-        self.workers: subprocess.Popen[bytes] | None = None
-        self.base_url = ""
-
-    def _spawn(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
-        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
-        return subprocess.Popen(
-            args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    def start_api(self) -> None:
-        import httpx
-
-        port = _free_port()
-        self.api = self._spawn(
-            [str(BIN / "uvicorn"), "service.app:app", "--port", str(port), "--log-level", "warning", "--no-access-log"],
-            "api",
-        )
-        self.base_url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.base_url}/healthz", timeout=2).status_code == 200:
-                    return
-            if self.api.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the API did not start; see {self.logs}/api.log")
-            time.sleep(0.2)
-
-    def start_workers(self, processes: int) -> None:
-        self.workers = self._spawn(
-            [
-                str(BIN / "celery"),
-                "-A",
-                "workers.celery_app",
-                "worker",
-                "-Q",
-                QUEUE,
-                "-c",
-                str(processes),
-                "--pool",
-                "prefork",
-                "--loglevel",
-                "warning",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ],
-            f"workers-{processes}",
-        )
-        deadline = time.monotonic() + 60
-        while not any(c.get("cmd") == "brpop" for c in self.client.client_list()):
-            if self.workers.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the workers did not start; see {self.logs}")
-            time.sleep(0.1)
-
-    def stop_workers(self) -> None:
-        if self.workers is not None:
-            _stop(self.workers)
-            self.workers = None
-
-    def close(self) -> None:
-        self.stop_workers()
-        if self.api is not None:
-            _stop(self.api)
-        self.redis_proc.terminate()
-        self.redis_proc.wait(10)
-
-    # --- waiting ----------------------------------------------------------------------------------------
-
-    def wait_idle(self, *, inbox_too: bool, timeout: float = 900) -> float:
-        """Poll until the queue and unacked hash (and the inbox) are empty; returns the time it was seen."""
-        from workers import inbox
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.llen(QUEUE)
-            pipe.hlen("unacked")
-            queued, unacked = pipe.execute()
-            if queued == 0 and unacked == 0 and (not inbox_too or inbox.size(self.client) == 0):
-                return time.perf_counter()
-            if self.workers is not None and self.workers.poll() is not None:
-                raise SystemExit(f"workers exited; see {self.logs}")
-            time.sleep(0.005)
-        raise SystemExit("the workers did not drain the queue in time")
-
-    def forget_patients(self, pattern: str) -> None:
-        """Delete the keys of the patients matching ``pattern`` (a fresh start for the next phase)."""
-        batch = []
-        for key in self.client.scan_iter(match=f"{PREFIX}:{{p:{pattern}}}:*", count=1000):
-            batch.append(key)
-            if len(batch) >= 1000:
-                self.client.unlink(*batch)
-                batch = []
-        if batch:
-            self.client.unlink(*batch)
+ensure_path()
 
 
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _group_cpu(pgid: int) -> float:
-    """CPU seconds (user + system) used so far by the live processes of a process group (Linux /proc)."""
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:  # fields after "(comm)": state ppid pgrp ... utime(11) stime(12)
-            total += int(fields[11]) + int(fields[12])
-    return total / _TICK
-
-
-def cpu_snapshot(bench: Bench) -> dict[str, float]:
-    """CPU seconds so far of each component: API, workers, Redis, this client."""
-    return {
-        "api": _group_cpu(bench.api.pid) if bench.api else 0.0,
-        "workers": _group_cpu(bench.workers.pid) if bench.workers else 0.0,
-        "redis": _proc_cpu(bench.redis_proc.pid),
-        "client": time.process_time(),
-    }
-
-
-def _proc_cpu(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def cpu_per_item(before: dict[str, float], after: dict[str, float], items: int) -> dict[str, float]:
-    """Microseconds of CPU per item, by component, between two snapshots."""
-    out = {k: round(1e6 * (after[k] - before[k]) / items, 1) for k in before}
-    out["total"] = round(sum(out.values()), 1)
-    return out
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
-
-
-# --- phases --------------------------------------------------------------------------------------------
-
-
-def ndjson_bodies(resources: list[dict[str, Any]], chunk: int) -> list[bytes]:
-    """The feed as ndjson request bodies of ``chunk`` lines each."""
-    return [
-        "\n".join(json.dumps(r, separators=(",", ":")) for r in resources[i : i + chunk]).encode()
-        for i in range(0, len(resources), chunk)
-    ]
-
-
-def post_all(bench: Bench, bodies: list[bytes], threads: int = 2) -> Counter[str]:
-    """POST every body (``threads`` clients in parallel); returns the summed entry outcomes."""
-    import httpx
-
-    outcomes: Counter[str] = Counter()
-    lock = threading.Lock()
-    queue = list(reversed(bodies))
-    errors: list[str] = []
-
-    def client() -> None:
-        with httpx.Client(timeout=300) as http:
-            while True:
-                with lock:
-                    if not queue:
-                        return
-                    body = queue.pop()
-                response = http.post(
-                    f"{bench.base_url}/fhir/$import",
-                    content=body,
-                    headers={"Content-Type": "application/fhir+ndjson"},
-                )
-                if response.status_code != 202:
-                    errors.append(f"{response.status_code}: {response.text[:300]}")
-                    return
-                summary = response.json()["issue"][0]["diagnostics"]
-                with lock:
-                    outcomes.update(_parse_summary(summary))
-
-    pool = [threading.Thread(target=client) for _ in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    if errors:
-        raise SystemExit(f"ingestion failed: {errors[0]}")
-    return outcomes
-
-
-def _parse_summary(text: str) -> Counter[str]:
-    """'12 accepted, 1 ignored (...), 0 rejected; 12 events queued' -> counts."""
-    counts: Counter[str] = Counter()
-    for part in text.replace(";", ",").split(","):
-        words = part.split()
-        if len(words) >= 2 and words[0].isdigit():
-            counts[words[1]] += int(words[0])
-    return counts
-
-
-def run_noop(bench: Bench, resources: list[dict[str, Any]]) -> dict[str, float]:
-    """The baseline: one no-op task per event, published while the workers consume."""
-    from workers.tasks import noop
-
-    cpu = cpu_snapshot(bench)
-    start = time.perf_counter()
-    for resource in resources:
-        noop.delay(resource)
+def run_noop(bench: Bench, feed_file: Path, tasks: int) -> dict[str, Any]:
+    """The baseline: ``tasks`` bare no-op tasks published while the bare workers are frozen, then drained."""
+    bench.freeze("bare")
     published = time.perf_counter()
-    end = bench.wait_idle(inbox_too=False)
+    out = subprocess.run(
+        [str(BIN / "python"), str(BENCH / "bare_celery.py"), "publish", str(feed_file)],
+        env=bench.bare_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    publish_seconds = time.perf_counter() - published
+    if int(out.stdout.strip()) != tasks:
+        raise SystemExit(f"published {out.stdout.strip()} no-op tasks, expected {tasks}")
+    load = stamp()
+    cpu = bench.cpu_snapshot("bare")
+    start = time.perf_counter()
+    bench.thaw("bare")
+    end = bench.wait_idle(queue=BARE_QUEUE, inbox_too=False)
+    cpu_after = bench.cpu_snapshot("bare")
+    bench.freeze("bare")
     return {
-        "tasks": len(resources),
+        "tasks": tasks,
         "seconds": end - start,
-        "per_s": len(resources) / (end - start),
-        "publish_seconds": published - start,
-        "cpu_us_per_task": cpu_per_item(cpu, cpu_snapshot(bench), len(resources)),
+        "per_s": tasks / (end - start),
+        "publish_seconds": publish_seconds,
+        "cpu_us_per_task": {k: v for k, v in cpu_per_item(cpu, cpu_after, tasks).items() if k != "client"},
+        "load_start": load,
+        "load_end": stamp(),
     }
 
 
-def run_stream(bench: Bench, bodies: list[bytes], events: int) -> dict[str, Any]:
-    """The feed over HTTP until every batch is finished; checks nothing was lost or dead-lettered."""
+def run_stream(bench: Bench, bodies: list[bytes], profiler: Profiler | None = None) -> dict[str, Any]:
+    """The feed ingested over HTTP while the real workers are frozen, then drained; checks nothing was lost.
+    With ``profiler``, py-spy samples the worker processes during the drain (not a measured drain then)."""
     from workers.pipeline import get_store
 
     store = get_store()
     before = Counter(store.counters())
-    cpu = cpu_snapshot(bench)
-    start = time.perf_counter()
-    outcomes = post_all(bench, bodies)
+    bench.freeze("real")
+    cpu = bench.cpu_snapshot("real")
     posted = time.perf_counter()
+    outcomes = post_all(bench, bodies)
+    post_seconds = time.perf_counter() - posted
+    cpu_posted = bench.cpu_snapshot("real")
+    events = outcomes["events"]
+    load = stamp()
+    start = time.perf_counter()
+    bench.thaw("real")
+    if profiler is not None:
+        profiler.attach(pool_children(bench.workers["real"].pid), "pool")
+        profiler.attach([bench.workers["real"].pid], "main")
     end = bench.wait_idle(inbox_too=True)
-    cpu_after = cpu_snapshot(bench)
+    cpu_after = bench.cpu_snapshot("real")
+    bench.freeze("real")
     delta = Counter(store.counters()) - before
     processed = delta["events_stored"] + delta["events_duplicate"] + delta["events_stale"]
-    if processed != outcomes["events"] or store.dead_letters():
-        raise SystemExit(f"events lost or dead-lettered: queued {outcomes['events']}, processed {processed}")
+    if processed != events or store.dead_letters():
+        raise SystemExit(f"events lost or dead-lettered: queued {events}, processed {processed}")
+    ingest_cpu = cpu_per_item(cpu, cpu_posted, events)
     return {
         "resources": sum(outcomes[k] for k in ("accepted", "ignored", "rejected")),
-        "events": outcomes["events"],
+        "events": events,
         "rejected": outcomes["rejected"],
         "seconds": end - start,
-        "post_seconds": posted - start,
-        "events_per_s": outcomes["events"] / (end - start),
-        "cpu_us_per_event": cpu_per_item(cpu, cpu_after, outcomes["events"]),
+        "events_per_s": events / (end - start),
+        "cpu_us_per_event": {k: v for k, v in cpu_per_item(cpu_posted, cpu_after, events).items() if k != "client"},
+        "ingest_seconds": post_seconds,
+        "ingest_cpu_us_per_event": {"api": ingest_cpu["api"], "redis": ingest_cpu["redis"]},
+        "rule_evaluations_per_event": round(
+            sum(v for k, v in delta.items() if k.startswith("decisions_") and ":" not in k) / events, 2
+        ),
         "alerts_opened": delta["alerts_opened"],
         "alerts_resolved": delta["alerts_resolved"],
         "alerts_updated": delta["alerts_updated"],
-    }
-
-
-def memory_per_patient(bench: Bench) -> dict[str, Any]:
-    """MEMORY USAGE of every benchmark patient key, summed by key kind, per patient."""
-    by_kind: Counter[str] = Counter()
-    patients: set[str] = set()
-    keys = list(bench.client.scan_iter(match=f"{PREFIX}:{{p:bp-*}}:*", count=1000))
-    pipe = bench.client.pipeline(transaction=False)
-    for key in keys:
-        pipe.memory_usage(key, samples=0)
-    for key, size in zip(keys, pipe.execute(), strict=True):
-        patient, kind = key.rsplit(":", 1)
-        patients.add(patient)
-        by_kind[kind] += size or 0
-    n = max(len(patients), 1)
-    timeline = by_kind["facts"] + by_kind["meta"]
-    return {
-        "patients": len(patients),
-        "bytes_per_patient": {kind: round(v / n) for kind, v in sorted(by_kind.items())},
-        "timeline_bytes_per_patient": round(timeline / n),
-        "all_keys_bytes_per_patient": round(sum(by_kind.values()) / n),
-        "used_memory_bytes": int(bench.client.info("memory")["used_memory"]),
+        "load_start": load,
+        "load_end": stamp(),
     }
 
 
@@ -395,6 +163,7 @@ def run_paced(bench: Bench, resources: list[dict[str, Any]], rate: float, second
     per_request = max(1, round(rate / per_second) - 1)
     requests = min(int(seconds * per_second), len(resources) // per_request)
     sent: dict[str, float] = {}
+    load = stamp()
     with httpx.Client(timeout=60) as http:
         start = time.perf_counter()
         for i in range(requests):
@@ -408,7 +177,7 @@ def run_paced(bench: Bench, resources: list[dict[str, Any]], rate: float, second
             response = http.post(
                 f"{bench.base_url}/fhir/$import",
                 content="\n".join(json.dumps(r) for r in body).encode(),
-                headers={"Content-Type": "application/fhir+ndjson"},
+                headers=bench.feed_headers(),
             )
             if response.status_code != 202:
                 raise SystemExit(f"paced request failed: {response.status_code}")
@@ -435,10 +204,9 @@ def run_paced(bench: Bench, resources: list[dict[str, Any]], rate: float, second
             "p99": round(latencies[int(0.99 * (len(latencies) - 1))], 1),
             "max": round(latencies[-1], 1),
         },
+        "load_start": load,
+        "load_end": stamp(),
     }
-
-
-# --- main ------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -451,68 +219,92 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=200, help="EHR_ALERTS_BATCH_SIZE for the API")
     parser.add_argument("--workers", default="1,2", help="worker process counts to measure")
     parser.add_argument("--paced-seconds", type=float, default=None, help="length of the latency run")
+    parser.add_argument(
+        "--paced-rate", type=float, default=None, help="events/s of the latency run (default: half the drain rate)"
+    )
+    parser.add_argument(
+        "--py-spy",
+        default=shutil.which("py-spy"),
+        help="py-spy binary: after the rounds, one more (unmeasured) stream drain per worker count is profiled",
+    )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     patients = args.patients or (400 if args.quick else 2500)
     rounds = args.rounds or (1 if args.quick else 2)
     paced_seconds = args.paced_seconds or (5 if args.quick else 20)
     output = args.output or RESULTS_DIR / ("stream-quick.json" if args.quick else "stream.json")
+    counts = [int(n) for n in args.workers.split(",")]
 
     from stream_data import generate
 
+    results: dict[str, Any] = {"start": stamp(), "code": git_commit(), "runs": {}}
     feed = generate(patients)
     bodies = ndjson_bodies(feed, args.chunk)
     logs = Path(tempfile.mkdtemp(prefix="bench-stream-"))
+    feed_file = logs / "feed.json"
+    feed_file.write_text(json.dumps(feed), encoding="utf-8")
     bench = Bench(logs, args.batch_size)
-    results: dict[str, Any] = {"runs": {}}
     try:
         bench.start_api()
-        warmup = ndjson_bodies(generate(20, seed=1, prefix="warmup"), 100)
-        for processes in [int(n) for n in args.workers.split(",")]:
-            bench.start_workers(processes)
-            post_all(bench, warmup)  # imports, rule catalog self-test, connections
+        warmup = generate(20, seed=1, prefix="warmup")
+        warm_file = logs / "warmup.json"
+        warm_file.write_text(json.dumps(warmup), encoding="utf-8")
+        for processes in counts:
+            bench.start_workers(processes, "real")
+            post_all(bench, ndjson_bodies(warmup, 100))  # imports, rule catalog self-test, connections
             bench.wait_idle(inbox_too=True)
+            bench.start_workers(processes, "bare")
+            run_noop(bench, warm_file, len(warmup))
             rounds_out = []
             for r in range(rounds):
-                noop = run_noop(bench, feed)
+                noop = run_noop(bench, feed_file, len(feed))
                 bench.forget_patients("bp-*")
-                stream = run_stream(bench, bodies, len(feed))
+                stream = run_stream(bench, bodies)
                 ratio = stream["events_per_s"] / noop["per_s"]
-                rounds_out.append({"noop": noop, "stream": stream, "ratio": ratio})
+                cpu_ratio = noop["cpu_us_per_task"]["workers"] / stream["cpu_us_per_event"]["workers"]
+                rounds_out.append({"noop": noop, "stream": stream, "ratio": ratio, "worker_cpu_ratio": cpu_ratio})
                 print(
                     f"{processes} worker process(es), round {r + 1}: noop {noop['per_s']:,.0f} tasks/s, "
-                    f"stream {stream['events_per_s']:,.0f} events/s, ratio {ratio:.2f}; CPU us per task / event: "
-                    f"noop {noop['cpu_us_per_task']}, stream {stream['cpu_us_per_event']}",
+                    f"stream {stream['events_per_s']:,.0f} events/s, ratio {ratio:.2f} "
+                    f"(worker CPU ratio {cpu_ratio:.2f}); CPU us per task / event: "
+                    f"noop {noop['cpu_us_per_task']}, stream {stream['cpu_us_per_event']}; "
+                    f"load {stream['load_end']['loadavg_1_5_15']}",
                     flush=True,
                 )
             results["runs"][str(processes)] = {
                 "rounds": rounds_out,
                 "ratio_median": statistics.median(r["ratio"] for r in rounds_out),
+                "worker_cpu_ratio_median": statistics.median(r["worker_cpu_ratio"] for r in rounds_out),
                 "stream_events_per_s_median": statistics.median(r["stream"]["events_per_s"] for r in rounds_out),
                 "noop_tasks_per_s_median": statistics.median(r["noop"]["per_s"] for r in rounds_out),
             }
-            if processes == max(int(n) for n in args.workers.split(",")):
-                results["memory"] = memory_per_patient(bench)
-                saturated = results["runs"][str(processes)]["stream_events_per_s_median"]
+            bench.stop_workers("bare")
+            if args.py_spy:
                 bench.forget_patients("bp-*")
+                profiler = Profiler(args.py_spy, logs / f"profile-{processes}")
+                profiler.out_dir.mkdir()
+                profiled = run_stream(bench, bodies, profiler)
+                files = profiler.stop()
+                results["runs"][str(processes)]["profile"] = {
+                    "events_per_s_while_sampled": profiled["events_per_s"],
+                    "worker_cpu_us_per_event_while_sampled": profiled["cpu_us_per_event"]["workers"],
+                    "pool_processes": top_frames([f for f in files if f.name.startswith("pool-")]),
+                    "main_process": top_frames([f for f in files if f.name.startswith("main-")], limit=20),
+                }
+            if processes == max(counts):
+                results["memory"] = memory_per_patient(bench)
+                bench.forget_patients("bp-*")
+                bench.thaw("real")
+                rate = args.paced_rate or results["runs"][str(processes)]["stream_events_per_s_median"] / 2
                 results["latency"] = {
                     "worker_processes": processes,
-                    **run_paced(bench, feed, saturated / 2, paced_seconds),
+                    **run_paced(bench, feed, rate, paced_seconds),
                 }
-            bench.stop_workers()
+            bench.stop_workers("real")
     finally:
         bench.close()
-    from importlib import metadata
-
-    results["machine"] = {
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "celery": metadata.version("celery"),
-        "kombu": metadata.version("kombu"),
-        "redis_server": subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.strip(),
-    }
-    results["when"] = datetime.now(UTC).isoformat(timespec="seconds")
+    results["end"] = stamp()
+    results["machine"] = machine()
     results["workload"] = {
         "patients": patients,
         "resources": len(feed),
@@ -520,14 +312,17 @@ def main(argv: list[str] | None = None) -> None:
         "chunk_lines": args.chunk,
         "batch_size": args.batch_size,
         "client_threads": 2,
+        "rounds": rounds,
     }
+    results["target"] = {"ratio": 5.0, "met": all(run["ratio_median"] >= 5.0 for run in results["runs"].values())}
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
     for n, run in results["runs"].items():
         print(
-            f"{n} worker process(es): stream {run['stream_events_per_s_median']:,.0f} events/s, noop "
-            f"{run['noop_tasks_per_s_median']:,.0f} tasks/s, ratio {run['ratio_median']:.2f} (median of rounds)"
+            f"{n} worker process(es): stream {run['stream_events_per_s_median']:,.0f} events/s, bare noop "
+            f"{run['noop_tasks_per_s_median']:,.0f} tasks/s, ratio {run['ratio_median']:.2f} "
+            f"(worker CPU ratio {run['worker_cpu_ratio_median']:.2f}; median of rounds)"
         )
     print(f"written to {output}; logs in {logs}")
 

@@ -97,11 +97,13 @@ def _condition(rid: str, patient: str, system: str, code: tuple[str, str], onset
     }
 
 
-def patient_resources(rng: random.Random, codes: dict[str, Any], patient: str) -> list[dict[str, Any]]:
-    """One patient's stay."""
+def patient_resources(
+    rng: random.Random, codes: dict[str, Any], patient: str, stay_hours: tuple[float, float] = (48, 144)
+) -> list[dict[str, Any]]:
+    """One patient's stay (its length drawn uniformly from ``stay_hours``)."""
     out: list[dict[str, Any]] = []
     admit = T0 + timedelta(minutes=rng.randrange(0, 3 * 24 * 60))
-    stay = timedelta(hours=rng.uniform(48, 144))
+    stay = timedelta(hours=rng.uniform(*stay_hours))
     meds = codes["meds"]
     on_loop = rng.random() < 0.45
     if on_loop:
@@ -165,11 +167,14 @@ def patient_resources(rng: random.Random, codes: dict[str, Any], patient: str) -
     return out
 
 
-def generate(patients: int, seed: int = 20240601, prefix: str = "bp") -> list[dict[str, Any]]:
-    """The whole feed, ordered by ``meta.lastUpdated`` (ties by id)."""
+def generate(
+    patients: int, seed: int = 20240601, prefix: str = "bp", stay_hours: tuple[float, float] = (48, 144)
+) -> list[dict[str, Any]]:
+    """The whole feed, ordered by ``meta.lastUpdated`` (ties by id). The defaults give the stream benchmark's
+    feed; the backfill benchmark asks for longer stays."""
     rng = random.Random(seed)
     codes = _load()
-    feed = [r for i in range(patients) for r in patient_resources(rng, codes, f"{prefix}-{i:05d}")]
+    feed = [r for i in range(patients) for r in patient_resources(rng, codes, f"{prefix}-{i:05d}", stay_hours)]
     feed.sort(key=lambda r: (r["meta"]["lastUpdated"], r["id"]))
     return feed
 
