@@ -216,16 +216,17 @@ class Settings(BaseSettings):
     )
     gc_freeze_at_start: bool = Field(
         default=True,
-        description="after start-up (imports, rule catalog) move the start-up heap to the interpreter's permanent "
-        "generation (gc.freeze) so full garbage collections, a pause of tens of ms each, no longer re-scan it",
+        description="after start-up (imports, rule catalog) of the API and of each worker process, move the "
+        "start-up heap to the interpreter's permanent generation (gc.freeze) so full garbage collections, a pause "
+        "of tens of ms each, no longer re-scan it",
     )
     gc_young_threshold: int = Field(
         default=50_000,
         ge=0,
         le=10_000_000,
         description="net new objects before a young garbage collection (gc.set_threshold generation 0) in the API "
-        "process; higher means fewer in-flight request objects promoted to the old generation, so fewer full "
-        "collections over the CDS normalisation cache. 0 keeps the interpreter's default (700)",
+        "and worker processes; higher means fewer in-flight request objects promoted to the old generation, so "
+        "fewer full collections over the CDS normalisation cache. 0 keeps the interpreter's default (700)",
     )
 
     # --- operations: logs, health, metrics (issue 6, helper "ops") ---

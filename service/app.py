@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Query
 from fastapi.responses import JSONResponse
 
+from config.process import freeze_startup_heap
 from config.settings import get_settings
 from service import apidocs, errors
 from service.audit import install as install_audit
@@ -20,7 +21,6 @@ from service.ingest_http import ID_PATTERN
 from service.ingest_http import router as ingest_router
 from service.observability import install as install_observability
 from service.observability import readiness_response
-from service.process import freeze_startup_heap
 from service.review import install as install_review
 from service.review.patients import install as install_patients
 from service.review.patients import stored_directory

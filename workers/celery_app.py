@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 from typing import Any, ClassVar
 
-from celery import Celery, bootsteps
+from celery import Celery, bootsteps, signals
 
 from config.settings import get_settings
 
@@ -140,6 +140,19 @@ class DueSweep(_Periodic):
 
 app.steps["worker"].add(InboxSweep)
 app.steps["worker"].add(DueSweep)
+
+
+@signals.worker_process_init.connect
+def _prepare_worker_process(**_: Any) -> None:
+    """In each forked worker process: load the rule catalog, then apply the garbage-collector settings the API
+    uses (``EHR_ALERTS_GC_YOUNG_THRESHOLD``, ``EHR_ALERTS_GC_FREEZE_AT_START``), so full collections no longer
+    re-scan the catalog and the imported models."""
+    from config.process import freeze_startup_heap
+    from workers.pipeline import get_catalog
+
+    get_catalog()
+    freeze_startup_heap()
+
 
 # Operations: JSON logs, enqueue timestamps, latency metrics, heartbeats (signals and a bootstep).
 from workers.observability.celery_hooks import install as _install_observability  # noqa: E402

@@ -17,9 +17,9 @@ from auth_helpers import TestIssuer
 from cds_support import HYPOK, SERVICE, hook_request, prefetch_for, scenario
 from fastapi.testclient import TestClient
 
+from config.process import freeze_startup_heap
 from config.settings import get_settings
 from service.app import app
-from service.process import freeze_startup_heap
 from workers.observability import context
 
 PATH = f"/cds-services/{SERVICE['patient-view']}"
