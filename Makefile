@@ -34,7 +34,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_engine.py
 	$(BIN)/python bench/bench_stream.py
 	$(BIN)/python bench/bench_backfill.py
+	$(BIN)/python bench/bench_growth.py
 	$(BIN)/python bench/bench_cds.py
+	$(BIN)/python bench/bench_cds.py --cold-chart
+	$(BIN)/python bench/bench_isolation.py
 	$(BIN)/python bench/bench_review.py
 
 # Every benchmark in its --quick mode (a smoke check; writes bench/results/*-quick.json).
@@ -42,7 +45,10 @@ bench-quick: $(STAMP)
 	$(BIN)/python bench/bench_engine.py --quick
 	$(BIN)/python bench/bench_stream.py --quick
 	$(BIN)/python bench/bench_backfill.py --quick
+	$(BIN)/python bench/bench_growth.py --quick
 	$(BIN)/python bench/bench_cds.py --quick
+	$(BIN)/python bench/bench_cds.py --cold-chart --quick
+	$(BIN)/python bench/bench_isolation.py --quick
 	$(BIN)/python bench/bench_review.py --quick
 
 schema: $(STAMP)

@@ -22,7 +22,7 @@ its sizes can be limited with ``--before-sizes``.
 
     .venv/bin/python bench/bench_growth.py                      # writes bench/results/growth.json
     .venv/bin/python bench/bench_growth.py --before /tmp/before
-    .venv/bin/python bench/bench_growth.py --quick
+    .venv/bin/python bench/bench_growth.py --quick              # smoke, writes bench/results/growth-quick.json
 """
 
 from __future__ import annotations
@@ -308,7 +308,7 @@ def main() -> None:
     parser.add_argument("--before", type=Path, help="another checkout to measure the growth part of, same run")
     parser.add_argument("--before-sizes", type=int, nargs="+", default=None)
     parser.add_argument("--quick", action="store_true", help="sizes 10 100 1000, 20 events, 200 updates")
-    parser.add_argument("--out", type=Path, default=HERE.parent / "results" / "growth.json")
+    parser.add_argument("--out", type=Path, default=None, help="default: results/growth[-quick].json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -316,6 +316,8 @@ def main() -> None:
         return
     if args.quick:
         args.sizes, args.events, args.updates = [10, 100, 1000], 20, 200
+    if args.out is None:
+        args.out = HERE.parent / "results" / ("growth-quick.json" if args.quick else "growth.json")
     proc, url = _start_redis()
     os.environ.update(ENV, REDIS_URL=url)
     report: dict[str, Any] = {
