@@ -31,6 +31,10 @@ from workers.state import keys
 
 EXAMPLE_STREAM = Path(__file__).resolve().parents[1] / "examples" / "stream"
 
+#: Unfinished batches a replay leaves in the inbox before it waits for the workers (200 events each: seconds of
+#: work, far below the redelivery timeout, so a queued batch is never re-published while it waits its turn).
+REPLAY_BACKLOG = 20
+
 
 class FeedCollector(Enqueuer):
     """Collects the extract's events (nothing is submitted) so they can be delivered in feed order."""
@@ -53,6 +57,32 @@ class FeedCollector(Enqueuer):
 
     def flush(self) -> None:
         """Nothing to submit: :func:`feed_order` delivers."""
+
+
+class PacedEnqueuer(Enqueuer):
+    """Submits batches no faster than the workers finish them: at most ``backlog`` unfinished batches in the
+    inbox. Queuing a whole extract at once kept batches waiting longer than the redelivery timeout, so the
+    inbox sweep re-published thousands of doorbells every period (bench/README.md, bench_backfill.py).
+    Waits at most ``timeout`` seconds in all; after that (no worker consuming) it queues without waiting."""
+
+    def __init__(self, backlog: int, timeout: float) -> None:
+        super().__init__()
+        self.backlog = backlog
+        self.deadline = time.monotonic() + timeout
+        self.stalled = False
+
+    def flush(self) -> None:
+        if self.pending and not self.stalled:
+            self.stalled = not self._wait_for_room()
+        super().flush()
+
+    def _wait_for_room(self) -> bool:
+        client = get_store().client
+        while inbox.size(client) >= self.backlog:
+            if time.monotonic() >= self.deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
 
 def recorded_at(event: Event) -> datetime:
@@ -166,12 +196,14 @@ def replay(
         )
     # Embedded mode delivers one event at a time, exactly like a live feed; with real workers in batches,
     # which decide the same (workers.steps).
-    enqueuer = Enqueuer(batch_size=1 if embedded else None)
+    enqueuer = Enqueuer(batch_size=1) if embedded else PacedEnqueuer(REPLAY_BACKLOG, timeout)
     feed_end = max((e.received for e in events if e.received), default=None)
     with FeedClock():
         for event in events:
             enqueuer.add(event)
         enqueuer.flush()
+        if isinstance(enqueuer, PacedEnqueuer) and enqueuer.stalled:
+            console.print(f"[red]workers did not keep up within {timeout:.0f} s: the rest was queued at once[/]")
         if not embedded and not _wait_for_workers(timeout):
             console.print(f"[red]workers did not drain the queue within {timeout:.0f} s[/]")
         if feed_end is not None:  # let time run to the end of the feed: evidence that aged out closes
