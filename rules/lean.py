@@ -160,11 +160,13 @@ class LeanModel(BaseModel):
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
     _fhir: typing.ClassVar[Any] = None
+    _resource_type: typing.ClassVar[str] = ""  # the FHIR type, set when the model is built
 
     @classmethod
     def get_resource_type(cls) -> str:
-        """The FHIR type (as ``fhir.resources`` models answer it)."""
-        return str(cls._fhir.get_resource_type())
+        """The FHIR type (as ``fhir.resources`` models answer it; read several times per resource, so kept as a
+        class attribute rather than asked of the ``fhir.resources`` class each time)."""
+        return cls._resource_type
 
 
 class _Checked(LeanModel):
@@ -244,6 +246,7 @@ def _build(cls: Any, spec: Spec, name: str) -> type[LeanModel]:
     base = _Checked if required or choices else LeanModel
     model = create_model(name, __base__=base, **fields)
     model._fhir = cls
+    model._resource_type = str(cls.get_resource_type())
     if base is _Checked:
         model._required, model._choices = required, choices
     return model
