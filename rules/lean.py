@@ -174,7 +174,7 @@ class _Checked(LeanModel):
     ``fhir.resources`` repeated on the raw members (a failure sends the resource the full way)."""
 
     _required: typing.ClassVar[tuple[str, ...]] = ()  # aliases of required members (read or not) and primitives
-    _choices: typing.ClassVar[tuple[tuple[tuple[str, ...], bool], ...]] = ()  # (every alias of a x[x], required)
+    _choices: typing.ClassVar[tuple[tuple[frozenset[str], bool], ...]] = ()  # (every alias of a x[x], required)
 
     @model_validator(mode="before")
     @classmethod
@@ -186,10 +186,7 @@ class _Checked(LeanModel):
             if get(key) is None:
                 raise ValueError(f"{key} is required")
         for keys, required in cls._choices:
-            present = 0
-            for key in keys:
-                if get(key) is not None:
-                    present += 1
+            present = sum(1 for key in keys.intersection(data) if data[key] is not None)  # members sent, not null
             if present > 1 or (required and not present):
                 raise ValueError("one value of a choice element")
         return data
@@ -238,7 +235,7 @@ def _build(cls: Any, spec: Spec, name: str) -> type[LeanModel]:
     groups = cls.get_one_of_many_fields(None) if hasattr(cls, "get_one_of_many_fields") else {}
     choices = tuple(
         (
-            tuple(aliases[c] for c in group),
+            frozenset(aliases[c] for c in group),
             bool((cls.model_fields[group[0]].json_schema_extra or {}).get("one_of_many_required")),
         )
         for group in groups.values()
