@@ -251,9 +251,14 @@ class Signer:
 
 @contextlib.contextmanager
 def running_stack(
-    workdir: Path, signer: Signer, extra_env: dict[str, str] | None = None, app: str = "service.app:app"
+    workdir: Path,
+    signer: Signer,
+    extra_env: dict[str, str] | None = None,
+    app: str = "service.app:app",
+    root: Path = ROOT,
 ) -> Any:
-    """A private redis-server and one uvicorn worker; yields the API base URL and the server's pid."""
+    """A private redis-server and one uvicorn worker serving the code of the checkout ``root``; yields the API base
+    URL and the server's pid."""
     redis_port, api_port = _free_port(), _free_port()
     redis_bin = shutil.which("redis-server")
     if redis_bin is None:
@@ -282,7 +287,7 @@ def running_stack(
             subprocess.Popen(
                 [str(uvicorn), app, "--host", "127.0.0.1", "--port", str(api_port),
                  "--workers", "1", "--log-level", "warning", "--no-access-log"],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         )  # fmt: skip
         base = f"http://127.0.0.1:{api_port}"
@@ -513,13 +518,75 @@ def cold_chart(args: argparse.Namespace) -> None:
     print(f"load average {started_load} -> {report['load_average_at_end']}; written to {output}")
 
 
+def cold_ab(args: argparse.Namespace) -> None:
+    """Interleaved A/B of two checkouts on cold charts: the code of ``--ab-against`` (e.g. a ``git worktree`` of the
+    commit before a change) and this checkout, both reading lean, served side by side; batches of cold calls
+    alternate between them and server CPU per call is compared in the same run (this machine's speed moves too
+    much between runs for two separate runs to show a change of a few per cent)."""
+    rounds, calls = (2, 20) if args.quick else (8, 80)
+    started_load = _loadavg()
+    roots = {"before": args.ab_against.resolve(), "after": ROOT}
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        signer = Signer(tmp)
+        lean = {"EHR_ALERTS_CDS_LEAN_READ": "true"}
+        servers = {
+            name: stack.enter_context(running_stack(tmp, signer, lean, root=root)) for name, root in roots.items()
+        }
+        template = request_template(datetime.now(UTC), prefetch_keys(servers["after"][0], signer))
+        cpu = dict.fromkeys(roots, 0.0)
+        per_round = []
+        for number in range(rounds + 1):  # round 0 warms up, not counted
+            row = {}
+            for name, (base, pid) in servers.items():
+                bodies = [
+                    template.replace("HOOK-INSTANCE", str(uuid.uuid4()))
+                    .replace(PATIENT, f"cold-{uuid.uuid4().hex[:16]}")
+                    .encode()
+                    for _ in range(calls)
+                ]
+                tokens = signer.tokens(f"{base}/cds-services/{SERVICE}", calls)
+                before = cpu_seconds(pid)
+                asyncio.run(_sequential(base, bodies, tokens))
+                used = cpu_seconds(pid) - before
+                row[name] = round(used * 1000 / calls, 2)
+                if number:
+                    cpu[name] += used
+            if number:
+                per_round.append(row)
+    per_call = {name: round(cpu[name] * 1000 / (rounds * calls), 3) for name in roots}
+    report = {
+        "benchmark": "bench_cds --cold-chart --ab-against",
+        "timestamp": datetime.now(UTC).isoformat(),
+        "machine": machine(),
+        "load_average_at_start": started_load,
+        "load_average_at_end": _loadavg(),
+        "checkouts": {name: str(root) for name, root in roots.items()},
+        "workload": {"rounds": rounds, "calls_per_round": calls, "request_bytes": len(template), "clients": 1},
+        "server_cpu_ms_per_call": per_call,
+        "after_over_before": round(per_call["after"] / per_call["before"], 3),
+        "per_round_cpu_ms": per_round,
+    }
+    RESULTS_DIR.mkdir(exist_ok=True)
+    output = args.output or RESULTS_DIR / ("cds-cold-ab-quick.json" if args.quick else "cds-cold-ab.json")
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"server CPU per cold call (ms): {per_call}; after / before {report['after_over_before']}")
+    print(f"load average {started_load} -> {report['load_average_at_end']}; written to {output}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few requests (smoke)")
     parser.add_argument("--output", type=Path, help="where to write the JSON results")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--cold-chart", action="store_true", help="cold-chart CPU per call against a bare POST")
+    parser.add_argument(
+        "--ab-against", type=Path, help="with --cold-chart: interleaved A/B against the checkout at this path"
+    )
     args = parser.parse_args()
+    if args.cold_chart and args.ab_against:
+        cold_ab(args)
+        return
     if args.cold_chart:
         cold_chart(args)
         return

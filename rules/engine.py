@@ -337,16 +337,17 @@ def _fact_change(fact: Fact, as_of: datetime, sliding: timedelta | None, started
     evaluation instant T; ``sliding`` is the look-back when the window starts at T - sliding (None: a fixed
     start). A fact dated after ``as_of`` enters at its time; a visible one leaves the first microsecond its
     time (point facts, or the start with ``started``) or its end (interval facts) is before the window."""
-    if fact.start is not None and fact.start > as_of:
-        return fact.start
+    start = fact.start
+    if start is not None and start > as_of:
+        return start
     if sliding is None:
         return None
-    if fact.kind in _POINT_KINDS or fact.kind == "order":
-        edges = [fact.start]
-    else:
-        edges = [fact.end, fact.start if started else None]
-    leaves = [_after(edge, sliding + _TICK) for edge in edges if edge is not None]
-    first = min((t for t in leaves if t is not None), default=None)
+    span = sliding + _TICK
+    if fact.kind in _TIMED_KINDS:  # a single instant (results, findings, orders): it leaves after its time
+        first = _after(start, span) if start is not None else None
+    else:  # an interval: it leaves after its end (and with ``started``, after its start)
+        leaves = [_after(edge, span) for edge in (fact.end, start if started else None) if edge is not None]
+        first = min((t for t in leaves if t is not None), default=None)
     return first if first is not None and first > as_of else None
 
 

@@ -160,11 +160,13 @@ class LeanModel(BaseModel):
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
     _fhir: typing.ClassVar[Any] = None
+    _resource_type: typing.ClassVar[str] = ""  # the FHIR type, set when the model is built
 
     @classmethod
     def get_resource_type(cls) -> str:
-        """The FHIR type (as ``fhir.resources`` models answer it)."""
-        return str(cls._fhir.get_resource_type())
+        """The FHIR type (as ``fhir.resources`` models answer it; read several times per resource, so kept as a
+        class attribute rather than asked of the ``fhir.resources`` class each time)."""
+        return cls._resource_type
 
 
 class _Checked(LeanModel):
@@ -172,7 +174,7 @@ class _Checked(LeanModel):
     ``fhir.resources`` repeated on the raw members (a failure sends the resource the full way)."""
 
     _required: typing.ClassVar[tuple[str, ...]] = ()  # aliases of required members (read or not) and primitives
-    _choices: typing.ClassVar[tuple[tuple[tuple[str, ...], bool], ...]] = ()  # (every alias of a x[x], required)
+    _choices: typing.ClassVar[tuple[tuple[frozenset[str], bool], ...]] = ()  # (every alias of a x[x], required)
 
     @model_validator(mode="before")
     @classmethod
@@ -184,10 +186,7 @@ class _Checked(LeanModel):
             if get(key) is None:
                 raise ValueError(f"{key} is required")
         for keys, required in cls._choices:
-            present = 0
-            for key in keys:
-                if get(key) is not None:
-                    present += 1
+            present = sum(1 for key in keys.intersection(data) if data[key] is not None)  # members sent, not null
             if present > 1 or (required and not present):
                 raise ValueError("one value of a choice element")
         return data
@@ -236,7 +235,7 @@ def _build(cls: Any, spec: Spec, name: str) -> type[LeanModel]:
     groups = cls.get_one_of_many_fields(None) if hasattr(cls, "get_one_of_many_fields") else {}
     choices = tuple(
         (
-            tuple(aliases[c] for c in group),
+            frozenset(aliases[c] for c in group),
             bool((cls.model_fields[group[0]].json_schema_extra or {}).get("one_of_many_required")),
         )
         for group in groups.values()
@@ -244,6 +243,7 @@ def _build(cls: Any, spec: Spec, name: str) -> type[LeanModel]:
     base = _Checked if required or choices else LeanModel
     model = create_model(name, __base__=base, **fields)
     model._fhir = cls
+    model._resource_type = str(cls.get_resource_type())
     if base is _Checked:
         model._required, model._choices = required, choices
     return model

@@ -155,11 +155,14 @@ def normalize_resource(
     options: NormalizeOptions | None = None,
     *,
     resolve: Mapping[str, Mapping[str, Any]] | None = None,
+    raw: bytes | None = None,
 ) -> NormalizeResult:
     """Validate one FHIR resource (JSON dict) and turn it into facts.
 
     ``resolve`` maps references (``Medication/x``, ``urn:uuid:...``) to resources of the same bundle, so
-    ``medicationReference`` can be followed; contained resources (``#id``) are always followed.
+    ``medicationReference`` can be followed; contained resources (``#id``) are always followed. ``raw``: the
+    resource's JSON (``orjson.dumps(data)``) when the caller already has it; the lean reader then does not
+    serialise it again.
     """
     options = options or NormalizeOptions()
     if not isinstance(data, Mapping):
@@ -170,7 +173,7 @@ def normalize_resource(
         return _rejected("?", rid, "resourceType", "missing resourceType")
     if rtype not in SUPPORTED_TYPES:
         return NormalizeResult(rtype, rid, "ignored", reason=f"{rtype} is not a type the rules read")
-    model = lean.parse(rtype, data) if options.lean else None
+    model = lean.parse(rtype, data, raw) if options.lean else None
     if model is not None and _binding_problems(rtype, data):
         model = None  # rejected below, with the full path's issues
     if model is None:  # full fhir.resources validation (ingestion always; the CDS path when the lean model refuses)

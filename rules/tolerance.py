@@ -133,11 +133,16 @@ def droppable(resource_type: str, issues: Iterable[Issue]) -> tuple[str, ...] | 
 
 
 def normalize_leniently(
-    data: Any, options: NormalizeOptions | None = None, *, resolve: Mapping[str, Mapping[str, Any]] | None = None
+    data: Any,
+    options: NormalizeOptions | None = None,
+    *,
+    resolve: Mapping[str, Mapping[str, Any]] | None = None,
+    raw: bytes | None = None,
 ) -> Lenient:
     """:func:`rules.normalize.normalize_resource`, then once more without the invalid unread members when the
-    strict reading rejected the resource only for them (see the module docstring)."""
-    strict = normalize_resource(data, options, resolve=resolve)
+    strict reading rejected the resource only for them (see the module docstring). ``raw``: ``data`` as JSON,
+    when the caller has it (used for the strict reading only; the second reading is of other data)."""
+    strict = normalize_resource(data, options, resolve=resolve, raw=raw)
     if strict.outcome != "rejected" or not isinstance(data, Mapping):
         return Lenient(strict)
     members = droppable(strict.resource_type, strict.issues)

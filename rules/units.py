@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
-from functools import cache
+from functools import cache, lru_cache
 
 from rules.datafiles import load_valueset
 
@@ -99,6 +99,26 @@ def resolve_unit(
     loinc_code: str | None = None,
 ) -> Resolution:
     """Resolve the unit of a reported quantity: UCUM code first, then `unit` text, then LOINC property."""
+    args = (analyte, system, code, unit, loinc_property, loinc_code)
+    if any(len(text or "") > _CACHED_CHARS for text in (system, code, unit)):  # the sender's odd spellings
+        return _resolve.__wrapped__(*args)  # are not kept (the cache stays small)
+    return _resolve(*args)
+
+
+_CACHED_CHARS = 128
+
+
+@lru_cache(maxsize=4096)
+def _resolve(
+    analyte: str,
+    system: str | None,
+    code: str | None,
+    unit: str | None,
+    loinc_property: str | None,
+    loinc_code: str | None,
+) -> Resolution:
+    """:func:`resolve_unit`, remembered: a pure function of its arguments with an immutable answer, and a chart
+    repeats the same few unit spellings (bounded, since the spellings come from the sender)."""
     table = analyte_units(analyte)
     candidates: list[str] = []
     if code and (system in (None, UCUM_SYSTEM)):

@@ -49,15 +49,16 @@ class NormalizeCache:
         if self.size == 0 or (isinstance(reference, dict) and not str(reference.get("reference", "#")).startswith("#")):
             return normalize_leniently(resource, options, resolve=index)
         try:
-            key = (patient, options.include_preliminary, options.lean, orjson.dumps(resource))
+            raw = orjson.dumps(resource)
         except (TypeError, orjson.JSONEncodeError):
             return normalize_leniently(resource, options, resolve=index)
+        key = (patient, options.include_preliminary, options.lean, raw)
         with self._lock:
             found = self._items.get(key)
             if found is not None:
                 self._items.move_to_end(key)
                 return found
-        result = normalize_leniently(resource, options, resolve=index)
+        result = normalize_leniently(resource, options, resolve=index, raw=raw)  # serialised once per resource
         with self._lock:
             self._items[key] = result
             if len(self._items) > self.size:
