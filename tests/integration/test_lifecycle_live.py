@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 from auth_helpers import TestIssuer
-from cds_support import hook_request, prefetch_for
-from itest_builders import HYPOK, REFRACTORY, T0, furosemide, potassium, ts
+from cds_support import MGSO4, hook_request, prefetch_for
+from fhir_builders import FUROSEMIDE, ago, condition, magnesium, med_statement
+from fhir_builders import potassium as lab_potassium
+from itest_builders import ARRHYTHMIA, HYPOK, REFRACTORY, T0, furosemide, potassium, ts
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
@@ -202,3 +204,50 @@ def test_corrections_escalation_and_snooze_through_the_workers(stack):
     [alert] = _alerts(stack, patient)
     assert alert["status"] == "resolved"  # problem 2: the corrected K 3.6 meets the resolve condition
     assert "_history/2" in json.dumps(alert["history"][-1]) or "3.6" in alert["history"][-1]["why"]
+
+
+def test_units_mg_therapy_refractory_and_arrhythmia_tiers_through_the_workers(stack):
+    """Problems 7, 8, 9/13 and 10 through the workers, each beside a patient it would fire for, so every
+    silent case is silent for the reason under test: a unit contradicting the code is never converted; Mg
+    therapy keeps the hypokalemia card away; a normal Mg keeps the refractory rule silent, a low one fires it;
+    an old problem-list AF is not arrhythmia evidence, a recent one gives a warning, not a critical card."""
+
+    def at(hours: float) -> str:
+        return ago(hours, now=NOW)
+
+    def on_furosemide(patient: str) -> list[dict[str, Any]]:
+        return [
+            med_statement(FUROSEMIDE, start=at(24 * 5), patient=patient, id=f"{patient}-furo"),
+            lab_potassium(3.0, at=at(40), patient=patient, id=f"{patient}-k1"),
+            lab_potassium(3.2, at=at(4), patient=patient, id=f"{patient}-k2"),
+        ]
+
+    feed = [
+        lab_potassium(4.0, "mg/dL", at=at(2), patient="unit-k-mg-dl", id="unit-k"),  # 7: 2823-3 is molar
+        lab_potassium(3.2, at=at(2), patient="no-mg", id="no-mg-k"),
+        med_statement(MGSO4, start=at(20), patient="mg-given", id="mg-given-ms"),  # 8
+        lab_potassium(3.2, at=at(2), patient="mg-given", id="mg-given-k"),
+        *on_furosemide("mg-normal"),  # 9 / 13
+        magnesium(2.1, "mg/dL", at=at(4), patient="mg-normal", id="mg-normal-mg"),
+        *on_furosemide("mg-low"),
+        magnesium(1.2, "mg/dL", at=at(4), patient="mg-low", id="mg-low-mg"),
+        condition(onset="2015-01-01", patient="af-2015", id="af-2015-c"),  # 10
+        magnesium(1.6, "mg/dL", at=at(3), patient="af-2015", id="af-2015-mg"),
+        condition(onset=at(24), patient="af-recent", id="af-recent-c"),
+        magnesium(1.6, "mg/dL", at=at(3), patient="af-recent", id="af-recent-mg"),
+    ]
+    stack.start_api()
+    stack.start_worker()
+    assert stack.post_ndjson(feed).status_code == 202
+    stack.drain()
+
+    def open_rules(patient: str) -> dict[str, str]:
+        return {a["rule_id"]: a["severity"] for a in _alerts(stack, patient) if a["status"] == "active"}
+
+    assert HYPOK not in open_rules("unit-k-mg-dl")  # 7: not read as K 1.02 mmol/L
+    assert HYPOK in open_rules("no-mg")
+    assert HYPOK not in open_rules("mg-given")  # 8
+    assert REFRACTORY not in open_rules("mg-normal")  # 13: Mg cannot explain it
+    assert REFRACTORY in open_rules("mg-low")  # 9: Mg measured low
+    assert ARRHYTHMIA not in open_rules("af-2015")  # 10: AF on the problem list since 2015
+    assert open_rules("af-recent").get(ARRHYTHMIA) == "warning"  # 10: AF + Mg 1.6 mg/dL is not critical
