@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 from auth_helpers import TestIssuer
-from cds_support import MGSO4, hook_request, prefetch_for
-from fhir_builders import FUROSEMIDE, ago, condition, magnesium, med_statement
+from cds_support import KCL, MGSO4, hook_request, prefetch_for
+from fhir_builders import FUROSEMIDE, ago, condition, magnesium, med_request, med_statement
 from fhir_builders import potassium as lab_potassium
 from itest_builders import ARRHYTHMIA, HYPOK, REFRACTORY, T0, furosemide, potassium, ts
 
@@ -206,11 +206,12 @@ def test_corrections_escalation_and_snooze_through_the_workers(stack):
     assert "_history/2" in json.dumps(alert["history"][-1]) or "3.6" in alert["history"][-1]["why"]
 
 
-def test_units_mg_therapy_refractory_and_arrhythmia_tiers_through_the_workers(stack):
-    """Problems 7, 8, 9/13 and 10 through the workers, each beside a patient it would fire for, so every
+def test_units_mg_therapy_refractory_tiers_and_completed_orders_through_the_workers(stack):
+    """Problems 7, 8, 9/13, 10 and 12 through the workers, each beside a patient it would fire for, so every
     silent case is silent for the reason under test: a unit contradicting the code is never converted; Mg
     therapy keeps the hypokalemia card away; a normal Mg keeps the refractory rule silent, a low one fires it;
-    an old problem-list AF is not arrhythmia evidence, a recent one gives a warning, not a critical card."""
+    an old problem-list AF is not arrhythmia evidence, a recent one gives a warning, not a critical card; completed
+    daily orders and a completed KCl order count for the time they were active."""
 
     def at(hours: float) -> str:
         return ago(hours, now=NOW)
@@ -222,6 +223,22 @@ def test_units_mg_therapy_refractory_and_arrhythmia_tiers_through_the_workers(st
             lab_potassium(3.2, at=at(4), patient=patient, id=f"{patient}-k2"),
         ]
 
+    def daily_orders(patient: str) -> list[dict[str, Any]]:
+        """Two completed daily furosemide orders and a completed one-time KCl order, then two low K."""
+        done = [(50, "furo-1", FUROSEMIDE), (30, "kcl", KCL), (26, "furo-2", FUROSEMIDE)]
+        orders = [
+            med_request(
+                drug,
+                status="completed",
+                authored=at(h),
+                meta={"lastUpdated": at(h - 1)},
+                patient=patient,
+                id=f"{patient}-{name}",
+            )
+            for h, name, drug in done
+        ]
+        return [*orders, *on_furosemide(patient)[1:]]
+
     feed = [
         lab_potassium(4.0, "mg/dL", at=at(2), patient="unit-k-mg-dl", id="unit-k"),  # 7: 2823-3 is molar
         lab_potassium(3.2, at=at(2), patient="no-mg", id="no-mg-k"),
@@ -231,6 +248,7 @@ def test_units_mg_therapy_refractory_and_arrhythmia_tiers_through_the_workers(st
         magnesium(2.1, "mg/dL", at=at(4), patient="mg-normal", id="mg-normal-mg"),
         *on_furosemide("mg-low"),
         magnesium(1.2, "mg/dL", at=at(4), patient="mg-low", id="mg-low-mg"),
+        *daily_orders("orders-daily"),  # 12
         condition(onset="2015-01-01", patient="af-2015", id="af-2015-c"),  # 10
         magnesium(1.6, "mg/dL", at=at(3), patient="af-2015", id="af-2015-mg"),
         condition(onset=at(24), patient="af-recent", id="af-recent-c"),
@@ -249,5 +267,8 @@ def test_units_mg_therapy_refractory_and_arrhythmia_tiers_through_the_workers(st
     assert HYPOK not in open_rules("mg-given")  # 8
     assert REFRACTORY not in open_rules("mg-normal")  # 13: Mg cannot explain it
     assert REFRACTORY in open_rules("mg-low")  # 9: Mg measured low
+    [daily] = [a for a in _alerts(stack, "orders-daily") if a["rule_id"] == REFRACTORY]  # 12
+    assert daily["status"] == "active" and _actions(daily) == ["opened"]  # no resolve/reopen between orders
+    assert "Despite potassium replacement documented" in daily["card"]["detail"]  # the completed KCl counts
     assert ARRHYTHMIA not in open_rules("af-2015")  # 10: AF on the problem list since 2015
     assert open_rules("af-recent").get(ARRHYTHMIA) == "warning"  # 10: AF + Mg 1.6 mg/dL is not critical
