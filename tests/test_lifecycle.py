@@ -11,7 +11,19 @@ from typing import Any
 
 import fakeredis
 import pytest
-from fhir_builders import FUROSEMIDE, HYPOK, NOW, PATIENT, REFRACTORY, ago, magnesium, med_statement, potassium, qtc
+from fhir_builders import (
+    ARRHYTHMIA,
+    FUROSEMIDE,
+    HYPOK,
+    NOW,
+    PATIENT,
+    REFRACTORY,
+    ago,
+    magnesium,
+    med_statement,
+    potassium,
+    qtc,
+)
 
 from config.settings import Settings
 from rules.normalize import normalize_resource
@@ -150,6 +162,18 @@ def test_time_alone_closes_an_alert_at_its_due_time():
     assert alert["closed_at"].startswith(expected), alert["closed_at"]
     assert store.clock(PATIENT) is not None and store.clock(PATIENT).strftime("%Y-%m-%dT%H:%M") == expected
     assert due.due_by(store.client, NOW + timedelta(days=365)) == []
+
+
+def test_a_critical_arrhythmia_alert_expires_when_its_qtc_ages_out():
+    """Problem 1, second case: a critical alert from QTc 520 ms and a low Mg stayed open after the QTc left
+    the 72 h look-back. Time alone (a tick) now closes it, Mg still low, no other arrhythmia evidence."""
+    store = make_store()
+    feed(store, qtc(520, at=ago(6), id="qtc-long"), magnesium(0.6, at=ago(5), id="mg-low"))
+    alert = only(store, ARRHYTHMIA)
+    assert (alert["status"], alert["severity"]) == ("active", "critical")
+    tick(store, NOW + timedelta(days=4))
+    alert = only(store, ARRHYTHMIA)
+    assert alert["status"] == "expired" and alert["history"][-1]["action"] == "expired"
 
 
 def test_a_tick_before_the_due_time_changes_nothing():
