@@ -455,11 +455,6 @@ class Settings(BaseSettings):
         description="how long access AuditEvents are kept in Redis (export them to your archive before)",
     )
 
-    @field_validator("feed_issuers", mode="before")
-    @classmethod
-    def _feed_issuers_from_json(cls, value: Any) -> Any:
-        return _json_mapping(value, "issuer to JWKS file or https URL")
-
     @field_validator("feed_issuers")
     @classmethod
     def _feed_issuers_valid(cls, value: dict[str, str]) -> dict[str, str]:
@@ -471,7 +466,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"JWKS of feed issuer {issuer} holds the public CDS Hooks sandbox key")
         return value
 
-    @field_validator("cds_issuers", mode="before")
+    @field_validator("cds_issuers", "feed_issuers", mode="before")
     @classmethod
     def _issuers_from_json(cls, value: Any) -> Any:
         return _json_mapping(value, "issuer to JWKS file or https URL")

@@ -194,10 +194,14 @@ class PatientContext:
                 current = encounter
         return PatientContext(as_of, patient, encounters, current)
 
+    def birth_bounds(self) -> tuple[date, date] | None:
+        """(earliest, latest) possible birth date, or None when the birth date is unknown."""
+        info = self.patient.patient_info if self.patient else None
+        return _birth_bounds(info.birth_date) if info and info.birth_date else None
+
     def age_bounds(self) -> tuple[int, int] | None:
         """(youngest, oldest) possible age in whole years at ``as_of``, or None when the birth date is unknown."""
-        info = self.patient.patient_info if self.patient else None
-        bounds = _birth_bounds(info.birth_date) if info and info.birth_date else None
+        bounds = self.birth_bounds()
         if bounds is None:
             return None
         today = self.as_of.date()
@@ -216,15 +220,17 @@ class PatientContext:
     def next_change(self, min_age: int | None, *, encounters: bool) -> datetime | None:
         """The earliest instant after ``as_of`` at which this context changes by time alone: an encounter begins
         or ends (when ``encounters`` matter), the patient reaches ``min_age`` or dies."""
-        times = [t for e in self.encounters for t in (e.start, e.end) if t is not None and t > self.as_of]
-        times = times if encounters else []
-        info = self.patient.patient_info if self.patient else None
-        bounds = _birth_bounds(info.birth_date) if info and info.birth_date else None
-        if min_age is not None and bounds is not None:
+        times = (
+            [t for e in self.encounters for t in (e.start, e.end) if t is not None and t > self.as_of]
+            if encounters
+            else []
+        )
+        if min_age is not None and (bounds := self.birth_bounds()) is not None:
             for born in bounds:
                 birthday = datetime.combine(_birthday(born, min_age), datetime.min.time(), UTC)
                 if birthday > self.as_of:
                     times.append(birthday)
+        info = self.patient.patient_info if self.patient else None
         if info is not None and info.deceased is not None and info.deceased > self.as_of:
             times.append(info.deceased)
         return min(times, default=None)

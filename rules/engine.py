@@ -307,10 +307,7 @@ def _threshold_text(param: Parameter) -> str:
         shown = param.equivalents[0] if param.equivalents else None
         text = f"{format_decimal(shown.value, 4)} {shown.unit}" if shown else f"{format_decimal(param.value, 4)}"
         return text + " (the lab's lower reference limit)"
-    text = f"{format_decimal(param.value, 4)} {param.unit}"
-    if param.equivalents:
-        text += " (" + ", ".join(f"{format_decimal(e.value, 4)} {e.unit}" for e in param.equivalents) + ")"
-    return text
+    return param.threshold_text()
 
 
 # --- selection ----------------------------------------------------------------------------------------

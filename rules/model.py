@@ -75,13 +75,18 @@ class Parameter(_Strict):
         """What the parameter is."""
         return "threshold" if self.value is not None else "hours" if self.hours is not None else "count"
 
+    def threshold_text(self) -> str:
+        """A threshold with its equivalents: ``3.5 mmol/L (1.7 mg/dL)``."""
+        shown = f"{format_decimal(self.value, 4)} {self.unit}"
+        if self.equivalents:
+            shown += " (" + ", ".join(f"{format_decimal(e.value, 4)} {e.unit}" for e in self.equivalents) + ")"
+        return shown
+
     def text(self) -> str:
         """The value as a decision records it: ``3.5 mmol/L (1.7 mg/dL)``, ``72 h``, ``2``."""
         if self.value is not None:
-            shown = f"{format_decimal(self.value, 4)} {self.unit}"
-            if self.equivalents:
-                shown += " (" + ", ".join(f"{format_decimal(e.value, 4)} {e.unit}" for e in self.equivalents) + ")"
-            return shown + ("; the lab's lower reference limit when given" if self.reference_low else "")
+            lab = "; the lab's lower reference limit when given" if self.reference_low else ""
+            return self.threshold_text() + lab
         if self.hours is not None:
             return f"{format_decimal(Decimal(str(self.hours)))} h"
         return str(self.count)

@@ -13,14 +13,13 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import redis
 
 from config.settings import get_settings
+from workers.state.scripts import load_script
 
-_SCRIPT = (Path(__file__).with_name("lua") / "audit_record.lua").read_text(encoding="utf-8")
 DAY_MS = 86_400_000
 _PAGE = 500
 
@@ -37,7 +36,7 @@ def patient_key(patient: str) -> str:
 
 @cache
 def _script(client: redis.Redis) -> Any:
-    return client.register_script(_SCRIPT)
+    return load_script(client, "audit_record.lua")
 
 
 def retention_ms() -> int:

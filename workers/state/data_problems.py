@@ -25,7 +25,6 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Literal
 
 import redis
@@ -34,8 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from config.settings import get_settings
 from rules.facts import Fact
 from workers.state.review_index import decode_cursor, encode_cursor
-
-_LUA_DIR = Path(__file__).with_name("lua")
+from workers.state.scripts import load_script
 
 Reason = Literal[
     "unknown-unit",
@@ -189,10 +187,8 @@ class DataProblems:
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self._record = client.register_script((_LUA_DIR / "data_problem_record.lua").read_text(encoding="utf-8"))
-        self._transition = client.register_script(
-            (_LUA_DIR / "data_problem_transition.lua").read_text(encoding="utf-8")
-        )
+        self._record = load_script(client, "data_problem_record.lua")
+        self._transition = load_script(client, "data_problem_transition.lua")
 
     def record(self, problem: DataProblem | dict[str, Any], now: datetime | None = None) -> bool:
         """Record one problem; True when it opened a new item."""

@@ -163,12 +163,12 @@ class TimelineStore:
     def _store_call(self, patient: str, events: list[Event], window_pad_hours: float) -> tuple[list[str], list[Any]]:
         k = keys.patient_keys(patient)
         tolerance = self.settings.future_tolerance_hours
-        clocks = [t for e in events if (t := e.clock_time(tolerance)) is not None]
+        times = [e.clock_time(tolerance) for e in events]
+        first = next((t for t in times if t is not None), None)
         pad = "inf" if math.isinf(window_pad_hours) else repr(window_pad_hours * 3600)
         seen = repr(time.time()) if any(e.kind != "tick" for e in events) else ""
-        args: list[Any] = [pad, PRUNE_LIMIT, repr(epoch(clocks[0])) if clocks else "", seen]
-        for event in events:
-            at = event.clock_time(tolerance)
+        args: list[Any] = [pad, PRUNE_LIMIT, repr(epoch(first)) if first is not None else "", seen]
+        for event, at in zip(events, times, strict=True):
             clock = f"{clock_text(at)}\t{epoch(at)!r}" if at is not None else ""
             if event.kind == "tick":
                 args += ["", "", "", "", "", clock]
