@@ -8,6 +8,7 @@ from typing import Any
 
 from config.localtime import display_zone, format_instant, to_local
 from config.settings import get_settings
+from rules.facts import Fact
 from rules.fhirtime import parse_time
 from service.review import patients as directory
 from service.review.readable import duration, evidence_rows, medication_rows, why_lines
@@ -121,13 +122,17 @@ def updates(query: Query, since: float) -> dict[str, Any]:
     return {"since": since, "now": rq.utcnow().timestamp(), **changes, "count": sum(map(len, changes.values()))}
 
 
-def _people(index: ReviewIndex, patients: set[str]) -> dict[str, dict[str, Any]]:
-    """Per patient: latest K and Mg, and who the patient is (``patient_context``, None while unknown)."""
+def _people(
+    index: ReviewIndex, patients: set[str], timelines: dict[str, list[Fact]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Per patient: latest K and Mg, and who the patient is (``patient_context``, None while unknown).
+    ``timelines``: facts the caller already read, by patient (the others are read from the store)."""
     known = directory.patient_displays(patients)
     today = to_local(rq.utcnow()).date()
+    read = timelines or {}
     return {
         p: {
-            "latest": latest_labs(index.store.timeline(p)),
+            "latest": latest_labs(read[p] if p in read else index.store.timeline(p)),
             "patient_context": known[p].as_dict(today) if p in known else None,
         }
         for p in sorted(patients)
@@ -176,7 +181,7 @@ def detail_of(index: ReviewIndex, alert: dict[str, Any]) -> dict[str, Any]:
     patient = alert["patient"]
     facts = index.store.timeline(patient)
     settings = get_settings()
-    people = _people(index, {patient})
+    people = _people(index, {patient}, {patient: facts})
     latest = people[patient]["latest"]
     end = _trend_end(alert, latest)
     start = end - timedelta(days=settings.review_trend_days)
