@@ -79,6 +79,39 @@ def resolve_patients(patient: str | None, ward: str | None, encounter_class: str
     return frozenset(selected) if selected is not None else None
 
 
+def build_query(
+    status: str,
+    *,
+    rule: str | None,
+    severity: str | None,
+    patient: str,
+    text: str,
+    opened_from: str | None,
+    opened_to: str | None,
+    sort: str,
+    limit: int | None,
+    ward: str | None,
+    encounter_class: str | None,
+    group: bool,
+) -> Query:
+    """The index query for the worklist filters (shared by the API and the page; ``patient`` and ``text`` come
+    trimmed, empty filters may be "" or None, no ``limit`` is a page)."""
+    return Query(
+        status=status,
+        rule=rule or None,
+        severity=severity or None,
+        patient=patient or None,
+        text=text or None,
+        opened_from=parse_opened(opened_from, "opened_from"),
+        opened_to=parse_opened(opened_to, "opened_to"),
+        sort=sort,
+        limit=limit or get_settings().review_page_size,
+        patients=resolve_patients(patient, ward, encounter_class),
+        context=(ward or "", encounter_class or ""),
+        group=group,
+    )
+
+
 # --- lists ---------------------------------------------------------------------------------------------------------
 
 

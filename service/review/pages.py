@@ -291,18 +291,18 @@ _DEFAULTS = {("status", "todo"), ("sort", "severity"), ("view", "patients")}
 
 
 def _query_from(filters: dict[str, str]) -> rq.Query:
-    return rq.Query(
-        status=filters["status"],
-        rule=filters["rule"] or None,
-        severity=filters["severity"] or None,
-        patient=filters["patient"][:100] or None,
-        text=filters["q"][:100] or None,
-        opened_from=core.parse_opened(filters["opened_from"], "opened_from"),
-        opened_to=core.parse_opened(filters["opened_to"], "opened_to"),
+    return core.build_query(
+        filters["status"],
+        rule=filters["rule"],
+        severity=filters["severity"],
+        patient=filters["patient"][:100],
+        text=filters["q"][:100],
+        opened_from=filters["opened_from"],
+        opened_to=filters["opened_to"],
         sort=filters["sort"],
-        limit=get_settings().review_page_size,
-        patients=core.resolve_patients(filters["patient"][:100], filters["ward"], filters["encounter_class"]),
-        context=(filters["ward"], filters["encounter_class"]),
+        limit=None,
+        ward=filters["ward"],
+        encounter_class=filters["encounter_class"],
         group=filters["view"] == "patients",
     )
 
