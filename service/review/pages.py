@@ -64,6 +64,7 @@ FILTERS = (
     "status", "rule", "severity", "patient", "ward", "encounter_class", "q", "opened_from", "opened_to", "sort",
     "view", "cursor",
 )  # fmt: skip
+_BACK_FILTERS = tuple(k for k in FILTERS if k != "cursor")  # what a form's redirect keeps (not the page)
 MAX_FORM_BYTES = 16384
 SNOOZE_CHOICES = (1, 4, 8, 24, 72)
 NOTICES = {
@@ -314,12 +315,20 @@ def _reason_names(detail: dict[str, Any]) -> dict[str, str]:
 # --- transitions ------------------------------------------------------------------------------------------
 
 
-def _back(request: Request, form: dict[str, str]) -> dict[str, str]:
-    """The filters the form came from (only known filter names), made the request's own query string so a
-    refusal renders the same page."""
-    back = {k: v for k, v in parse_qsl(form.get("back", "")) if k in FILTERS and k != "cursor"}
+def _back(request: Request, form: dict[str, str], names: tuple[str, ...] = _BACK_FILTERS) -> dict[str, str]:
+    """The filters the form came from (only the filter ``names`` of its page), made the request's own query
+    string so a refusal renders the same page."""
+    back = {k: v for k, v in parse_qsl(form.get("back", "")) if k in names}
     request.scope["query_string"] = urlencode(back).encode()
     return back
+
+
+def _revision(form: dict[str, str]) -> int | None:
+    """The revision the form was rendered at (None: missing or unreadable)."""
+    try:
+        return int(form.get("revision", ""))
+    except ValueError:
+        return None
 
 
 @router.post("/alerts/{alert_id}/{action}")
@@ -340,10 +349,7 @@ async def act(
             until = rq.utcnow() + timedelta(hours=float(form.get("hours", "")))
         except ValueError:
             return render(request, principal, error="choose how long to snooze", status_code=400, selected=alert_id)
-    try:
-        revision: int | None = int(form.get("revision", ""))
-    except ValueError:
-        revision = None
+    revision = _revision(form)
     try:
         core.act(
             alert_id,
@@ -459,12 +465,8 @@ async def data_problem_act(
     """Resolve (with a note) or reopen a data problem from its form."""
     form = await _form(request)
     _check_csrf(request, form)
-    back = {k: v for k, v in parse_qsl(form.get("back", "")) if k in ("status", "reason")}
-    request.scope["query_string"] = urlencode(back).encode()
-    try:
-        revision: int | None = int(form.get("revision", ""))
-    except ValueError:
-        revision = None
+    back = _back(request, form, ("status", "reason"))
+    revision = _revision(form)
     if action not in ("resolve", "reopen"):
         return _render_problems(request, principal, error=f"unknown action {action!r}", status_code=404)
     try:
