@@ -254,6 +254,7 @@ def render(
             error, status_code = exc.message, exc.status
     base = {k: v for k, v in filters.items() if v and k != "cursor" and (k, v) not in _DEFAULTS}
     people = directory.directory()
+    context_available = people.available  # a Redis read with the stored directory: once per render
     context = {
         "principal": principal,
         "can_act": "pharmacist" in principal.roles,
@@ -266,8 +267,8 @@ def render(
         "buckets": ("todo", "open", "closed", "all", *rq.STATUSES),
         "severities": rq.SEVERITIES,
         "sorts": rq.SORTS,
-        "context_available": people.available,
-        "wards": people.wards() if people.available else [],
+        "context_available": context_available,
+        "wards": people.wards() if context_available else [],
         "classes": labels.ENCOUNTER_CLASSES,
         "detail": detail,
         "actions": core.ACTIONS_BY_STATUS.get(detail["status"], ()) if detail else (),
