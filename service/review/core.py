@@ -6,7 +6,7 @@ import re
 from datetime import datetime, timedelta
 from typing import Any
 
-from config.localtime import display_zone, format_instant, to_local
+from config.localtime import display_zone, format_instant
 from config.settings import get_settings
 from rules.facts import Fact
 from rules.fhirtime import parse_time
@@ -160,13 +160,12 @@ def _people(
 ) -> dict[str, dict[str, Any]]:
     """Per patient: latest K and Mg, and who the patient is (``patient_context``, None while unknown).
     ``timelines``: facts the caller already read, by patient (the others are read from the store)."""
-    known = directory.patient_displays(patients)
-    today = to_local(rq.utcnow()).date()
+    known = directory.patient_contexts(patients)
     read = timelines or {}
     return {
         p: {
             "latest": latest_labs(read[p] if p in read else index.store.timeline(p)),
-            "patient_context": known[p].as_dict(today) if p in known else None,
+            "patient_context": known.get(p),
         }
         for p in sorted(patients)
     }
