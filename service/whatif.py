@@ -33,6 +33,7 @@ from rules.fhirtime import isoformat
 from rules.site import read_site_profile
 from service.replay import collect, feed_order
 from workers.events import Event, tick
+from workers.state.review_index import severity_rank
 from workers.state.timeline import PatientWindow
 from workers.steps import plan_patient
 
@@ -148,11 +149,8 @@ def alerts_of(catalog: Catalog, events: Sequence[Event], feed_end: datetime | No
     return found
 
 
-_RANK = {"": 0, "info": 1, "warning": 2, "critical": 3}
-
-
 def _worse(a: str, b: str) -> str:
-    return a if _RANK.get(a, 0) >= _RANK.get(b, 0) else b
+    return a if severity_rank(a) <= severity_rank(b) else b
 
 
 def patient_days(events: Sequence[Event]) -> int:

@@ -65,18 +65,18 @@ def _query(
     encounter_class: str | None = None,
     group: bool = False,
 ) -> rq.Query:
-    return rq.Query(
-        status=status,
-        rule=rule or None,
+    return core.build_query(
+        status,
+        rule=rule,
         severity=severity,
-        patient=(patient or "").strip() or None,
-        text=(q or "").strip() or None,
-        opened_from=core.parse_opened(opened_from, "opened_from"),
-        opened_to=core.parse_opened(opened_to, "opened_to"),
+        patient=(patient or "").strip(),
+        text=(q or "").strip(),
+        opened_from=opened_from,
+        opened_to=opened_to,
         sort=sort,
-        limit=limit or get_settings().review_page_size,
-        patients=core.resolve_patients(patient, ward, encounter_class),
-        context=(ward or "", encounter_class or ""),
+        limit=limit,
+        ward=ward,
+        encounter_class=encounter_class,
         group=group,
     )
 

@@ -6,8 +6,9 @@ import re
 from datetime import datetime, timedelta
 from typing import Any
 
-from config.localtime import display_zone, format_instant, to_local
+from config.localtime import display_zone, format_instant
 from config.settings import get_settings
+from rules.facts import Fact
 from rules.fhirtime import parse_time
 from service.review import patients as directory
 from service.review.readable import duration, evidence_rows, medication_rows, why_lines
@@ -78,6 +79,39 @@ def resolve_patients(patient: str | None, ward: str | None, encounter_class: str
     return frozenset(selected) if selected is not None else None
 
 
+def build_query(
+    status: str,
+    *,
+    rule: str | None,
+    severity: str | None,
+    patient: str,
+    text: str,
+    opened_from: str | None,
+    opened_to: str | None,
+    sort: str,
+    limit: int | None,
+    ward: str | None,
+    encounter_class: str | None,
+    group: bool,
+) -> Query:
+    """The index query for the worklist filters (shared by the API and the page; ``patient`` and ``text`` come
+    trimmed, empty filters may be "" or None, no ``limit`` is a page)."""
+    return Query(
+        status=status,
+        rule=rule or None,
+        severity=severity or None,
+        patient=patient or None,
+        text=text or None,
+        opened_from=parse_opened(opened_from, "opened_from"),
+        opened_to=parse_opened(opened_to, "opened_to"),
+        sort=sort,
+        limit=limit or get_settings().review_page_size,
+        patients=resolve_patients(patient, ward, encounter_class),
+        context=(ward or "", encounter_class or ""),
+        group=group,
+    )
+
+
 # --- lists ---------------------------------------------------------------------------------------------------------
 
 
@@ -121,14 +155,17 @@ def updates(query: Query, since: float) -> dict[str, Any]:
     return {"since": since, "now": rq.utcnow().timestamp(), **changes, "count": sum(map(len, changes.values()))}
 
 
-def _people(index: ReviewIndex, patients: set[str]) -> dict[str, dict[str, Any]]:
-    """Per patient: latest K and Mg, and who the patient is (``patient_context``, None while unknown)."""
-    known = directory.patient_displays(patients)
-    today = to_local(rq.utcnow()).date()
+def _people(
+    index: ReviewIndex, patients: set[str], timelines: dict[str, list[Fact]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Per patient: latest K and Mg, and who the patient is (``patient_context``, None while unknown).
+    ``timelines``: facts the caller already read, by patient (the others are read from the store)."""
+    known = directory.patient_contexts(patients)
+    read = timelines or {}
     return {
         p: {
-            "latest": latest_labs(index.store.timeline(p)),
-            "patient_context": known[p].as_dict(today) if p in known else None,
+            "latest": latest_labs(read[p] if p in read else index.store.timeline(p)),
+            "patient_context": known.get(p),
         }
         for p in sorted(patients)
     }
@@ -176,7 +213,7 @@ def detail_of(index: ReviewIndex, alert: dict[str, Any]) -> dict[str, Any]:
     patient = alert["patient"]
     facts = index.store.timeline(patient)
     settings = get_settings()
-    people = _people(index, {patient})
+    people = _people(index, {patient}, {patient: facts})
     latest = people[patient]["latest"]
     end = _trend_end(alert, latest)
     start = end - timedelta(days=settings.review_trend_days)

@@ -64,6 +64,7 @@ FILTERS = (
     "status", "rule", "severity", "patient", "ward", "encounter_class", "q", "opened_from", "opened_to", "sort",
     "view", "cursor",
 )  # fmt: skip
+_BACK_FILTERS = tuple(k for k in FILTERS if k != "cursor")  # what a form's redirect keeps (not the page)
 MAX_FORM_BYTES = 16384
 SNOOZE_CHOICES = (1, 4, 8, 24, 72)
 NOTICES = {
@@ -253,6 +254,7 @@ def render(
             error, status_code = exc.message, exc.status
     base = {k: v for k, v in filters.items() if v and k != "cursor" and (k, v) not in _DEFAULTS}
     people = directory.directory()
+    context_available = people.available  # a Redis read with the stored directory: once per render
     context = {
         "principal": principal,
         "can_act": "pharmacist" in principal.roles,
@@ -265,8 +267,8 @@ def render(
         "buckets": ("todo", "open", "closed", "all", *rq.STATUSES),
         "severities": rq.SEVERITIES,
         "sorts": rq.SORTS,
-        "context_available": people.available,
-        "wards": people.wards() if people.available else [],
+        "context_available": context_available,
+        "wards": people.wards() if context_available else [],
         "classes": labels.ENCOUNTER_CLASSES,
         "detail": detail,
         "actions": core.ACTIONS_BY_STATUS.get(detail["status"], ()) if detail else (),
@@ -291,18 +293,18 @@ _DEFAULTS = {("status", "todo"), ("sort", "severity"), ("view", "patients")}
 
 
 def _query_from(filters: dict[str, str]) -> rq.Query:
-    return rq.Query(
-        status=filters["status"],
-        rule=filters["rule"] or None,
-        severity=filters["severity"] or None,
-        patient=filters["patient"][:100] or None,
-        text=filters["q"][:100] or None,
-        opened_from=core.parse_opened(filters["opened_from"], "opened_from"),
-        opened_to=core.parse_opened(filters["opened_to"], "opened_to"),
+    return core.build_query(
+        filters["status"],
+        rule=filters["rule"],
+        severity=filters["severity"],
+        patient=filters["patient"][:100],
+        text=filters["q"][:100],
+        opened_from=filters["opened_from"],
+        opened_to=filters["opened_to"],
         sort=filters["sort"],
-        limit=get_settings().review_page_size,
-        patients=core.resolve_patients(filters["patient"][:100], filters["ward"], filters["encounter_class"]),
-        context=(filters["ward"], filters["encounter_class"]),
+        limit=None,
+        ward=filters["ward"],
+        encounter_class=filters["encounter_class"],
         group=filters["view"] == "patients",
     )
 
@@ -314,12 +316,20 @@ def _reason_names(detail: dict[str, Any]) -> dict[str, str]:
 # --- transitions ------------------------------------------------------------------------------------------
 
 
-def _back(request: Request, form: dict[str, str]) -> dict[str, str]:
-    """The filters the form came from (only known filter names), made the request's own query string so a
-    refusal renders the same page."""
-    back = {k: v for k, v in parse_qsl(form.get("back", "")) if k in FILTERS and k != "cursor"}
+def _back(request: Request, form: dict[str, str], names: tuple[str, ...] = _BACK_FILTERS) -> dict[str, str]:
+    """The filters the form came from (only the filter ``names`` of its page), made the request's own query
+    string so a refusal renders the same page."""
+    back = {k: v for k, v in parse_qsl(form.get("back", "")) if k in names}
     request.scope["query_string"] = urlencode(back).encode()
     return back
+
+
+def _revision(form: dict[str, str]) -> int | None:
+    """The revision the form was rendered at (None: missing or unreadable)."""
+    try:
+        return int(form.get("revision", ""))
+    except ValueError:
+        return None
 
 
 @router.post("/alerts/{alert_id}/{action}")
@@ -340,10 +350,7 @@ async def act(
             until = rq.utcnow() + timedelta(hours=float(form.get("hours", "")))
         except ValueError:
             return render(request, principal, error="choose how long to snooze", status_code=400, selected=alert_id)
-    try:
-        revision: int | None = int(form.get("revision", ""))
-    except ValueError:
-        revision = None
+    revision = _revision(form)
     try:
         core.act(
             alert_id,
@@ -459,12 +466,8 @@ async def data_problem_act(
     """Resolve (with a note) or reopen a data problem from its form."""
     form = await _form(request)
     _check_csrf(request, form)
-    back = {k: v for k, v in parse_qsl(form.get("back", "")) if k in ("status", "reason")}
-    request.scope["query_string"] = urlencode(back).encode()
-    try:
-        revision: int | None = int(form.get("revision", ""))
-    except ValueError:
-        revision = None
+    back = _back(request, form, ("status", "reason"))
+    revision = _revision(form)
     if action not in ("resolve", "reopen"):
         return _render_problems(request, principal, error=f"unknown action {action!r}", status_code=404)
     try:

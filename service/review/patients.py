@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any, Protocol
 
+from config.localtime import to_local
 from service.review.labels import encounter_label
+from workers.state import review_index as rq
 from workers.state.context_index import ContextIndex
 
 SEXES = {"female": "F", "male": "M", "other": "X", "unknown": "?"}  # FHIR R4 administrative-gender
@@ -187,14 +189,12 @@ def directory() -> PatientDirectory:
     return _directory
 
 
-def patient_display(patient_id: str) -> PatientDisplay | None:
-    """Who patient ``patient_id`` is, or None when unknown (the page then shows the FHIR id)."""
-    return _directory.display([patient_id]).get(patient_id)
-
-
-def patient_displays(patient_ids: Iterable[str]) -> dict[str, PatientDisplay]:
-    """:func:`patient_display` for several patients in one lookup."""
-    return _directory.display(sorted(set(patient_ids)))
+def patient_contexts(patient_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The API's ``patient_context`` of the known patients among ``patient_ids``, in one lookup (ages on today's
+    date in the display zone); unknown patients are left out (the page then shows the FHIR id)."""
+    known = _directory.display(sorted(set(patient_ids)))
+    today = to_local(rq.utcnow()).date()
+    return {patient: display.as_dict(today) for patient, display in known.items()}
 
 
 def find_patients(text: str, limit: int = 200) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from config.localtime import format_instant, to_local
+from config.localtime import format_instant
 from service.review import patients as directory
 from service.review.core import ReviewError
 from service.review.labels import short_concept
@@ -26,12 +26,8 @@ def list_problems(query: ProblemQuery, cursor: str | None) -> dict[str, Any]:
         page = problems.list(query, cursor)
     except CursorError as exc:
         raise ReviewError(400, str(exc), "cursor") from exc
-    known = directory.patient_displays({item["patient"] for item in page.items})
-    today = to_local(rq.utcnow()).date()
-    items = [
-        decorate(item, known[item["patient"]].as_dict(today) if item["patient"] in known else None)
-        for item in page.items
-    ]
+    known = directory.patient_contexts(item["patient"] for item in page.items)
+    items = [decorate(item, known.get(item["patient"])) for item in page.items]
     return {"items": items, "next_cursor": page.next_cursor, "counts": problems.counts()}
 
 
@@ -66,6 +62,4 @@ def act(item_id: str, action: str, actor: str, *, revision: int | None, comment:
         status = {"not-found": 404, "illegal": 409, "conflict": 409, "invalid": 400}.get(exc.code, 409)
         code = {"not-found": "not-found", "conflict": "conflict"}.get(exc.code, "business-rule")
         raise ReviewError(status, exc.message, "action" if exc.code != "conflict" else "revision", code) from exc
-    known = directory.patient_displays([item["patient"]])
-    today = to_local(rq.utcnow()).date()
-    return decorate(item, known[item["patient"]].as_dict(today) if item["patient"] in known else None)
+    return decorate(item, directory.patient_contexts([item["patient"]]).get(item["patient"]))

@@ -104,20 +104,10 @@ def mint_token(subject: str, roles: Iterable[str], minutes: int = 60, name: str 
         raise ValueError(f"roles must be among {', '.join(ROLES)} (got {', '.join(roles) or 'none'})")
     if not subject or not 1 <= minutes <= 24 * 60:
         raise ValueError("a subject is required and minutes must be between 1 and 1440")
-    key = dev_private_key(settings)
-    now = int(time.time())
-    claims = {
-        "iss": DEV_ISSUER,
-        "aud": settings.review_audience,
-        "sub": subject,
-        "roles": roles,
-        "iat": now,
-        "exp": now + minutes * 60,
-        "jti": str(uuid.uuid4()),
-    }
+    claims: dict[str, object] = {"roles": roles}
     if name:
         claims["name"] = name
-    return jwt.encode(claims, key, algorithm=DEV_ALGORITHM, headers={"kid": _thumbprint(key.public_key())})
+    return _sign(settings, settings.review_audience, subject, minutes, claims)
 
 
 def mint_feed_token(subject: str, scopes: Iterable[str], minutes: int = 60) -> str:
@@ -130,16 +120,14 @@ def mint_feed_token(subject: str, scopes: Iterable[str], minutes: int = 60) -> s
     bad = [n for n in names if not n.startswith("system/")]
     if bad:
         raise ValueError(f"feed tokens carry system scopes only (got {', '.join(bad)})")
+    return _sign(settings, settings.feed_audience, subject, minutes, {"client_id": subject, "scope": " ".join(names)})
+
+
+def _sign(settings: Settings, audience: str, subject: str, minutes: int, extra: dict[str, object]) -> str:
+    """A token from the dev issuer for ``audience`` and ``subject``, valid ``minutes`` from now, with ``extra``
+    claims."""
     key = dev_private_key(settings)
     now = int(time.time())
-    claims = {
-        "iss": DEV_ISSUER,
-        "aud": settings.feed_audience,
-        "sub": subject,
-        "client_id": subject,
-        "scope": " ".join(names),
-        "iat": now,
-        "exp": now + minutes * 60,
-        "jti": str(uuid.uuid4()),
-    }
+    claims = {"iss": DEV_ISSUER, "aud": audience, "sub": subject, **extra}
+    claims |= {"iat": now, "exp": now + minutes * 60, "jti": str(uuid.uuid4())}
     return jwt.encode(claims, key, algorithm=DEV_ALGORITHM, headers={"kid": _thumbprint(key.public_key())})
