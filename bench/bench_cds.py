@@ -39,7 +39,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import free_port, loadavg
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -205,12 +207,6 @@ def prefetch_keys(base: str, signer: Signer) -> dict[str, str]:
 # --- processes ---------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait(check: Any, what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -259,7 +255,7 @@ def running_stack(
 ) -> Any:
     """A private redis-server and one uvicorn worker serving the code of the checkout ``root``; yields the API base
     URL and the server's pid."""
-    redis_port, api_port = _free_port(), _free_port()
+    redis_port, api_port = free_port(), free_port()
     redis_bin = shutil.which("redis-server")
     if redis_bin is None:
         raise SystemExit("redis-server is needed for this benchmark")
@@ -428,10 +424,6 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
 async def _sequential(base: str, bodies: list[bytes], tokens: list[str]) -> list[float]:
     host, port = base.removeprefix("http://").split(":")
     connection = _Connection(host, int(port))
@@ -454,7 +446,7 @@ def cold_chart(args: argparse.Namespace) -> None:
     answer no cards), ``lean`` (the service as shipped) and ``full`` (``EHR_ALERTS_CDS_LEAN_READ=false``).
     Rounds interleave the three; server CPU per call from /proc (user + system) over all rounds."""
     rounds, calls = (2, 20) if args.quick else (6, 100)
-    started_load = _loadavg()
+    started_load = loadavg()
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         signer = Signer(tmp)
@@ -496,7 +488,7 @@ def cold_chart(args: argparse.Namespace) -> None:
         "timestamp": datetime.now(UTC).isoformat(),
         "machine": machine(),
         "load_average_at_start": started_load,
-        "load_average_at_end": _loadavg(),
+        "load_average_at_end": loadavg(),
         "workload": {
             "rounds": rounds,
             "calls_per_round": calls,
@@ -524,7 +516,7 @@ def cold_ab(args: argparse.Namespace) -> None:
     alternate between them and server CPU per call is compared in the same run (this machine's speed moves too
     much between runs for two separate runs to show a change of a few per cent)."""
     rounds, calls = (2, 20) if args.quick else (8, 80)
-    started_load = _loadavg()
+    started_load = loadavg()
     roots = {"before": args.ab_against.resolve(), "after": ROOT}
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -560,7 +552,7 @@ def cold_ab(args: argparse.Namespace) -> None:
         "timestamp": datetime.now(UTC).isoformat(),
         "machine": machine(),
         "load_average_at_start": started_load,
-        "load_average_at_end": _loadavg(),
+        "load_average_at_end": loadavg(),
         "checkouts": {name: str(root) for name, root in roots.items()},
         "workload": {"rounds": rounds, "calls_per_round": calls, "request_bytes": len(template), "clients": 1},
         "server_cpu_ms_per_call": per_call,
@@ -632,15 +624,7 @@ def main() -> None:
     report = {
         "benchmark": "bench_cds",
         "timestamp": datetime.now(UTC).isoformat(),
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "fastapi": metadata.version("fastapi"),
-            "uvicorn": metadata.version("uvicorn"),
-            "pydantic": metadata.version("pydantic"),
-            "fhir.resources": metadata.version("fhir.resources"),
-        },
+        "machine": machine(),
         "workload": {
             "clients": args.clients,
             "rounds": rounds,

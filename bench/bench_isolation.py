@@ -48,7 +48,6 @@ from bench_cds import (
     SERVICE,
     Signer,
     _Connection,
-    _free_port,
     _wait,
     cpu_seconds,
     machine,
@@ -56,6 +55,7 @@ from bench_cds import (
     prefetch_keys,
     request_template,
 )
+from harness import free_port, loadavg
 
 TARGET_RATIO = 2.0
 LINES = 500
@@ -120,7 +120,7 @@ def stack(workdir: Path, signer: Signer, shape: str, worker: bool) -> Any:
     redis_bin = shutil.which("redis-server")
     if redis_bin is None:
         raise SystemExit("redis-server is needed for this benchmark")
-    redis_port = _free_port()
+    redis_port = free_port()
     procs = [
         subprocess.Popen(
             [redis_bin, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
@@ -140,7 +140,7 @@ def stack(workdir: Path, signer: Signer, shape: str, worker: bool) -> Any:
     bases, pids = [], []
     try:
         for route in routes:
-            port = _free_port()
+            port = free_port()
             argv = [uvicorn, "service.app:app", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                     "--log-level", "warning", "--no-access-log"]  # fmt: skip
             procs.append(_spawn(argv, {**env, "EHR_ALERTS_API_ROUTES": route}, workdir / f"api-{route}.log"))
@@ -292,14 +292,14 @@ def main() -> None:
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     rounds, seconds = (1, 4.0) if args.quick else (3, 12.0)
-    start_load = [round(x, 2) for x in os.getloadavg()]
+    start_load = loadavg()
     shapes = [run_shape(shape, rounds, seconds, args.worker) for shape in args.shapes.split(",")]
     report = {
         "benchmark": "bench_isolation",
         "timestamp": datetime.now(UTC).isoformat(),
         "machine": machine(),
         "load_average_at_start": start_load,
-        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "load_average_at_end": loadavg(),
         "workload": {
             "rounds": rounds,
             "seconds_per_phase": seconds,
