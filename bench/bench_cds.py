@@ -440,6 +440,20 @@ async def _sequential(base: str, bodies: list[bytes], tokens: list[str]) -> list
     return latencies
 
 
+def _cold_calls(server: tuple[str, int], template: str, signer: Signer, calls: int) -> tuple[float, list[float]]:
+    """``calls`` sequential calls, each for a chart never seen (fresh patient id), to one server (base URL, pid);
+    bodies and tokens made before the timed calls. Returns the server's CPU seconds over them and the latencies."""
+    base, pid = server
+    bodies = [
+        template.replace("HOOK-INSTANCE", str(uuid.uuid4())).replace(PATIENT, f"cold-{uuid.uuid4().hex[:16]}").encode()
+        for _ in range(calls)
+    ]
+    tokens = signer.tokens(f"{base}/cds-services/{SERVICE}", calls)
+    before = cpu_seconds(pid)
+    latencies = asyncio.run(_sequential(base, bodies, tokens))
+    return cpu_seconds(pid) - before, latencies
+
+
 def cold_chart(args: argparse.Namespace) -> None:
     """One client, one call at a time, each for a chart never seen (fresh patient id: every resource misses the
     normalisation cache), on three servers started side by side: ``bare`` (bench/bare_app.py: parse the body,
@@ -462,17 +476,7 @@ def cold_chart(args: argparse.Namespace) -> None:
         for number in range(rounds + 1):  # round 0 warms up (imports, first-call paths), not counted
             row = {}
             for shape in COLD_SHAPES:
-                base, pid = servers[shape]
-                bodies = [
-                    template.replace("HOOK-INSTANCE", str(uuid.uuid4()))
-                    .replace(PATIENT, f"cold-{uuid.uuid4().hex[:16]}")
-                    .encode()
-                    for _ in range(calls)
-                ]
-                tokens = signer.tokens(f"{base}/cds-services/{SERVICE}", calls)
-                before = cpu_seconds(pid)
-                measured = asyncio.run(_sequential(base, bodies, tokens))
-                used = cpu_seconds(pid) - before
+                used, measured = _cold_calls(servers[shape], template, signer, calls)
                 row[shape] = round(used * 1000 / calls, 2)
                 if number:
                     cpu[shape] += used
@@ -530,17 +534,8 @@ def cold_ab(args: argparse.Namespace) -> None:
         per_round = []
         for number in range(rounds + 1):  # round 0 warms up, not counted
             row = {}
-            for name, (base, pid) in servers.items():
-                bodies = [
-                    template.replace("HOOK-INSTANCE", str(uuid.uuid4()))
-                    .replace(PATIENT, f"cold-{uuid.uuid4().hex[:16]}")
-                    .encode()
-                    for _ in range(calls)
-                ]
-                tokens = signer.tokens(f"{base}/cds-services/{SERVICE}", calls)
-                before = cpu_seconds(pid)
-                asyncio.run(_sequential(base, bodies, tokens))
-                used = cpu_seconds(pid) - before
+            for name, server in servers.items():
+                used, _ = _cold_calls(server, template, signer, calls)
                 row[name] = round(used * 1000 / calls, 2)
                 if number:
                     cpu[name] += used
