@@ -60,8 +60,6 @@ from harness import free_port, loadavg
 TARGET_RATIO = 2.0
 LINES = 500
 FEED_SCOPE = "system/Observation.cu"
-CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
-UCUM = "http://unitsofmeasure.org"
 
 
 def _feed_token(signer: Signer) -> str:
