@@ -182,31 +182,18 @@ async def _cds_client(base: str, template: str, signer: Signer, stop: asyncio.Ev
 
 async def _import_client(base: str, token: str, stop: asyncio.Event, counts: dict[str, int]) -> None:
     host, port = base.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
+    connection = _Connection(host, int(port))
     try:
         while not stop.is_set():
             body = _ndjson(counts["requests"] + counts.get("offset", 0))
-            head = (
-                f"POST /fhir/$import HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {len(body)}\r\n"
-                f"Content-Type: application/fhir+ndjson\r\nAuthorization: Bearer {token}\r\n\r\n"
+            status, payload = await connection.request(
+                "POST", "/fhir/$import", body, token, content_type="application/fhir+ndjson"
             )
-            writer.write(head.encode() + body)
-            status_line = await reader.readline()
-            length = 0
-            while True:
-                line = await reader.readline()
-                if line in (b"\r\n", b""):
-                    break
-                name, _, value = line.decode().partition(":")
-                if name.lower() == "content-length":
-                    length = int(value)
-            payload = await reader.readexactly(length)
-            status = int(status_line.split()[1])
             if status != 202:
                 raise SystemExit(f"$import: HTTP {status} {payload[:200]!r}")
             counts["requests"] += 1
     finally:
-        writer.close()
+        connection.close()
 
 
 async def _phase(
