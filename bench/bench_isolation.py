@@ -27,7 +27,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -55,7 +54,7 @@ from bench_cds import (
     prefetch_keys,
     request_template,
 )
-from harness import free_port, loadavg
+from harness import free_port, loadavg, stop_group
 
 TARGET_RATIO = 2.0
 LINES = 500
@@ -152,12 +151,7 @@ def stack(workdir: Path, signer: Signer, shape: str, worker: bool) -> Any:
         yield bases[0], bases[-1], pids
     finally:
         for proc in reversed(procs):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            stop_group(proc, 15)
 
 
 async def _cds_client(base: str, template: str, signer: Signer, stop: asyncio.Event, out: list[float]) -> None:

@@ -207,12 +207,12 @@ class Bench:
             if proc is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGCONT)
-                _stop(proc)
+                stop_group(proc)
 
     def close(self) -> None:
         self.stop_workers()
         if self.api is not None:
-            _stop(self.api)
+            stop_group(self.api)
         self.redis_proc.terminate()
         self.redis_proc.wait(10)
 
@@ -296,11 +296,12 @@ def cpu_per_item(before: dict[str, float], after: dict[str, float], items: int) 
     return out
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop_group(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    """SIGTERM the process group of ``proc`` (started with ``start_new_session``); SIGKILL it after ``timeout`` s."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(20)
+        proc.wait(timeout)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
