@@ -37,7 +37,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -52,7 +51,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import free_port, loadavg, stop_group
+from harness import free_port, loadavg, start_redis, stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -254,23 +253,14 @@ def running_stack(
 ) -> Any:
     """A private redis-server and one uvicorn worker serving the code of the checkout ``root``; yields the API base
     URL and the server's pid."""
-    redis_port, api_port = free_port(), free_port()
-    redis_bin = shutil.which("redis-server")
-    if redis_bin is None:
-        raise SystemExit("redis-server is needed for this benchmark")
+    api_port = free_port()
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        procs.append(
-            subprocess.Popen(
-                [redis_bin, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        )
+        redis_proc, redis_url = start_redis(new_session=True)
+        procs.append(redis_proc)
         env = {
             **os.environ,
-            "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+            "REDIS_URL": redis_url,
             "EHR_ALERTS_KEY_PREFIX": "bench",
             "EHR_ALERTS_CDS_AUTH_ENABLED": "true",
             "EHR_ALERTS_CDS_ISSUERS": json.dumps({ISSUER: str(signer.jwks_path)}),

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -54,7 +53,7 @@ from bench_cds import (
     prefetch_keys,
     request_template,
 )
-from harness import free_port, loadavg, stop_group
+from harness import free_port, loadavg, start_redis, stop_group
 
 TARGET_RATIO = 2.0
 LINES = 500
@@ -114,19 +113,11 @@ def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[
 @contextlib.contextmanager
 def stack(workdir: Path, signer: Signer, shape: str, worker: bool) -> Any:
     """Redis, the API process(es) of ``shape`` and optionally a worker; yields (cds base, ingest base, pids)."""
-    redis_bin = shutil.which("redis-server")
-    if redis_bin is None:
-        raise SystemExit("redis-server is needed for this benchmark")
-    redis_port = free_port()
-    procs = [
-        subprocess.Popen(
-            [redis_bin, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )
-    ]  # fmt: skip
+    redis_proc, redis_url = start_redis(new_session=True)
+    procs = [redis_proc]
     env = {
         **os.environ,
-        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "REDIS_URL": redis_url,
         "EHR_ALERTS_KEY_PREFIX": "bench",
         "EHR_ALERTS_CDS_ISSUERS": json.dumps({ISSUER: str(signer.jwks_path)}),
         "EHR_ALERTS_FEED_ISSUERS": json.dumps({ISSUER: str(signer.jwks_path)}),

@@ -52,6 +52,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_redis(new_session: bool = False) -> tuple[subprocess.Popen[bytes], str]:
+    """A private ``redis-server`` on a free loopback port, no persistence; returns the process and its URL (the
+    caller waits for it to answer)."""
+    server = shutil.which("redis-server")
+    if server is None:
+        raise SystemExit("redis-server not found: the benchmark needs a real Redis")
+    port = free_port()
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=new_session,
+    )
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
 def loadavg() -> list[float]:
     """The 1, 5 and 15 minute load averages."""
     return [round(x, 2) for x in os.getloadavg()]
@@ -89,16 +105,7 @@ class Bench:
         self.logs = logs
         self.feed = FeedIssuer(logs)
         extra_env = {**self.feed.env(), **(extra_env or {})}
-        port = free_port()
-        server = shutil.which("redis-server")
-        if server is None:
-            raise SystemExit("redis-server not found: the benchmark needs a real Redis")
-        self.redis_proc = subprocess.Popen(
-            [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.url = f"redis://127.0.0.1:{port}/0"
+        self.redis_proc, self.url = start_redis()
         self.env = {
             **os.environ,
             "REDIS_URL": self.url,
