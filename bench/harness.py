@@ -1,5 +1,6 @@
 """What the stream and backfill benchmarks share: a private Redis, the API and Celery workers as subprocesses,
 CPU time per process group from ``/proc``, freezing workers while work is queued, and the machine's facts.
+The other benchmarks take the smaller pieces (``free_port``, ``start_redis``, ``stop_group``, ``loadavg``).
 
 Never touches the shared Redis (``REDIS_URL`` of the environment is replaced by the private one).
 """
