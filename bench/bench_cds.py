@@ -37,9 +37,6 @@ import json
 import math
 import os
 import platform
-import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,6 +49,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import free_port, loadavg, start_redis, stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -205,12 +205,6 @@ def prefetch_keys(base: str, signer: Signer) -> dict[str, str]:
 # --- processes ---------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait(check: Any, what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -259,23 +253,14 @@ def running_stack(
 ) -> Any:
     """A private redis-server and one uvicorn worker serving the code of the checkout ``root``; yields the API base
     URL and the server's pid."""
-    redis_port, api_port = _free_port(), _free_port()
-    redis_bin = shutil.which("redis-server")
-    if redis_bin is None:
-        raise SystemExit("redis-server is needed for this benchmark")
+    api_port = free_port()
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        procs.append(
-            subprocess.Popen(
-                [redis_bin, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        )
+        redis_proc, redis_url = start_redis(new_session=True)
+        procs.append(redis_proc)
         env = {
             **os.environ,
-            "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+            "REDIS_URL": redis_url,
             "EHR_ALERTS_KEY_PREFIX": "bench",
             "EHR_ALERTS_CDS_AUTH_ENABLED": "true",
             "EHR_ALERTS_CDS_ISSUERS": json.dumps({ISSUER: str(signer.jwks_path)}),
@@ -295,12 +280,7 @@ def running_stack(
         yield base, procs[-1].pid
     finally:
         for proc in reversed(procs):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            stop_group(proc, 10)
 
 
 # --- load --------------------------------------------------------------------------------------------
@@ -315,13 +295,15 @@ class _Connection:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def request(self, method: str, path: str, body: bytes = b"", token: str = "") -> tuple[int, bytes]:
+    async def request(
+        self, method: str, path: str, body: bytes = b"", token: str = "", content_type: str = "application/json"
+    ) -> tuple[int, bytes]:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
         head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Length: {len(body)}\r\n"
         if body:
-            head += "Content-Type: application/json\r\n"
+            head += f"Content-Type: {content_type}\r\n"
         if token:
             head += f"Authorization: Bearer {token}\r\n"
         self.writer.write(head.encode() + b"\r\n" + body)
@@ -428,10 +410,6 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
 async def _sequential(base: str, bodies: list[bytes], tokens: list[str]) -> list[float]:
     host, port = base.removeprefix("http://").split(":")
     connection = _Connection(host, int(port))
@@ -448,13 +426,27 @@ async def _sequential(base: str, bodies: list[bytes], tokens: list[str]) -> list
     return latencies
 
 
+def _cold_calls(server: tuple[str, int], template: str, signer: Signer, calls: int) -> tuple[float, list[float]]:
+    """``calls`` sequential calls, each for a chart never seen (fresh patient id), to one server (base URL, pid);
+    bodies and tokens made before the timed calls. Returns the server's CPU seconds over them and the latencies."""
+    base, pid = server
+    bodies = [
+        template.replace("HOOK-INSTANCE", str(uuid.uuid4())).replace(PATIENT, f"cold-{uuid.uuid4().hex[:16]}").encode()
+        for _ in range(calls)
+    ]
+    tokens = signer.tokens(f"{base}/cds-services/{SERVICE}", calls)
+    before = cpu_seconds(pid)
+    latencies = asyncio.run(_sequential(base, bodies, tokens))
+    return cpu_seconds(pid) - before, latencies
+
+
 def cold_chart(args: argparse.Namespace) -> None:
     """One client, one call at a time, each for a chart never seen (fresh patient id: every resource misses the
     normalisation cache), on three servers started side by side: ``bare`` (bench/bare_app.py: parse the body,
     answer no cards), ``lean`` (the service as shipped) and ``full`` (``EHR_ALERTS_CDS_LEAN_READ=false``).
     Rounds interleave the three; server CPU per call from /proc (user + system) over all rounds."""
     rounds, calls = (2, 20) if args.quick else (6, 100)
-    started_load = _loadavg()
+    started_load = loadavg()
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         signer = Signer(tmp)
@@ -470,17 +462,7 @@ def cold_chart(args: argparse.Namespace) -> None:
         for number in range(rounds + 1):  # round 0 warms up (imports, first-call paths), not counted
             row = {}
             for shape in COLD_SHAPES:
-                base, pid = servers[shape]
-                bodies = [
-                    template.replace("HOOK-INSTANCE", str(uuid.uuid4()))
-                    .replace(PATIENT, f"cold-{uuid.uuid4().hex[:16]}")
-                    .encode()
-                    for _ in range(calls)
-                ]
-                tokens = signer.tokens(f"{base}/cds-services/{SERVICE}", calls)
-                before = cpu_seconds(pid)
-                measured = asyncio.run(_sequential(base, bodies, tokens))
-                used = cpu_seconds(pid) - before
+                used, measured = _cold_calls(servers[shape], template, signer, calls)
                 row[shape] = round(used * 1000 / calls, 2)
                 if number:
                     cpu[shape] += used
@@ -496,7 +478,7 @@ def cold_chart(args: argparse.Namespace) -> None:
         "timestamp": datetime.now(UTC).isoformat(),
         "machine": machine(),
         "load_average_at_start": started_load,
-        "load_average_at_end": _loadavg(),
+        "load_average_at_end": loadavg(),
         "workload": {
             "rounds": rounds,
             "calls_per_round": calls,
@@ -524,7 +506,7 @@ def cold_ab(args: argparse.Namespace) -> None:
     alternate between them and server CPU per call is compared in the same run (this machine's speed moves too
     much between runs for two separate runs to show a change of a few per cent)."""
     rounds, calls = (2, 20) if args.quick else (8, 80)
-    started_load = _loadavg()
+    started_load = loadavg()
     roots = {"before": args.ab_against.resolve(), "after": ROOT}
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -538,17 +520,8 @@ def cold_ab(args: argparse.Namespace) -> None:
         per_round = []
         for number in range(rounds + 1):  # round 0 warms up, not counted
             row = {}
-            for name, (base, pid) in servers.items():
-                bodies = [
-                    template.replace("HOOK-INSTANCE", str(uuid.uuid4()))
-                    .replace(PATIENT, f"cold-{uuid.uuid4().hex[:16]}")
-                    .encode()
-                    for _ in range(calls)
-                ]
-                tokens = signer.tokens(f"{base}/cds-services/{SERVICE}", calls)
-                before = cpu_seconds(pid)
-                asyncio.run(_sequential(base, bodies, tokens))
-                used = cpu_seconds(pid) - before
+            for name, server in servers.items():
+                used, _ = _cold_calls(server, template, signer, calls)
                 row[name] = round(used * 1000 / calls, 2)
                 if number:
                     cpu[name] += used
@@ -560,7 +533,7 @@ def cold_ab(args: argparse.Namespace) -> None:
         "timestamp": datetime.now(UTC).isoformat(),
         "machine": machine(),
         "load_average_at_start": started_load,
-        "load_average_at_end": _loadavg(),
+        "load_average_at_end": loadavg(),
         "checkouts": {name: str(root) for name, root in roots.items()},
         "workload": {"rounds": rounds, "calls_per_round": calls, "request_bytes": len(template), "clients": 1},
         "server_cpu_ms_per_call": per_call,
@@ -632,15 +605,7 @@ def main() -> None:
     report = {
         "benchmark": "bench_cds",
         "timestamp": datetime.now(UTC).isoformat(),
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "fastapi": metadata.version("fastapi"),
-            "uvicorn": metadata.version("uvicorn"),
-            "pydantic": metadata.version("pydantic"),
-            "fhir.resources": metadata.version("fhir.resources"),
-        },
+        "machine": machine(),
         "workload": {
             "clients": args.clients,
             "rounds": rounds,

@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -44,6 +43,8 @@ HERE = Path(__file__).resolve()
 ROOT = Path(os.environ.get("BENCH_CODE_ROOT") or HERE.parents[1])
 sys.path.insert(0, str(HERE.parents[1] / "tests"))  # FHIR builders (plain dicts)
 sys.path.insert(0, str(ROOT))
+
+from harness import free_port  # noqa: E402 - bench/ is on sys.path when run as a script
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 RETENTION_HOURS = str(24 * 365 * 20)
@@ -57,17 +58,11 @@ ENV = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_redis() -> tuple[subprocess.Popen[bytes], str]:
     binary = shutil.which("redis-server")
     if not binary:
         sys.exit("redis-server is not on PATH")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"],
         stdout=subprocess.DEVNULL,

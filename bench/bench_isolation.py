@@ -26,8 +26,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -48,7 +46,6 @@ from bench_cds import (
     SERVICE,
     Signer,
     _Connection,
-    _free_port,
     _wait,
     cpu_seconds,
     machine,
@@ -56,12 +53,11 @@ from bench_cds import (
     prefetch_keys,
     request_template,
 )
+from harness import free_port, loadavg, start_redis, stop_group
 
 TARGET_RATIO = 2.0
 LINES = 500
 FEED_SCOPE = "system/Observation.cu"
-CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
-UCUM = "http://unitsofmeasure.org"
 
 
 def _feed_token(signer: Signer) -> str:
@@ -117,19 +113,11 @@ def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[
 @contextlib.contextmanager
 def stack(workdir: Path, signer: Signer, shape: str, worker: bool) -> Any:
     """Redis, the API process(es) of ``shape`` and optionally a worker; yields (cds base, ingest base, pids)."""
-    redis_bin = shutil.which("redis-server")
-    if redis_bin is None:
-        raise SystemExit("redis-server is needed for this benchmark")
-    redis_port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [redis_bin, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )
-    ]  # fmt: skip
+    redis_proc, redis_url = start_redis(new_session=True)
+    procs = [redis_proc]
     env = {
         **os.environ,
-        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "REDIS_URL": redis_url,
         "EHR_ALERTS_KEY_PREFIX": "bench",
         "EHR_ALERTS_CDS_ISSUERS": json.dumps({ISSUER: str(signer.jwks_path)}),
         "EHR_ALERTS_FEED_ISSUERS": json.dumps({ISSUER: str(signer.jwks_path)}),
@@ -140,7 +128,7 @@ def stack(workdir: Path, signer: Signer, shape: str, worker: bool) -> Any:
     bases, pids = [], []
     try:
         for route in routes:
-            port = _free_port()
+            port = free_port()
             argv = [uvicorn, "service.app:app", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                     "--log-level", "warning", "--no-access-log"]  # fmt: skip
             procs.append(_spawn(argv, {**env, "EHR_ALERTS_API_ROUTES": route}, workdir / f"api-{route}.log"))
@@ -154,12 +142,7 @@ def stack(workdir: Path, signer: Signer, shape: str, worker: bool) -> Any:
         yield bases[0], bases[-1], pids
     finally:
         for proc in reversed(procs):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            stop_group(proc, 15)
 
 
 async def _cds_client(base: str, template: str, signer: Signer, stop: asyncio.Event, out: list[float]) -> None:
@@ -184,31 +167,18 @@ async def _cds_client(base: str, template: str, signer: Signer, stop: asyncio.Ev
 
 async def _import_client(base: str, token: str, stop: asyncio.Event, counts: dict[str, int]) -> None:
     host, port = base.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
+    connection = _Connection(host, int(port))
     try:
         while not stop.is_set():
             body = _ndjson(counts["requests"] + counts.get("offset", 0))
-            head = (
-                f"POST /fhir/$import HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {len(body)}\r\n"
-                f"Content-Type: application/fhir+ndjson\r\nAuthorization: Bearer {token}\r\n\r\n"
+            status, payload = await connection.request(
+                "POST", "/fhir/$import", body, token, content_type="application/fhir+ndjson"
             )
-            writer.write(head.encode() + body)
-            status_line = await reader.readline()
-            length = 0
-            while True:
-                line = await reader.readline()
-                if line in (b"\r\n", b""):
-                    break
-                name, _, value = line.decode().partition(":")
-                if name.lower() == "content-length":
-                    length = int(value)
-            payload = await reader.readexactly(length)
-            status = int(status_line.split()[1])
             if status != 202:
                 raise SystemExit(f"$import: HTTP {status} {payload[:200]!r}")
             counts["requests"] += 1
     finally:
-        writer.close()
+        connection.close()
 
 
 async def _phase(
@@ -292,14 +262,14 @@ def main() -> None:
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     rounds, seconds = (1, 4.0) if args.quick else (3, 12.0)
-    start_load = [round(x, 2) for x in os.getloadavg()]
+    start_load = loadavg()
     shapes = [run_shape(shape, rounds, seconds, args.worker) for shape in args.shapes.split(",")]
     report = {
         "benchmark": "bench_isolation",
         "timestamp": datetime.now(UTC).isoformat(),
         "machine": machine(),
         "load_average_at_start": start_load,
-        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "load_average_at_end": loadavg(),
         "workload": {
             "rounds": rounds,
             "seconds_per_phase": seconds,

@@ -27,7 +27,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,11 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from harness import free_port  # noqa: E402 - bench/ is on sys.path when run as a script
 
 
 def _seed(client, n: int) -> None:
@@ -85,7 +80,7 @@ def main() -> None:
     server = shutil.which("redis-server")
     if server is None:
         sys.exit("redis-server not found")
-    port = _free_port()
+    port = free_port()
     command = [server, "--port", str(port), "--save", "", "--appendonly", "no"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     os.environ["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"

@@ -1,5 +1,6 @@
 """What the stream and backfill benchmarks share: a private Redis, the API and Celery workers as subprocesses,
 CPU time per process group from ``/proc``, freezing workers while work is queued, and the machine's facts.
+The other benchmarks take the smaller pieces (``free_port``, ``start_redis``, ``stop_group``, ``loadavg``).
 
 Never touches the shared Redis (``REDIS_URL`` of the environment is replaced by the private one).
 """
@@ -52,6 +53,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_redis(new_session: bool = False) -> tuple[subprocess.Popen[bytes], str]:
+    """A private ``redis-server`` on a free loopback port, no persistence; returns the process and its URL (the
+    caller waits for it to answer)."""
+    server = shutil.which("redis-server")
+    if server is None:
+        raise SystemExit("redis-server not found: the benchmark needs a real Redis")
+    port = free_port()
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=new_session,
+    )
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
 def loadavg() -> list[float]:
     """The 1, 5 and 15 minute load averages."""
     return [round(x, 2) for x in os.getloadavg()]
@@ -89,16 +106,7 @@ class Bench:
         self.logs = logs
         self.feed = FeedIssuer(logs)
         extra_env = {**self.feed.env(), **(extra_env or {})}
-        port = free_port()
-        server = shutil.which("redis-server")
-        if server is None:
-            raise SystemExit("redis-server not found: the benchmark needs a real Redis")
-        self.redis_proc = subprocess.Popen(
-            [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.url = f"redis://127.0.0.1:{port}/0"
+        self.redis_proc, self.url = start_redis()
         self.env = {
             **os.environ,
             "REDIS_URL": self.url,
@@ -207,12 +215,12 @@ class Bench:
             if proc is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGCONT)
-                _stop(proc)
+                stop_group(proc)
 
     def close(self) -> None:
         self.stop_workers()
         if self.api is not None:
-            _stop(self.api)
+            stop_group(self.api)
         self.redis_proc.terminate()
         self.redis_proc.wait(10)
 
@@ -296,11 +304,12 @@ def cpu_per_item(before: dict[str, float], after: dict[str, float], items: int) 
     return out
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop_group(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    """SIGTERM the process group of ``proc`` (started with ``start_new_session``); SIGKILL it after ``timeout`` s."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(20)
+        proc.wait(timeout)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
