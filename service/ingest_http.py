@@ -206,8 +206,9 @@ def _delete_work(client: FeedClient, scope: MutableMapping[str, Any], resource_t
 
 
 def _require_media(request: Request, allowed: tuple[str, ...], name: str) -> None:
-    if media_type(request) not in allowed:
-        raise FhirError(415, f"Content-Type must be {name}, got {media_type(request) or 'none'}", code="not-supported")
+    media = media_type(request)
+    if media not in allowed:
+        raise FhirError(415, f"Content-Type must be {name}, got {media or 'none'}", code="not-supported")
 
 
 async def _on_lane(request: Request, allowed: tuple[str, ...], name: str, work: Any, *args: Any) -> Any:
@@ -263,8 +264,8 @@ async def delete_resource(resource_type: str, resource_id: str, request: Request
     _check_id(resource_id)
     if resource_type not in RESOURCE_TYPES:
         resource_type = resource_type[:64]  # reported as not applied by ingest_delete
-    elif missing_scope(client, resource_type, "d"):
-        raise forbidden(f"the token lacks the scope {missing_scope(client, resource_type, 'd')}")
+    elif missing := missing_scope(client, resource_type, "d"):
+        raise forbidden(f"the token lacks the scope {missing}")
     lane = get_lane("ingest")
     async with lane.admit():
         return await lane.run(_delete_work, client, request.scope, resource_type, resource_id)
