@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from service.audit import note_access
 from service.errors import FHIR_JSON, FhirError
 from service.ingest import (
+    RESOURCE_TYPES,
     Enqueuer,
     EntryOutcome,
     Ingested,
@@ -45,16 +46,6 @@ from workers.pipeline import get_store
 
 JSON_TYPES = ("application/fhir+json", "application/json")
 NDJSON_TYPES = ("application/fhir+ndjson", "application/x-ndjson", "application/ndjson")
-RESOURCE_TYPES = (
-    "Observation",
-    "MedicationStatement",
-    "MedicationRequest",
-    "MedicationAdministration",
-    "Condition",
-    "Procedure",
-    "Patient",
-    "Encounter",
-)
 ID_PATTERN = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")  # a FHIR id
 _TYPE = re.compile(r"^[A-Z][A-Za-z]{0,63}$")
 #: entries of a subscription notification that carry no clinical data (no scope needed)
