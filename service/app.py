@@ -117,7 +117,4 @@ def readyz(scope: Annotated[str, Query(pattern="^(all|api)$")] = "all") -> JSONR
 
     ``scope=api`` leaves out the worker check (the API pod's own readiness probe: CDS Hooks and the review
     API keep serving while workers restart)."""
-    response = readiness_response(workers=scope == "all")
-    if response.status_code == 503:
-        response.headers["Retry-After"] = str(errors.RETRY_AFTER_UNAVAILABLE)
-    return response
+    return readiness_response(workers=scope == "all")  # a 503 gets Retry-After from the middleware

@@ -95,9 +95,7 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    headers = dict(exc.headers or {})
-    if exc.status_code == 503:
-        headers.setdefault("Retry-After", str(RETRY_AFTER_UNAVAILABLE))
+    headers = dict(exc.headers or {})  # a 503 without Retry-After gets one from the observability middleware
     detail = exc.detail if isinstance(exc.detail, str) else "request refused"
     return outcome_response(exc.status_code, detail, **headers)
 

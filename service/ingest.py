@@ -149,11 +149,20 @@ def _expression(location: str, resource_type: str, path: str) -> str:
     return f"{location}.{path}" if path and path != resource_type else location
 
 
-_DELETE = "__delete__"
-_DELETABLE = re.compile(
-    r"^(Observation|MedicationStatement|MedicationRequest|MedicationAdministration|Condition|Procedure|Patient"
-    r"|Encounter)/([A-Za-z0-9\-.]{1,64})$"
+#: Resource types accepted one at a time (``/fhir/<type>``) and deletable by id.
+RESOURCE_TYPES = (
+    "Observation",
+    "MedicationStatement",
+    "MedicationRequest",
+    "MedicationAdministration",
+    "Condition",
+    "Procedure",
+    "Patient",
+    "Encounter",
 )
+_DELETE = "__delete__"
+_DELETABLE = re.compile(rf"^({'|'.join(RESOURCE_TYPES)})/([A-Za-z0-9\-.]{{1,64}})$")
+_NOT_DELETABLE = f"only a delete of {', '.join(RESOURCE_TYPES[:-1])} or {RESOURCE_TYPES[-1]} by id applies"
 
 
 def ingest_delete(
@@ -163,11 +172,7 @@ def ingest_delete(
     retracted (as for entered-in-error). Unknown resources and conditional deletes are reported, not applied."""
     record_event("delete", "received")
     if not _DELETABLE.match(reference):
-        message = (
-            "only a delete of Observation, MedicationStatement, MedicationRequest, MedicationAdministration, "
-            "Condition, Procedure, Patient or Encounter by id applies"
-        )
-        answer.entries.append(EntryOutcome(location, "ignored", "DELETE", [("warning", location, message)]))
+        answer.entries.append(EntryOutcome(location, "ignored", "DELETE", [("warning", location, _NOT_DELETABLE)]))
         return
     patient = enqueuer.patient_of(reference)
     if patient is None:

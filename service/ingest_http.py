@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from service.audit import note_access
 from service.errors import FHIR_JSON, FhirError
 from service.ingest import (
+    RESOURCE_TYPES,
     Enqueuer,
     EntryOutcome,
     Ingested,
@@ -45,16 +46,6 @@ from workers.pipeline import get_store
 
 JSON_TYPES = ("application/fhir+json", "application/json")
 NDJSON_TYPES = ("application/fhir+ndjson", "application/x-ndjson", "application/ndjson")
-RESOURCE_TYPES = (
-    "Observation",
-    "MedicationStatement",
-    "MedicationRequest",
-    "MedicationAdministration",
-    "Condition",
-    "Procedure",
-    "Patient",
-    "Encounter",
-)
 ID_PATTERN = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")  # a FHIR id
 _TYPE = re.compile(r"^[A-Z][A-Za-z]{0,63}$")
 #: entries of a subscription notification that carry no clinical data (no scope needed)
@@ -206,8 +197,9 @@ def _delete_work(client: FeedClient, scope: MutableMapping[str, Any], resource_t
 
 
 def _require_media(request: Request, allowed: tuple[str, ...], name: str) -> None:
-    if media_type(request) not in allowed:
-        raise FhirError(415, f"Content-Type must be {name}, got {media_type(request) or 'none'}", code="not-supported")
+    media = media_type(request)
+    if media not in allowed:
+        raise FhirError(415, f"Content-Type must be {name}, got {media or 'none'}", code="not-supported")
 
 
 async def _on_lane(request: Request, allowed: tuple[str, ...], name: str, work: Any, *args: Any) -> Any:
@@ -263,8 +255,8 @@ async def delete_resource(resource_type: str, resource_id: str, request: Request
     _check_id(resource_id)
     if resource_type not in RESOURCE_TYPES:
         resource_type = resource_type[:64]  # reported as not applied by ingest_delete
-    elif missing_scope(client, resource_type, "d"):
-        raise forbidden(f"the token lacks the scope {missing_scope(client, resource_type, 'd')}")
+    elif missing := missing_scope(client, resource_type, "d"):
+        raise forbidden(f"the token lacks the scope {missing}")
     lane = get_lane("ingest")
     async with lane.admit():
         return await lane.run(_delete_work, client, request.scope, resource_type, resource_id)

@@ -238,6 +238,36 @@ def capture_shift() -> timedelta:
     return datetime.fromisoformat(captured["effectiveDateTime"].replace("Z", "+00:00")) - then
 
 
+# --- the app in process --------------------------------------------------------------------------------------
+
+
+@contextmanager
+def signed_client(directory: Path, **env: str) -> Iterator[Any]:
+    """A TestClient of the app in process, trusting a test issuer (keys in ``directory``) with the settings
+    ``env`` on top; every request carries a fresh client JWT for its exact URL."""
+    import httpx
+    import pytest
+    from auth_helpers import TestIssuer
+    from fastapi.testclient import TestClient
+
+    from config.settings import get_settings
+    from service.app import app
+
+    issuer = TestIssuer(directory)
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in {**issuer.env(), **env}.items():
+            mp.setenv(name, value)
+        get_settings.cache_clear()
+
+        def sign(request: httpx.Request) -> None:
+            request.headers["Authorization"] = f"Bearer {issuer.token(str(request.url.copy_with(query=None)))}"
+
+        with TestClient(app, raise_server_exceptions=False) as c:
+            c.event_hooks = {"request": [sign], "response": []}
+            yield c
+    get_settings.cache_clear()
+
+
 # --- an API subprocess ---------------------------------------------------------------------------------------
 
 

@@ -39,10 +39,6 @@ _MESSAGES = {
 }
 
 
-#: Seconds a client is told to wait (``Retry-After``) when the alert store is unavailable.
-RETRY_AFTER_SECONDS = 5
-
-
 def code_for(status: int) -> str:
     """The OperationOutcome issue code for an HTTP error status."""
     return STATUS_CODES.get(status, "transient" if status >= 500 else "invalid")
@@ -56,9 +52,8 @@ class CdsError(Exception):
         self.status, self.message, self.expression, self.code = status, message, expression, code
 
     def response(self) -> JSONResponse:
-        """The JSON response for this error (503: with ``Retry-After``)."""
-        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if self.status == 503 else None
-        return JSONResponse(outcome(self.message, self.expression, self.code), self.status, headers=headers)
+        """The JSON response for this error (a 503 gets ``Retry-After`` from the observability middleware)."""
+        return JSONResponse(outcome(self.message, self.expression, self.code), self.status)
 
 
 def issue(
@@ -81,8 +76,6 @@ def http_error(exc: HTTPException) -> JSONResponse:
     OperationOutcome, keeping its status and headers (``WWW-Authenticate``) and saying nothing more."""
     message = _MESSAGES.get(exc.status_code) or (exc.detail if isinstance(exc.detail, str) else "request refused")
     headers = dict(exc.headers or {})
-    if exc.status_code == 503:
-        headers.setdefault("Retry-After", str(RETRY_AFTER_SECONDS))
     return JSONResponse(outcome(message, code=code_for(exc.status_code)), exc.status_code, headers=headers or None)
 
 

@@ -9,16 +9,12 @@ import asyncio
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 import redis
-from auth_helpers import TestIssuer
-from cds_support import HYPOK, SERVICE, hook_request, prefetch_for, scenario
+from cds_support import HYPOK, SERVICE, hook_request, prefetch_for, scenario, signed_client
 from fastapi.testclient import TestClient
 
 import service.cds.router as cds_router
-from config.settings import get_settings
-from service.app import app
 from service.offload import get_lane, reset_lanes
 
 PATH = f"/cds-services/{SERVICE['patient-view']}"
@@ -26,20 +22,9 @@ PATH = f"/cds-services/{SERVICE['patient-view']}"
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    issuer = TestIssuer(tmp_path_factory.mktemp("issuer"))
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in issuer.env().items():
-            mp.setenv(name, value)
-        get_settings.cache_clear()
-        reset_lanes()
-
-        def sign(request: httpx.Request) -> None:
-            request.headers["Authorization"] = f"Bearer {issuer.token(str(request.url.copy_with(query=None)))}"
-
-        with TestClient(app, raise_server_exceptions=False) as c:
-            c.event_hooks = {"request": [sign], "response": []}
-            yield c
-    get_settings.cache_clear()
+    reset_lanes()  # rebuilt from the test settings on first use
+    with signed_client(tmp_path_factory.mktemp("issuer")) as c:
+        yield c
     reset_lanes()
 
 

@@ -10,16 +10,13 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import orjson
 import pytest
-from auth_helpers import TestIssuer
-from cds_support import HYPOK, SERVICE, hook_request, prefetch_for, scenario
+from cds_support import HYPOK, SERVICE, hook_request, prefetch_for, scenario, signed_client
 from fastapi.testclient import TestClient
 
 from config.process import freeze_startup_heap
 from config.settings import get_settings
-from service.app import app
 from workers.observability import context
 
 PATH = f"/cds-services/{SERVICE['patient-view']}"
@@ -27,20 +24,8 @@ PATH = f"/cds-services/{SERVICE['patient-view']}"
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    issuer = TestIssuer(tmp_path_factory.mktemp("issuer"))
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in issuer.env().items():
-            mp.setenv(name, value)
-        mp.setenv("EHR_ALERTS_MAX_BODY_BYTES", "20000")
-        get_settings.cache_clear()
-
-        def sign(request: httpx.Request) -> None:
-            request.headers["Authorization"] = f"Bearer {issuer.token(str(request.url.copy_with(query=None)))}"
-
-        with TestClient(app, raise_server_exceptions=False) as c:
-            c.event_hooks = {"request": [sign], "response": []}
-            yield c
-    get_settings.cache_clear()
+    with signed_client(tmp_path_factory.mktemp("issuer"), EHR_ALERTS_MAX_BODY_BYTES="20000") as c:
+        yield c
 
 
 def _body(patient: str, **extra: Any) -> dict[str, Any]:

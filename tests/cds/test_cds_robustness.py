@@ -9,15 +9,10 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
-from auth_helpers import TestIssuer
-from cds_support import HYPOK, SERVICE, hook_request, prefetch_for, queries, scenario, validate
+from cds_support import HYPOK, SERVICE, hook_request, prefetch_for, queries, scenario, signed_client, validate
 from fastapi.testclient import TestClient
 from fhir_builders import shared_data_dir
-
-from config.settings import get_settings
-from service.app import app
 
 ODD_VALUES: list[Any] = [None, "", [], {}, 0, -1.5, True, "x" * 300, [None], {"resourceType": "Bundle", "entry": "x"}]
 
@@ -45,19 +40,8 @@ def replaced(value: Any, path: tuple[Any, ...], new: Any) -> Any:
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     """The app in process, trusting a test issuer; every request carries a fresh JWT for its exact URL."""
-    issuer = TestIssuer(tmp_path_factory.mktemp("issuer"))
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in issuer.env().items():
-            mp.setenv(name, value)
-        get_settings.cache_clear()
-
-        def sign(request: httpx.Request) -> None:
-            request.headers["Authorization"] = f"Bearer {issuer.token(str(request.url.copy_with(query=None)))}"
-
-        with TestClient(app, raise_server_exceptions=False) as c:
-            c.event_hooks = {"request": [sign], "response": []}
-            yield c
-    get_settings.cache_clear()
+    with signed_client(tmp_path_factory.mktemp("issuer")) as c:
+        yield c
 
 
 SEEN: Counter[int] = Counter()
