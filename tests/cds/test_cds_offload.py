@@ -6,6 +6,7 @@ lane answers 503 ``throttled`` with Retry-After. Through the ASGI app with real 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -56,7 +57,11 @@ def sync_redis_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool, i
     return calls
 
 
-def _call(patient: str) -> dict[str, Any]:
+RUN = uuid.uuid4().hex[:8]  # patients of this run: a shared REDIS_URL keeps earlier runs' feedback and alerts
+
+
+def _call(name: str) -> dict[str, Any]:
+    patient = f"{name}-{RUN}"
     return hook_request("patient-view", patient, prefetch_for(scenario(HYPOK, patient), patient))
 
 
